@@ -1,0 +1,273 @@
+"""The composition root: builds every part, starts named guarded tasks, handles signals, and
+orders shutdown. No other module creates long-lived tasks or installs signal handlers.
+
+Start-up order matters: take the instance lock (one live daemon per instance id and site), end what
+a previous life left behind, scan, and only then start anything. Shutdown runs the stop ladder of
+every job concurrently; a second SIGTERM/SIGINT forces (SIGKILL at once), and a deadline derived
+from the largest `stopping_wait_time` forces too, so shutdown always ends within a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config
+from webjobsd.discovery.catalog import Catalog
+from webjobsd.discovery.service import DiscoveryService
+from webjobsd.discovery.watcher import Debouncer, JobsWatcher
+from webjobsd.logs import configure_logging
+from webjobsd.model import ContinuousStatus, JobKey, JobKind
+from webjobsd.records.status import read_status_file, write_continuous_status
+from webjobsd.runtime.environment import owner_marker
+from webjobsd.runtime.leftovers import end_leftovers
+from webjobsd.runtime.locks import FileLock
+from webjobsd.runtime.procrecords import ProcessRecords
+from webjobsd.runtime.reconciler import Reconciler
+from webjobsd.runtime.supervisor import Supervisor, SupervisorContext
+from webjobsd.site import SiteLayout
+
+log = structlog.get_logger("webjobsd.app")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why."""
+
+
+def build_layout(config: DaemonConfig, environ: Mapping[str, str]) -> SiteLayout:
+    instance_id = config.resolved_instance_id(environ)
+    return SiteLayout.build(
+        config.site,
+        instance_id=instance_id,
+        temp_root=config.resolved_temp_dir(instance_id),
+        jobs_root_override=config.jobs_root or environ.get("WEBJOBS_ROOT_PATH"),
+    )
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        environ: Mapping[str, str],
+        config_path: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self._environ = dict(environ)
+        self._config_path = config_path
+        self._overrides = dict(overrides or {})
+        self.layout = build_layout(config, environ)
+        self.app_settings = AppSettings(
+            environ=environ,
+            config_settings=config.settings,
+            store_path=self.layout.settings_store_path,
+        )
+        self._shutdown = asyncio.Event()
+        self._force = asyncio.Event()
+        self._stopping = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.ready = asyncio.Event()
+        self.catalog: Catalog | None = None
+        self.supervisor: Supervisor | None = None
+        self.reconciler: Reconciler | None = None
+        self.discovery: DiscoveryService | None = None
+        self.watcher: JobsWatcher | None = None
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        if self._shutdown.is_set():
+            log.warning("second stop request: forcing", reason=reason)
+            self._force.set()
+            return
+        log.info("shutting down", reason=reason)
+        self._shutdown.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file, apply what can change live, rescan."""
+        try:
+            new = load_config(self._config_path, self._overrides)
+        except ConfigError as error:
+            log.error("reload failed; keeping the current configuration", error=str(error))
+            return
+        for name in ("site", "jobs_root", "instance_id", "temp_dir"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("configuration change needs a restart", key=name)
+        configure_logging(new.log_format, new.log_level)
+        self.app_settings.replace_config_settings(new.settings)
+        if self.discovery is not None:
+            self.discovery.debouncer.quiet_s = new.debounce_s
+            self.discovery.debouncer.cap_s = new.debounce_cap_s
+            self.discovery.rescan_s = new.rescan_s
+            self.discovery.request_rescan()
+        self.config = new
+        log.info(
+            "configuration reloaded", file=str(self._config_path) if self._config_path else None
+        )
+        self.wake()
+
+    def wake(self) -> None:
+        """An intent was written (API, settings store): act now instead of at the next tick."""
+        if self.reconciler is not None:
+            self.reconciler.wake()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.request_shutdown, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_shutdown, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def _start_task(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks[name] = task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self._stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        # These tasks never end by themselves: if one does, it is a bug worth a loud line.
+        log.error(
+            "core task ended unexpectedly", task=task.get_name(), error=repr(error), exc_info=error
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        layout = self.layout
+        layout.ensure()
+        instance_lock = FileLock(layout.instance_lock_path)
+        owner = {"InstanceId": layout.instance_id, "Site": str(layout.site_root)}
+        if not instance_lock.try_acquire(owner):
+            raise StartupError(
+                f"another webjobsd with instance id {layout.instance_id!r} is running on site "
+                f"{layout.site_root} (lock {layout.instance_lock_path})"
+            )
+        if install_signals:
+            self._install_signals(loop)
+        try:
+            await self._start(loop)
+            await self._shutdown.wait()
+            await self._stop()
+        finally:
+            if install_signals:
+                self._remove_signals(loop)
+            instance_lock.release()
+        log.info("stopped")
+        return 0
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        layout, config = self.layout, self.config
+        records = ProcessRecords(layout.process_records_dir)
+        await end_leftovers(records, owner_marker(layout))
+        log.info(
+            "starting",
+            site=str(layout.site_root),
+            jobs_root=str(layout.jobs_root),
+            instance=layout.instance_id,
+        )
+        catalog = Catalog(layout.jobs_root, settle_s=config.debounce_s)
+        self.catalog = catalog
+        self.supervisor = Supervisor(
+            SupervisorContext(
+                layout=layout,
+                config=config,
+                app_settings=self.app_settings,
+                base_environ=self._environ,
+                records=records,
+            )
+        )
+        self.reconciler = Reconciler(
+            specs=lambda: catalog.specs,
+            jobs_stopped=lambda: self.app_settings.jobs_stopped,
+            runtime=self.supervisor,
+            tick_s=config.reconcile_tick_s,
+        )
+        self.discovery = DiscoveryService(
+            catalog,
+            debouncer=Debouncer(config.debounce_s, config.debounce_cap_s),
+            rescan_s=config.rescan_s,
+            on_changed=lambda _keys: self.wake(),
+        )
+        self.watcher = JobsWatcher(layout.jobs_root, loop, self.discovery.hint)
+        self.discovery.watcher = self.watcher
+        self.watcher.start()
+        self.discovery.refresh_now(None)
+        self._mark_vanished_jobs_stopped(catalog)
+        self.reconciler.reconcile_once()
+        self._start_task("discovery", self.discovery.run())
+        self._start_task("reconciler", self.reconciler.run())
+        self.ready.set()
+
+    def _mark_vanished_jobs_stopped(self, catalog: Catalog) -> None:
+        """This instance's status of a job that is gone must not keep saying Running."""
+        kind_dir = self.layout.data_jobs_root / JobKind.CONTINUOUS.value
+        if not kind_dir.is_dir():
+            return
+        for data_dir in kind_dir.iterdir():
+            key = JobKey(JobKind.CONTINUOUS, data_dir.name)
+            if key in catalog.specs:
+                continue
+            status_path = self.layout.status_path(key)
+            status = read_status_file(status_path)
+            if status not in (None, ContinuousStatus.STOPPED):
+                with contextlib.suppress(OSError):
+                    write_continuous_status(self.layout, key, ContinuousStatus.STOPPED)
+
+    def _shutdown_deadline_s(self) -> float:
+        waits = [
+            spec.settings.stopping_wait_s(spec.key.kind)
+            for spec in (self.catalog.specs.values() if self.catalog else ())
+            if spec.key.kind is JobKind.CONTINUOUS
+        ]
+        return max(waits, default=5.0) + self.config.shutdown_grace_s
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        started = time.monotonic()
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.supervisor is not None:
+            deadline = asyncio.get_running_loop().call_later(
+                self._shutdown_deadline_s(), self._force.set
+            )
+            try:
+                await self.supervisor.shutdown(self._force)
+            finally:
+                deadline.cancel()
+        log.info("all jobs stopped", seconds=round(time.monotonic() - started, 3))
+
+
+def serve(
+    config: DaemonConfig,
+    *,
+    environ: Mapping[str, str],
+    config_path: Path | None,
+    overrides: Mapping[str, Any],
+) -> int:
+    configure_logging(config.log_format, config.log_level)
+    daemon = Daemon(config, environ=environ, config_path=config_path, overrides=overrides)
+    try:
+        return asyncio.run(daemon.run())
+    except StartupError as error:
+        log.error("cannot start", reason=str(error))
+        return 1

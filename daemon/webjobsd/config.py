@@ -1,0 +1,288 @@
+"""Daemon configuration: the YAML file, validated once at start-up, and Kudu's app settings.
+
+Two kinds of settings live here and must not be confused:
+
+* `DaemonConfig` holds the daemon's own knobs (paths, debounce, log rotation...). It comes from the
+  YAML file and command-line flags, is validated once (an unknown or ill-typed key stops start-up
+  with the key and the file named), and is frozen. SIGHUP builds a new one.
+* `AppSettings` answers Kudu's setting names (`WEBJOBS_RESTART_TIME`, `WEBJOBS_STOPPED`, ...) with
+  Kudu's precedence (§8.1): the settings store (written by the API) over the environment (also
+  `APPSETTING_`-prefixed names) over the YAML `settings:` map over defaults. Values are read at the
+  moment of use, so a change in the store applies without a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRUE_LIKE = {"1", "true"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it concerns in the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    site: Path = field(default_factory=lambda: Path("/home"), metadata={"doc": "the site root"})
+    jobs_root: str | None = field(
+        default=None,
+        metadata={"doc": "jobs root override, like WEBJOBS_ROOT_PATH (relative to wwwroot)"},
+    )
+    instance_id: str | None = field(
+        default=None, metadata={"doc": "instance id; default WEBSITE_INSTANCE_ID or host name"}
+    )
+    temp_dir: Path | None = field(
+        default=None, metadata={"doc": "root of working copies; default $TMPDIR/webjobsd/<id>"}
+    )
+    debounce_s: float = field(default=1.0, metadata={"doc": "quiet period after file events"})
+    debounce_cap_s: float = field(
+        default=30.0, metadata={"doc": "act after this long even under constant writes"}
+    )
+    rescan_s: float = field(default=30.0, metadata={"doc": "period of the full rescan"})
+    reconcile_tick_s: float = field(
+        default=5.0, metadata={"doc": "period of the reconcile pass without any event"}
+    )
+    restart_backoff_initial_s: float = field(
+        default=1.0, metadata={"doc": "first restart delay; doubles up to WEBJOBS_RESTART_TIME"}
+    )
+    restart_backoff_reset_s: float = field(
+        default=120.0, metadata={"doc": "uptime after which the restart delay resets"}
+    )
+    log_max_bytes: int = field(
+        default=10 * 1024 * 1024, metadata={"doc": "job_log.txt rotates past this size"}
+    )
+    log_generations: int = field(default=3, metadata={"doc": "rotated job logs kept"})
+    run_log_cap_bytes: int = field(
+        default=100 * 1024 * 1024, metadata={"doc": "output_log.txt cap per triggered run"}
+    )
+    max_line_bytes: int = field(
+        default=1024 * 1024, metadata={"doc": "longer output lines are split into pieces"}
+    )
+    shutdown_grace_s: float = field(
+        default=5.0, metadata={"doc": "extra time the daemon allows itself after job ladders"}
+    )
+    log_format: str = field(
+        default="auto", metadata={"doc": "daemon log format: auto, console or json"}
+    )
+    log_level: str = field(default="info", metadata={"doc": "debug, info, warning or error"})
+    settings: Mapping[str, str] = field(
+        default_factory=dict, metadata={"doc": "app settings (Kudu names) passed to every job"}
+    )
+
+    def resolved_instance_id(self, environ: Mapping[str, str]) -> str:
+        """Kudu: first 6 characters of WEBSITE_INSTANCE_ID, else of the machine name."""
+        if self.instance_id:
+            return self.instance_id
+        source = environ.get("WEBSITE_INSTANCE_ID") or socket.gethostname() or "local"
+        return source[:6]
+
+    def resolved_temp_dir(self, instance_id: str) -> Path:
+        if self.temp_dir is not None:
+            return self.temp_dir
+        return Path(tempfile.gettempdir()) / "webjobsd" / instance_id
+
+
+_LOG_FORMATS = {"auto", "console", "json"}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _check_type(name: str, value: Any, expected: type, source: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is Path and isinstance(value, str):
+        return Path(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: key {name!r} must be {expected.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "site": Path,
+    "jobs_root": str,
+    "instance_id": str,
+    "temp_dir": Path,
+    "debounce_s": float,
+    "debounce_cap_s": float,
+    "rescan_s": float,
+    "reconcile_tick_s": float,
+    "restart_backoff_initial_s": float,
+    "restart_backoff_reset_s": float,
+    "log_max_bytes": int,
+    "log_generations": int,
+    "run_log_cap_bytes": int,
+    "max_line_bytes": int,
+    "shutdown_grace_s": float,
+    "log_format": str,
+    "log_level": str,
+    "settings": dict,
+}
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str) -> DaemonConfig:
+    """Validate a mapping (parsed YAML plus flags) into a DaemonConfig."""
+    known = {f.name for f in dataclasses.fields(DaemonConfig)}
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key {name!r}")
+        if value is None and name in {"jobs_root", "instance_id", "temp_dir"}:
+            continue
+        values[name] = _check_type(name, value, _FIELD_TYPES[name], source)
+    if "settings" in values:
+        values["settings"] = _validate_settings_map(values["settings"], source)
+    config = DaemonConfig(**values)
+    _validate_ranges(config, source)
+    return config
+
+
+def _validate_settings_map(raw: Mapping[Any, Any], source: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{source}: key 'settings' has a non-string name {key!r}")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{source}: key 'settings.{key}' must be a string or a number")
+        result[key] = str(value)
+    return result
+
+
+def _validate_ranges(config: DaemonConfig, source: str) -> None:
+    positive = ("debounce_cap_s", "rescan_s", "reconcile_tick_s", "log_max_bytes")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{source}: key {name!r} must be greater than 0")
+    non_negative = (
+        "debounce_s",
+        "restart_backoff_initial_s",
+        "restart_backoff_reset_s",
+        "shutdown_grace_s",
+    )
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{source}: key {name!r} must not be negative")
+    if config.log_generations < 1:
+        raise ConfigError(f"{source}: key 'log_generations' must be at least 1")
+    if config.max_line_bytes < 1024:
+        raise ConfigError(f"{source}: key 'max_line_bytes' must be at least 1024")
+    if config.log_format not in _LOG_FORMATS:
+        raise ConfigError(f"{source}: key 'log_format' must be one of {sorted(_LOG_FORMATS)}")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"{source}: key 'log_level' must be one of {sorted(_LOG_LEVELS)}")
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
+    """The YAML file (if any) with command-line overrides on top."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "command line"
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_mapping(data, source)
+
+
+class AppSettings:
+    """Kudu's app settings, looked up at the moment of use (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        environ: Mapping[str, str],
+        config_settings: Mapping[str, str],
+        store_path: Path | None,
+    ) -> None:
+        self._environ = dict(environ)
+        self._config_settings = dict(config_settings)
+        self._store_path = store_path
+        self._store_cache: tuple[int, dict[str, str]] | None = None
+
+    def replace_config_settings(self, config_settings: Mapping[str, str]) -> None:
+        self._config_settings = dict(config_settings)
+
+    def _store(self) -> dict[str, str]:
+        if self._store_path is None:
+            return {}
+        try:
+            stamp = self._store_path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        if self._store_cache is not None and self._store_cache[0] == stamp:
+            return self._store_cache[1]
+        try:
+            loaded = json.loads(self._store_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return self._store_cache[1] if self._store_cache else {}
+        values = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        self._store_cache = (stamp, values)
+        return values
+
+    def get(self, key: str) -> str | None:
+        """Empty values fall through to the next source, as in Kudu."""
+        for value in (
+            self._store().get(key),
+            self._environ.get(f"APPSETTING_{key}"),
+            self._environ.get(key),
+            self._config_settings.get(key),
+        ):
+            if value:
+                return value
+        return None
+
+    def all_for_jobs(self) -> dict[str, str]:
+        """The app settings a job sees as environment variables (store wins)."""
+        merged = dict(self._config_settings)
+        merged.update(self._store())
+        return merged
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        return value is not None and value.strip().lower() in TRUE_LIKE
+
+    def seconds(self, key: str, default: int) -> int:
+        """Kudu's integer-seconds parsing: negative → 0, junk → default."""
+        value = self.get(key)
+        if value is None:
+            return default
+        try:
+            parsed = int(value.strip())
+        except ValueError:
+            return default
+        return max(parsed, 0)
+
+    @property
+    def restart_time_s(self) -> int:
+        return self.seconds("WEBJOBS_RESTART_TIME", 60)
+
+    @property
+    def jobs_stopped(self) -> bool:
+        return self.flag("WEBJOBS_STOPPED")
+
+
+def environ_snapshot() -> dict[str, str]:
+    return dict(os.environ)

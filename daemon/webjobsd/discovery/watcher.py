@@ -1,0 +1,179 @@
+"""The watchdog adapter: file events become hints, debounced, for the catalog.
+
+Events arrive on watchdog's thread and are handed to the event loop with `call_soon_threadsafe`,
+nothing else happens on that thread. A path maps to a `JobKey` (`{kind}/{name}/...`); an event on
+the jobs root or a kind folder itself means "rescan everything" (key None).
+
+Watches (see ARCHITECTURE.md pitfalls): the jobs root and each kind folder non-recursively, plus one
+recursive watch per job folder, re-synced from the catalog after each refresh. A folder moved into a
+recursive watch gets no watches inside it, and an inotify queue overflow is silent: the periodic
+rescan is what makes those cases correct, the watches only make them fast.
+
+`Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
+`cap_s` has passed since its first event even if writes never stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+
+from webjobsd.discovery.ignore import is_ignored_relative_path
+from webjobsd.model import JobKey, JobKind
+
+log = structlog.get_logger("webjobsd.watcher")
+
+Hint = JobKey | None  # None: rescan everything
+
+
+@dataclass(slots=True)
+class _Pending:
+    first: float
+    last: float
+
+
+class Debouncer:
+    def __init__(self, quiet_s: float, cap_s: float) -> None:
+        self.quiet_s = quiet_s
+        self.cap_s = cap_s
+        self._pending: dict[Hint, _Pending] = {}
+
+    def touch(self, hint: Hint, now: float) -> None:
+        entry = self._pending.get(hint)
+        if entry is None:
+            self._pending[hint] = _Pending(now, now)
+        else:
+            entry.last = now
+
+    def _due_at(self, entry: _Pending) -> float:
+        return min(entry.last + self.quiet_s, entry.first + self.cap_s)
+
+    def pop_due(self, now: float) -> set[Hint]:
+        due = {hint for hint, entry in self._pending.items() if self._due_at(entry) <= now}
+        for hint in due:
+            del self._pending[hint]
+        return due
+
+    def next_due(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(self._due_at(entry) for entry in self._pending.values())
+
+
+def hint_for_path(jobs_root: Path, path: str) -> Hint | bool:
+    """The hint an event path gives; False when the event is noise."""
+    try:
+        rel = Path(os.path.relpath(path, jobs_root))
+    except ValueError:
+        return False
+    parts = rel.parts
+    if parts and parts[0] == "..":
+        return False
+    if not parts or parts == (".",):
+        return None
+    try:
+        kind = JobKind(parts[0])
+    except ValueError:
+        return False
+    if len(parts) == 1:
+        return None
+    if is_ignored_relative_path(parts[2:]):
+        return False
+    return JobKey(kind, parts[1])
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, deliver: Callable[[str], None]) -> None:
+        self._deliver = deliver
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        self._deliver(os.fsdecode(event.src_path))
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self._deliver(os.fsdecode(dest))
+
+
+class JobsWatcher:
+    def __init__(
+        self,
+        jobs_root: Path,
+        loop: asyncio.AbstractEventLoop,
+        on_hint: Callable[[Hint], None],
+    ) -> None:
+        self._jobs_root = jobs_root
+        self._loop = loop
+        self._on_hint = on_hint
+        self._observer: BaseObserver | None = None
+        self._handler = _Handler(self._from_thread)
+        self._job_watches: dict[Path, ObservedWatch] = {}
+        self._base_watches: list[ObservedWatch] = []
+        self.events_seen = 0
+
+    def _from_thread(self, path: str) -> None:
+        # Runs on watchdog's thread: hand over, nothing else.
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._deliver, path)
+
+    def _deliver(self, path: str) -> None:
+        hint = hint_for_path(self._jobs_root, path)
+        if hint is False:
+            return
+        self.events_seen += 1
+        self._on_hint(hint if isinstance(hint, JobKey) else None)
+
+    def start(self) -> None:
+        observer = Observer()
+        observer.daemon = True
+        self._observer = observer
+        for folder in (self._jobs_root, *(self._jobs_root / k.value for k in JobKind)):
+            if folder.is_dir():
+                self._base_watches.append(
+                    observer.schedule(self._handler, str(folder), recursive=False)
+                )
+        observer.start()
+
+    def sync(self, job_dirs: set[Path]) -> None:
+        """Make the per-job watches match the catalog's job folders."""
+        observer = self._observer
+        if observer is None:
+            return
+        for gone in set(self._job_watches) - job_dirs:
+            with contextlib.suppress(KeyError, OSError):
+                observer.unschedule(self._job_watches.pop(gone))
+            self._job_watches.pop(gone, None)
+        for new in job_dirs - set(self._job_watches):
+            try:
+                self._job_watches[new] = observer.schedule(self._handler, str(new), recursive=True)
+            except OSError as error:
+                # Folder vanished between the scan and now, or the inotify watch limit is hit:
+                # the periodic rescan still covers the job.
+                log.warning("cannot watch job folder", folder=str(new), error=str(error))
+
+    def rewatch(self, job_dir: Path) -> None:
+        """Unschedule and schedule again: sub-folders moved in need fresh watches."""
+        observer = self._observer
+        watch = self._job_watches.pop(job_dir, None)
+        if observer is None or watch is None:
+            return
+        with contextlib.suppress(KeyError, OSError):
+            observer.unschedule(watch)
+        self.sync({*self._job_watches, job_dir})
+
+    def stop(self) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        self._observer = None
+        observer.stop()
+        observer.join(timeout=5)

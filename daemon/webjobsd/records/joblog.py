@@ -1,0 +1,460 @@
+"""Kudu's job log: line format, capture of a job's output, size rotation and the per-run cap.
+
+This module owns every byte written to `job_log.txt` (continuous jobs), `output_log.txt`
+(triggered runs) and `job_scheduler.log`, and the turning of a job's stdout/stderr byte stream
+into log lines. It knows nothing about jobs or statuses: callers pick the path and the levels
+(stdout -> INFO, stderr -> ERR, Part B §2.6).
+
+Line format (Part B §2.6, with LF instead of CRLF per Part A #15)::
+
+    [MM/dd/yyyy HH:mm:ss > {instanceId}: {SYS }{LEVEL:<4}] {message}\\n
+
+Decisions:
+
+* **Text stays text.** Job bytes are decoded as UTF-8 with `errors="replace"`, and every C0
+  control character except TAB (so also NUL, CR, LF, ESC), DEL and every C1 control
+  (U+0080-U+009F, which includes NEL, a line break for some readers) become U+FFFD. A log line
+  therefore never contains a line break of its own and the file always decodes as strict UTF-8.
+  U+2028/U+2029 are left alone: they are printable text for the tools that read these logs.
+  Host messages given to `JobLogWriter.system` are split on line breaks instead, so that a
+  multi-line message (a traceback) becomes several SYS lines rather than one line with U+FFFD.
+* **Rotation (Part A #14).** Before a write that would make a non-empty log larger than
+  `max_bytes`, the log is renamed to `job_prev_log.txt` and older rotations shift to
+  `job_prev_log.2.txt` ... `job_prev_log.{generations}.txt`; the oldest is overwritten. Kudu
+  rolls only after the file already exceeds the limit; rolling before keeps every file within
+  `max_bytes` unless a single batch is larger by itself.
+* **Several writers.** Instances sharing `data/` append to the same `job_log.txt`. Before every
+  write the writer checks that the path still names the file it holds open (another instance,
+  or an operator, may have rotated or deleted it) and reopens it if not; the file size that
+  drives rotation comes from that same `stat`, so it counts every writer's lines. Rotation is
+  best-effort like Kudu's: two instances rotating in the same instant can lose one generation.
+* **Cap mode (triggered runs).** With `cap_bytes` there is no rotation; console lines are
+  written while they keep the file within the cap, then one non-SYS WARN line says that output
+  is discarded, and later console lines are counted in `discarded_lines` only. SYS lines are
+  always written.
+* **I/O errors never reach the caller.** A failed write (ENOSPC, EFBIG, EIO, a vanished
+  folder...) drops the lines that did not make it, counts them in `dropped_lines` and closes the
+  file; the next write reopens it and, once writing works again, starts with a SYS WARN line
+  giving the number of lines dropped since the last such notice. A line cut short by a partial
+  write is counted as dropped and terminated before the notice, so the file stays line-based.
+* **Cost.** One `stat` and one `write` per call, whatever the number of lines: a batch from
+  `console_lines` is rendered with bytes-level operations (join, regex, replace) and written at
+  once, and the timestamp prefix is formatted once per second.
+
+The writer is synchronous and not thread-safe: use it from the event loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import os
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from io import RawIOBase
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "DEFAULT_GENERATIONS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_ROTATED_NAME",
+    "JobLogWriter",
+    "LineSplitter",
+    "LogLevel",
+    "Opener",
+    "capture_stream",
+]
+
+DEFAULT_MAX_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_GENERATIONS: Final = 3
+DEFAULT_ROTATED_NAME: Final = "job_prev_log.txt"
+DEFAULT_MAX_LINE_BYTES: Final = 1024 * 1024
+DEFAULT_CHUNK_SIZE: Final = 65536
+
+# TAB and LF are excluded from the first class: TAB is kept as text, LF is the separator of
+# an already-joined batch. The second class also replaces LF, for lines that carry their own.
+_CONTROLS_BUT_LF: Final = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+_CONTROLS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\xc2[\x80-\x9f]")
+_REPLACEMENT: Final = "\ufffd".encode()
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+
+Opener = Callable[[Path], RawIOBase]
+"""Opens the log for appending; returns an unbuffered binary file (`write` may be partial)."""
+
+
+class LogLevel(enum.StrEnum):
+    INFO = "INFO"
+    WARN = "WARN"
+    ERR = "ERR"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _open_append(path: Path) -> RawIOBase:
+    # Unbuffered: a short write must be visible to us (it tells how much of a batch reached
+    # the disk), and nothing may linger in a Python buffer if the daemon is killed.
+    return open(path, "ab", buffering=0)
+
+
+def _format_stamp(now: datetime) -> str:
+    """Kudu's invariant-culture general pattern `MM/dd/yyyy HH:mm:ss`, in UTC."""
+    if now.tzinfo is not None:
+        now = now.astimezone(UTC)
+    return (
+        f"{now.month:02d}/{now.day:02d}/{now.year:04d} "
+        f"{now.hour:02d}:{now.minute:02d}:{now.second:02d}"
+    )
+
+
+def _format_prefix(stamp: str, instance_id: str, level: LogLevel, *, system: bool) -> bytes:
+    sys_tag = "SYS " if system else ""
+    return f"[{stamp} > {instance_id}: {sys_tag}{level.value:<4}] ".encode(errors="replace")
+
+
+def _clean_join(lines: Sequence[bytes]) -> bytes:
+    """`lines` joined with LF, each made into exactly one line of valid UTF-8 text.
+
+    Works on the whole batch at once (C-level passes) instead of line by line, which matters
+    when a job floods millions of short lines.
+    """
+    joined = b"\n".join(lines)
+    if joined.count(b"\n") == len(lines) - 1:
+        joined = _CONTROLS_BUT_LF.sub(_REPLACEMENT, joined)
+    else:  # some element carries its own LF: it must not start a log line without a prefix
+        joined = b"\n".join([_CONTROLS.sub(_REPLACEMENT, line) for line in lines])
+    try:
+        joined.decode("utf-8")
+    except UnicodeDecodeError:
+        # LF is ASCII and ends any pending multi-byte sequence, so decoding the joined batch
+        # replaces exactly what decoding each line would, and keeps the separators intact.
+        joined = joined.decode("utf-8", "replace").encode("utf-8")
+    return joined
+
+
+def _render(prefix: bytes, lines: Sequence[bytes]) -> bytes:
+    if not lines:
+        return b""
+    body = _clean_join(lines)
+    return prefix + body.replace(b"\n", b"\n" + prefix) + b"\n"
+
+
+class JobLogWriter:
+    """Appends Kudu-formatted lines to one log file; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        path: Path,
+        instance_id: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        generations: int = DEFAULT_GENERATIONS,
+        rotated_name: str = DEFAULT_ROTATED_NAME,
+        cap_bytes: int | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        opener: Opener = _open_append,
+    ) -> None:
+        if max_bytes < 1 or generations < 0 or (cap_bytes is not None and cap_bytes < 0):
+            raise ValueError("max_bytes must be >= 1, generations and cap_bytes >= 0")
+        if Path(rotated_name).name != rotated_name or rotated_name == path.name:
+            raise ValueError(f"rotated_name must be a plain file name, not {rotated_name!r}")
+        self.path = path
+        self.instance_id = instance_id
+        self.max_bytes = max_bytes
+        self.cap_bytes = cap_bytes
+        self._rotated = _rotation_paths(path.parent, rotated_name, generations)
+        self._clock = clock
+        self._opener = opener
+        self._file: RawIOBase | None = None
+        self._identity: tuple[int, int] | None = None
+        self._closed = False
+        # The per-second prefix cache: formatting a timestamp costs more than a whole batch.
+        self._stamp_second: datetime | None = None
+        self._prefixes: dict[tuple[bool, LogLevel], bytes] = {}
+        # I/O failure bookkeeping.
+        self.dropped_lines = 0  # lines lost to I/O errors since creation (never reset)
+        self._unreported_drops = 0
+        self._last_error = ""
+        self._torn = False
+        # Cap bookkeeping.
+        self.discarded_lines = 0  # console lines discarded once the cap was reached
+        self.cap_reached = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    def system(self, level: LogLevel, message: str) -> None:
+        """A host line (`SYS` tag); a multi-line message becomes one line per line."""
+        lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
+        self._append(_render(self._prefix(level, system=True), lines), console=False)
+
+    def console(self, level: LogLevel, message: bytes | str) -> None:
+        """One line of the job's output; control characters inside it become U+FFFD."""
+        data = message if isinstance(message, bytes) else message.encode(errors="replace")
+        self.console_lines(level, [data])
+
+    def console_lines(self, level: LogLevel, lines: Sequence[bytes]) -> None:
+        """Many lines of the job's output (as from `LineSplitter`) in one write."""
+        if lines:
+            self._append(_render(self._prefix(level, system=False), lines), console=True)
+
+    def close(self) -> None:
+        """Close the file; every later write is ignored."""
+        self._closed = True
+        self._drop_file()
+
+    def __enter__(self) -> JobLogWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- formatting -------------------------------------------------------------------------
+
+    def _prefix(self, level: LogLevel, *, system: bool) -> bytes:
+        now = self._clock()
+        second = now.replace(microsecond=0)
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._prefixes.clear()
+        key = (system, level)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = _format_prefix(_format_stamp(now), self.instance_id, level, system=system)
+            self._prefixes[key] = prefix
+        return prefix
+
+    def _drop_notice(self) -> bytes:
+        """The SYS WARN line owed for earlier drops (empty when nothing was dropped)."""
+        lead = b"\n" if self._torn else b""  # end the line a partial write left unterminated
+        if not self._unreported_drops:
+            return lead
+        message = (
+            f"{self._unreported_drops} log line(s) were dropped because the log could not "
+            f"be written: {self._last_error}"
+        )
+        return lead + _render(self._prefix(LogLevel.WARN, system=True), [message.encode()])
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _append(self, data: bytes, *, console: bool) -> None:
+        if self._closed or not data:
+            return
+        try:
+            size = self._current_size()
+            if self.cap_bytes is not None:
+                if console:
+                    data = self._apply_cap(data, size)
+            elif size > 0 and size + len(data) > self.max_bytes:
+                self._rotate()
+                self._current_size()
+        except OSError as exc:
+            self._lost(data, exc)
+            return
+        if data:
+            self._write(self._drop_notice(), data)
+
+    def _apply_cap(self, data: bytes, size: int) -> bytes:
+        """The part of `data` that fits under the cap, plus the one-time WARN line."""
+        assert self.cap_bytes is not None
+        if self.cap_reached:
+            self.discarded_lines += data.count(b"\n")
+            return b""
+        budget = self.cap_bytes - size
+        if len(data) <= budget:
+            return data
+        # Whole lines only: cut after the last LF that still fits.
+        cut = data.rfind(b"\n", 0, budget) + 1 if budget > 0 else 0
+        self.cap_reached = True
+        self.discarded_lines += data.count(b"\n", cut)
+        message = (
+            f"Reached maximum allowed output size for this run ({self.cap_bytes} bytes); "
+            "further output is discarded."
+        )
+        return data[:cut] + _render(self._prefix(LogLevel.WARN, system=False), [message.encode()])
+
+    def _write(self, notice: bytes, data: bytes) -> None:
+        assert self._file is not None
+        payload = notice + data
+        view = memoryview(payload)
+        written = 0
+        try:
+            while written < len(payload):
+                count = self._file.write(view[written:])
+                if not count:  # a regular file never does this; do not spin if one does
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                written += count
+        except OSError as exc:
+            self._partial_failure(payload, len(notice), written, exc)
+            return
+        self._unreported_drops = 0
+        self._torn = False
+
+    def _partial_failure(self, payload: bytes, notice_len: int, written: int, exc: OSError) -> None:
+        if written >= notice_len:
+            self._unreported_drops = 0  # the notice reached the file
+        if written:
+            self._torn = payload[written - 1] != _LF
+        self._lost(payload[max(written, notice_len) :], exc)
+
+    def _lost(self, unwritten: bytes, exc: OSError) -> None:
+        # Every line whose LF did not reach the file is lost, including one cut in the middle.
+        lost = unwritten.count(b"\n")
+        self.dropped_lines += lost
+        self._unreported_drops += lost
+        self._last_error = exc.strerror or str(exc)
+        # Reopen on the next write: the folder may have been removed, the fd may be stale.
+        self._drop_file()
+
+    # -- file management --------------------------------------------------------------------
+
+    def _current_size(self) -> int:
+        """Open (or reopen) the file the path names now, and return its size."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and self._file is not None and self._identity == (st.st_dev, st.st_ino):
+            return st.st_size
+        self._drop_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._opener(self.path)
+        fst = os.fstat(self._file.fileno())
+        self._identity = (fst.st_dev, fst.st_ino)
+        return fst.st_size
+
+    def _rotate(self) -> None:
+        """Shift the generations and move the log to the first one (best-effort)."""
+        self._drop_file()  # our fd would follow the file to its rotated name
+        try:
+            if not self._rotated:
+                self.path.unlink(missing_ok=True)
+                return
+            for older, newer in reversed(list(zip(self._rotated, self._rotated[1:], strict=False))):
+                _replace_if_exists(older, newer)
+            self.path.replace(self._rotated[0])
+        except OSError:
+            # Rotation is housekeeping: when it fails the line still goes to the current log.
+            pass
+
+    def _drop_file(self) -> None:
+        file, self._file, self._identity = self._file, None, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+
+
+def _rotation_paths(folder: Path, rotated_name: str, generations: int) -> list[Path]:
+    """`job_prev_log.txt`, `job_prev_log.2.txt`, ... newest first."""
+    base = Path(rotated_name)
+    names = [rotated_name] + [f"{base.stem}.{n}{base.suffix}" for n in range(2, generations + 1)]
+    return [folder / name for name in names[:generations]]
+
+
+def _replace_if_exists(source: Path, target: Path) -> None:
+    try:
+        source.replace(target)
+    except FileNotFoundError:
+        pass
+
+
+class LineSplitter:
+    """Turns byte chunks into complete lines, in bounded memory.
+
+    Lines end at LF; one trailing CR is removed (CRLF), even when CR and LF arrive in different
+    chunks. A line longer than `max_line_bytes` is emitted in pieces of exactly that size (the
+    last piece shorter), the first pieces as soon as they are known, so the splitter never holds
+    more than `max_line_bytes + 1` bytes between calls. Empty lines are kept.
+    """
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes < 1:
+            raise ValueError("max_line_bytes must be >= 1")
+        self._max = max_line_bytes
+        self._partial = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        first = chunk.find(b"\n")
+        if first < 0:
+            self._partial += chunk
+            return self._drain_partial()
+        if self._partial:
+            self._partial += chunk[:first]
+            head, self._partial = bytes(self._partial), bytearray()
+        else:
+            head = chunk[:first]
+        lines = self._finish(head)
+        last = chunk.rfind(b"\n")
+        if last > first:
+            lines.extend(self._split_block(chunk[first + 1 : last + 1]))
+        self._partial += chunk[last + 1 :]
+        lines.extend(self._drain_partial())
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """The unterminated rest at EOF (nothing if it is empty or only a CR)."""
+        rest, self._partial = bytes(self._partial), bytearray()
+        return [line for line in self._finish(rest) if line] if rest else []
+
+    def _finish(self, line: bytes) -> list[bytes]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return self._pieces(line) if len(line) > self._max else [line]
+
+    def _split_block(self, block: bytes) -> list[bytes]:
+        """Lines of `block`, which ends with LF: C-level splitting, no loop over short lines."""
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        lines = block.split(b"\n")
+        lines.pop()  # the empty string after the final LF
+        if len(block) > self._max and max(map(len, lines)) > self._max:
+            return [piece for line in lines for piece in self._pieces(line)]
+        return lines
+
+    def _pieces(self, line: bytes) -> list[bytes]:
+        # `or [line]`: an empty line is a line too, not zero pieces.
+        return [line[i : i + self._max] for i in range(0, len(line), self._max)] or [line]
+
+    def _drain_partial(self) -> list[bytes]:
+        pieces: list[bytes] = []
+        partial = self._partial
+        # Keep max+1 bytes when the last one is CR: it may be the CR of a CRLF still to come,
+        # and emitting it now would leave an empty line behind.
+        while len(partial) > self._max and not (
+            len(partial) == self._max + 1 and partial[-1] == _CR
+        ):
+            pieces.append(bytes(partial[: self._max]))
+            del partial[: self._max]
+        return pieces
+
+
+async def capture_stream(
+    reader: asyncio.StreamReader,
+    on_lines: Callable[[list[bytes]], None],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    on_activity: Callable[[], None] | None = None,
+) -> None:
+    """Read `reader` to EOF and hand its lines to `on_lines`, one batch per chunk read.
+
+    `read()` rather than `readline()`: a line longer than the StreamReader limit would make
+    `readline()` fail, and reading chunks lets a whole chunk's lines go out in one batch.
+    `on_activity` is called for every chunk, empty lines included (idle timeouts). Exceptions
+    raised by the callbacks propagate.
+    """
+    splitter = LineSplitter(max_line_bytes)
+    while chunk := await reader.read(chunk_size):
+        if on_activity is not None:
+            on_activity()
+        if lines := splitter.feed(chunk):
+            on_lines(lines)
+    if rest := splitter.flush():
+        on_lines(rest)

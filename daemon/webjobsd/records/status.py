@@ -1,0 +1,128 @@
+"""Continuous job status files: `status_{instanceId}` in the job's data folder (Part B §2.3, §5.1).
+
+This module owns the format of those files and Kudu's aggregation of them into the `status` and
+`detailed_status` fields of a continuous job. It does not decide whether an instance is alive:
+that is the caller's `is_instance_live` callback (Part A #18: the instance's lock, which is not a
+lock on the status file, so rewriting the file by rename does not disturb it).
+
+Decisions:
+
+* Files are written compact, `{"Status":"Running"}`, by write-then-rename, so a reader on any
+  instance sees a whole file or none.
+* Reading is tolerant like Kudu's: a missing, unreadable or malformed file, or an unknown status
+  string, reads as "no status"; the `Status` key is matched case-insensitively as Newtonsoft does.
+* Aggregation follows `ContinuousJobsManager.UpdateDetailedStatus`: the status files of other
+  instances that are not live are stale and deleted; each remaining file gives a line
+  `{instanceId} - {status}` terminated by LF (Part A #15); `status` is the last one read that is
+  not `InactiveInstance`, or the first one when all are. Files are visited sorted by name.
+  When no file is left to read (none existed, or all were stale) the result is
+  `("Initializing", "{this instance} - Initializing")`, without a newline (Kudu returns a null
+  status in the second case, which no client can use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from webjobsd.model import ContinuousStatus, JobKey
+from webjobsd.records.atomic import write_json_atomic
+from webjobsd.site import SiteLayout
+
+__all__ = ["aggregate_status", "read_status_file", "write_continuous_status"]
+
+STATUS_FILE_PREFIX: Final = "status_"
+# A status file is a few bytes; anything much larger is not ours and is not worth reading.
+_MAX_STATUS_BYTES: Final = 64 * 1024
+
+
+def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousStatus) -> None:
+    """Persist this instance's status of a continuous job (raises OSError on failure)."""
+    write_json_atomic(layout.status_path(key), {"Status": status.value})
+
+
+def read_status_file(path: Path) -> ContinuousStatus | None:
+    """The status stored in `path`, or None when there is no usable one."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_STATUS_BYTES + 1)
+        if len(raw) > _MAX_STATUS_BYTES:
+            return None
+        document = json.loads(raw.decode("utf-8-sig").strip())
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return _status_from_document(document)
+
+
+def _status_from_document(document: object) -> ContinuousStatus | None:
+    if not isinstance(document, dict):
+        return None
+    value = document.get("Status")
+    if value is None:
+        value = next((v for k, v in document.items() if str(k).lower() == "status"), None)
+    if not isinstance(value, str):
+        return None
+    try:
+        return ContinuousStatus(value)
+    except ValueError:
+        return None
+
+
+def aggregate_status(
+    layout: SiteLayout, key: JobKey, is_instance_live: Callable[[str], bool]
+) -> tuple[str, str]:
+    """Kudu's `(status, detailed_status)` of a continuous job across instances.
+
+    Deletes the status files of instances that `is_instance_live` says are gone. This
+    instance's own file is always read without asking the callback.
+    """
+    lines: list[str] = []
+    chosen: ContinuousStatus | None = None
+    for instance_id, path in _status_files(layout.data_dir(key)):
+        is_other = instance_id != layout.instance_id
+        if is_other and not is_instance_live(instance_id) and _delete_stale(path):
+            continue
+        status = read_status_file(path)
+        if status is None:
+            status = ContinuousStatus.INITIALIZING
+        lines.append(f"{instance_id} - {status.value}\n")
+        if chosen is None or status is not ContinuousStatus.INACTIVE_INSTANCE:
+            chosen = status
+    if chosen is None:
+        initializing = ContinuousStatus.INITIALIZING.value
+        return initializing, f"{layout.instance_id} - {initializing}"
+    return chosen.value, "".join(lines)
+
+
+def _status_files(data_dir: Path) -> list[tuple[str, Path]]:
+    """`(instance id, path)` of every `status_*` file, sorted by name; none if no folder."""
+    try:
+        with os.scandir(data_dir) as entries:
+            names = sorted(
+                entry.name
+                for entry in entries
+                if entry.name.startswith(STATUS_FILE_PREFIX)
+                and len(entry.name) > len(STATUS_FILE_PREFIX)
+                and entry.is_file()
+            )
+    except OSError:
+        return []
+    return [(name[len(STATUS_FILE_PREFIX) :], data_dir / name) for name in names]
+
+
+def _delete_stale(path: Path) -> bool:
+    """True when the stale file is gone; False when it could not be deleted.
+
+    Kudu reads a status file it cannot delete (it was locked, hence live); keep that rule for
+    whatever else stops a delete, so that a permission problem does not hide an instance.
+    """
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return True  # another instance cleaned it up first
+    except OSError:
+        return False
+    return True

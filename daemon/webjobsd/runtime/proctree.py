@@ -1,0 +1,400 @@
+"""Which live processes belong to a job, and signalling exactly those (Part A #11, #13, #19).
+
+Owns: the identity of a job's process tree and every read of `/proc` or call to psutil that
+decides it. A job's leader is started by someone else (the supervisor) with
+`start_new_session=True` and `WEBJOBSD_PROCESS_TOKEN=<token>` in its environment, which every
+descendant inherits. A job's members are then:
+
+* its process group, `identity.pgid` — but a group id is a recycled number, so the group is
+  trusted only while the leader is verified alive (same pid *and* same start time) or while at
+  least one live member of the group still carries the token. The kernel never hands out a pid
+  that is in use as a process group id, so a group that still holds a token carrier is ours;
+* every process whose `/proc/PID/environ` carries the token entry, wherever it lives: this
+  catches descendants that called `setsid` (or were double-forked) and left the group.
+
+Must not: spawn processes, keep state between calls, decide policy (when to escalate from SIGTERM
+to SIGKILL is the supervisor's ladder), or run on the event loop. Every public function here does
+blocking I/O proportional to the number of processes on the host: callers on the loop wrap them
+in `asyncio.to_thread(...)`.
+
+Limits worth knowing: a scan is a snapshot — a job that forks during it can add processes, so a
+caller that must end a job repeats `signal_members` until `find_members` is empty (`killpg`
+reaches new group members atomically; escaped ones are caught by the next round). A process that
+both left the group and exec'd with a scrubbed environment (or overwrote its environ area, as
+some `setproctitle` implementations do) is invisible; so is one whose environ we may not read
+(another user's process, or a set-uid program when the daemon is not root).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import structlog
+
+log = structlog.get_logger("webjobsd.proctree")
+
+TOKEN_VARIABLE = "WEBJOBSD_PROCESS_TOKEN"
+
+_PROC = "/proc"
+_NUL = b"\0"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# `Z` zombie, `X`/`x` dead: such a pid holds no memory and runs no code; signalling it is useless,
+# and counting it as a member would make "wait until no members remain" wait for its reaper.
+_DEAD_STATES = frozenset({"Z", "X", "x"})
+
+# errno values that mean "this pid is gone or not ours to read". Anything else (EMFILE, ENOMEM,
+# ...) is a real failure of the daemon and must not silently shrink a job to fewer members.
+_UNREADABLE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM})
+
+# Start times are compared as epoch seconds: kernel start ticks + the boot time from /proc/stat.
+# The boot time is whole seconds and moves when the wall clock is *stepped* (slewing moves both
+# clocks together and leaves it alone), so a tiny step can flip it by one second. The slack covers
+# that flip and nothing more; a pid reused by a process started within it would need the whole
+# pid space to wrap in that time. A larger clock step makes `is_alive` report a live leader as
+# dead; `find_members` still finds it through its token.
+_CREATE_TIME_SLACK_S = 1.5
+
+
+def new_token() -> str:
+    """A fresh token for `WEBJOBSD_PROCESS_TOKEN`: 128 random bits, safe in an environ entry."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """What a restarted daemon needs to recognise a job's processes (persisted as JSON).
+
+    `create_time` is the leader's start in epoch seconds (psutil's `create_time()`); `0.0` means
+    unknown, which simply never verifies the leader, leaving the token as the only proof.
+    """
+
+    pid: int
+    pgid: int
+    create_time: float
+    token: str
+
+    def __post_init__(self) -> None:
+        # Validated here, not only in from_json: a pgid of 0 or 1 handed to killpg would signal
+        # our own group or everything we may signal, and a token with NUL can never match.
+        if self.pid <= 0 or self.pgid <= 0:
+            raise ValueError(f"pid and pgid must be positive: {self.pid}, {self.pgid}")
+        if not self.token or "\0" in self.token:
+            raise ValueError("token must be a non-empty string without NUL")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "pgid": self.pgid,
+            "create_time": self.create_time,
+            "token": self.token,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessIdentity:
+        """Raises ValueError on anything but what `to_json` writes (the file may be tampered)."""
+        if not isinstance(data, Mapping):
+            raise ValueError("process identity must be a JSON object")
+        create_time, token = data.get("create_time"), data.get("token")
+        # bool is an int subclass, but `true` is neither a pid nor a time.
+        if not isinstance(create_time, int | float) or isinstance(create_time, bool):
+            raise ValueError(f"process identity: create_time must be a number, got {create_time!r}")
+        if not isinstance(token, str):
+            raise ValueError(f"process identity: token must be a string, got {token!r}")
+        return cls(
+            pid=_json_int(data, "pid"),
+            pgid=_json_int(data, "pgid"),
+            create_time=float(create_time),
+            token=token,
+        )
+
+    @property
+    def token_entry(self) -> bytes:
+        """The exact `NAME=value` environ entry that marks this job's processes."""
+        return f"{TOKEN_VARIABLE}={self.token}".encode()
+
+
+def _json_int(data: Mapping[str, Any], name: str) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"process identity: {name} must be an integer, got {value!r}")
+    return value
+
+
+def identity_of(pid: int, token: str) -> ProcessIdentity | None:
+    """Identity of a live process, or None if it is gone or a zombie.
+
+    Call it right after spawning, before the child can be reaped, so that the pid cannot have
+    been reused. `token` is recorded, not verified.
+    """
+    stat = _read_stat(pid)
+    if stat is None or stat.is_dead:
+        return None
+    return ProcessIdentity(
+        pid=pid, pgid=stat.pgid, create_time=_epoch_start(stat.start_ticks), token=token
+    )
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """The identified process itself still runs: same pid, same start time, not a zombie."""
+    stat = _read_stat(identity.pid)
+    return stat is not None and not stat.is_dead and _same_start(stat, identity)
+
+
+def find_members(identity: ProcessIdentity) -> list[psutil.Process]:
+    """Every live process of the job (see the module docstring), sorted by pid.
+
+    Never includes the calling process. Each returned `psutil.Process` was built while the pid
+    still denoted the member, so psutil's own pid-reuse checks protect later calls on it.
+    """
+    members: list[psutil.Process] = []
+    for stat in sorted(_scan_job(identity).members, key=lambda s: s.pid):
+        try:
+            process = psutil.Process(stat.pid)
+        except psutil.Error:
+            continue
+        # The pid may have died and been reused between the scan and psutil's own read of it;
+        # same start ticks on both sides of the constructor prove it is the process we scanned.
+        again = _read_stat(stat.pid)
+        if again is not None and not again.is_dead and again.start_ticks == stat.start_ticks:
+            members.append(process)
+    return members
+
+
+def signal_members(identity: ProcessIdentity, sig: int) -> int:
+    """Send `sig` to every member; returns how many processes were targeted.
+
+    A trusted group gets one `killpg` (it also reaches processes forked after the scan); members
+    outside the group are signalled one by one through a pidfd opened and then verified against
+    the scanned start time, so a pid reused in the meantime is never hit. Members that vanished
+    are ignored; members we may not signal are logged and not counted.
+    """
+    scan = _scan_job(identity)
+    count = 0
+    if scan.group:
+        try:
+            os.killpg(identity.pgid, sig)
+            count += len(scan.group)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            log.warning("may not signal process group", pgid=identity.pgid, signal=sig)
+    for stat in scan.escaped:
+        if _signal_exact(stat, sig):
+            count += 1
+    return count
+
+
+def find_processes_with_marker(marker: bytes) -> list[int]:
+    """Pids (sorted) of live processes whose environ holds the entry `marker` exactly.
+
+    `marker` is a whole `NAME=value` entry, e.g. `b"WEBJOBSD_OWNER=instance@/site/root"`; a
+    longer value or another variable ending in the same text does not match. Never includes the
+    calling process. Used at start-up to find what a previous life of the daemon left running.
+    """
+    return [stat.pid for stat in _marker_scan(marker)]
+
+
+def signal_processes_with_marker(marker: bytes, sig: int) -> int:
+    """Send `sig` to every process `find_processes_with_marker` would list; returns how many.
+
+    Prefer this to `os.kill` on the listed pids: each one is signalled only if it is still the
+    process that was scanned (pidfd + start time), never a newcomer that got its pid.
+    """
+    return sum(1 for stat in _marker_scan(marker) if _signal_exact(stat, sig))
+
+
+def tree_cpu_seconds(identity: ProcessIdentity) -> float:
+    """User + system CPU seconds of all live members, plus what they have reaped of children.
+
+    The reaped children's share keeps the figure from dropping when a short-lived helper exits
+    and is waited for by a member; it still drops when a member is reaped by a non-member (the
+    leader by the daemon, an orphan by init). For an idle timeout treat any change as activity.
+    """
+    return sum(stat.cpu_ticks for stat in _scan_job(identity).members) / _CLOCK_TICKS
+
+
+# --- /proc access --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Stat:
+    pid: int
+    state: str
+    pgid: int
+    start_ticks: int
+    cpu_ticks: int
+
+    @property
+    def is_dead(self) -> bool:
+        return self.state in _DEAD_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class _JobScan:
+    group: tuple[_Stat, ...]  # empty unless the group id is trusted
+    escaped: tuple[_Stat, ...]  # token carriers outside the group
+
+    @property
+    def members(self) -> tuple[_Stat, ...]:
+        return self.group + self.escaped
+
+
+def _scan_job(identity: ProcessIdentity) -> _JobScan:
+    own_pid = os.getpid()
+    # Never our own group: a record whose pgid is ours (corrupt, or a job not started in its own
+    # session) must not make killpg take the daemon down with the job.
+    group_usable = identity.pgid > 1 and identity.pgid != os.getpgrp()
+    entry = identity.token_entry
+    boot_time = psutil.boot_time()
+    group: list[_Stat] = []
+    escaped: list[_Stat] = []
+    group_trusted = False
+    for pid in _pids():
+        if pid == own_pid:
+            continue
+        stat = _read_stat(pid)
+        if stat is None or stat.is_dead:
+            continue
+        if group_usable and stat.pgid == identity.pgid:
+            group.append(stat)
+            # One proof is enough; after it, group members need no environ read at all.
+            if not group_trusted:
+                group_trusted = (
+                    pid == identity.pid and _same_start(stat, identity, boot_time)
+                ) or _environ_has(pid, entry)
+        elif _environ_has(pid, entry):
+            escaped.append(stat)
+    return _JobScan(group=tuple(group) if group_trusted else (), escaped=tuple(escaped))
+
+
+def _marker_scan(marker: bytes) -> list[_Stat]:
+    if not marker or _NUL in marker or b"=" not in marker:
+        raise ValueError(f"marker must be a NAME=value entry without NUL: {marker!r}")
+    own_pid = os.getpid()
+    found: list[_Stat] = []
+    for pid in _pids():
+        # environ first: it rules out nearly every process, so stat is read only for the hits.
+        if pid == own_pid or not _environ_has(pid, marker):
+            continue
+        stat = _read_stat(pid)
+        if stat is not None and not stat.is_dead:
+            found.append(stat)
+    return sorted(found, key=lambda stat: stat.pid)
+
+
+def _pids() -> Iterator[int]:
+    # Plain names, not Path objects: this runs over every process of the host on every scan.
+    for name in os.listdir(_PROC):
+        if name.isdigit():
+            yield int(name)
+
+
+def _read_proc_file(pid: int, name: str) -> bytes | None:
+    """The whole file, or None when the process is gone or not ours to read."""
+    try:
+        fd = os.open(f"{_PROC}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in _UNREADABLE_ERRNOS:
+            return None
+        raise
+    try:
+        chunks: list[bytes] = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as error:
+        if error.errno in _UNREADABLE_ERRNOS:
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    data = _read_proc_file(pid, "stat")
+    if not data:
+        return None
+    # `comm` is in parentheses and may itself contain spaces and ')': split after the last ')'.
+    # Fields after it, 0-based: 0 state, 2 pgrp, 11 utime, 12 stime, 13 cutime, 14 cstime,
+    # 19 starttime (proc(5) numbers them 3, 5, 14-17, 22).
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return _Stat(
+            pid=pid,
+            state=fields[0].decode("ascii", "replace"),
+            pgid=int(fields[2]),
+            start_ticks=int(fields[19]),
+            cpu_ticks=sum(int(value) for value in fields[11:15]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    # Raw bytes and a substring search: psutil.Process.environ() decodes and splits every entry
+    # of every process, which is most of a host-wide scan's cost for no benefit.
+    data = _read_proc_file(pid, "environ")
+    if not data or entry not in data:
+        return False
+    # Whole-entry match: `TOKEN=ab` must not match `TOKEN=abc` nor `XTOKEN=ab`.
+    padded = _NUL + data if data.endswith(_NUL) else _NUL + data + _NUL
+    return _NUL + entry + _NUL in padded
+
+
+def _epoch_start(start_ticks: int, boot_time: float | None = None) -> float:
+    # Same formula as psutil's Process.create_time() on Linux, so the two agree exactly.
+    return start_ticks / _CLOCK_TICKS + (psutil.boot_time() if boot_time is None else boot_time)
+
+
+def _same_start(stat: _Stat, identity: ProcessIdentity, boot_time: float | None = None) -> bool:
+    started = _epoch_start(stat.start_ticks, boot_time)
+    return abs(started - identity.create_time) <= _CREATE_TIME_SLACK_S
+
+
+def _signal_exact(stat: _Stat, sig: int) -> bool:
+    """Signal the scanned process and nothing else, even if its pid was reused since the scan."""
+    try:
+        pidfd = os.pidfd_open(stat.pid)
+    except ProcessLookupError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+        return _signal_checked(stat, sig)  # kernel < 5.3: check, then kill (racy by a hair)
+    try:
+        # The pidfd pins whichever process had the pid when it was opened; the same start ticks
+        # read after opening prove that process is the one we scanned.
+        now = _read_stat(stat.pid)
+        if now is None or now.start_ticks != stat.start_ticks:
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("may not signal process", pid=stat.pid, signal=sig)
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _signal_checked(stat: _Stat, sig: int) -> bool:
+    now = _read_stat(stat.pid)
+    if now is None or now.start_ticks != stat.start_ticks:
+        return False
+    try:
+        os.kill(stat.pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("may not signal process", pid=stat.pid, signal=sig)
+        return False
+    return True

@@ -1,0 +1,495 @@
+"""Continuous jobs: one unit per job, each a small state machine driven by its own task.
+
+The supervisor owns the processes of continuous jobs and nothing else. The reconciler hands a unit
+a *target* (the spec to run and whether it should run at all, or "retired"); the unit's task walks
+from where it is to that target: starting, restarting after an exit with backoff, or walking the
+stop ladder. Targets are replaced, never queued, so a burst of changes costs one restart.
+
+States are Kudu's continuous statuses (Part B §5.1). Every change goes through `_transition`,
+which writes `status_{instance}` atomically, appends Kudu's `Status changed to ...` line to the
+job log and logs why in the daemon log.
+
+Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
+doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
+stayed up for `restart_backoff_reset_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from webjobsd.config import AppSettings, DaemonConfig
+from webjobsd.model import ContinuousStatus, JobKey, JobSpec
+from webjobsd.records.joblog import JobLogWriter, LogLevel
+from webjobsd.records.status import write_continuous_status
+from webjobsd.runtime import proctree
+from webjobsd.runtime.environment import JobLaunch, job_environment
+from webjobsd.runtime.jobprocess import (
+    JobProcess,
+    exit_description,
+    free_loopback_port,
+    new_token,
+)
+from webjobsd.runtime.locks import FileLock
+from webjobsd.runtime.procrecords import ProcessRecords
+from webjobsd.runtime.proctree import ProcessIdentity
+from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
+from webjobsd.runtime.workcopy import WorkingCopy
+from webjobsd.site import SiteLayout
+
+log = structlog.get_logger("webjobsd.supervisor")
+
+SINGLETON_RETRY_S = 5.0
+COPY_FAILURE_RETRY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    spec: JobSpec
+    run: bool
+    retired: bool = False
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class RestartBackoff:
+    initial_s: float
+    reset_after_s: float
+    consecutive_exits: int = 0
+
+    def next_delay(self, uptime_s: float, cap_s: float) -> float:
+        if uptime_s >= self.reset_after_s:
+            self.consecutive_exits = 0
+        self.consecutive_exits += 1
+        delay = self.initial_s * (2 ** (self.consecutive_exits - 1))
+        return float(min(delay, cap_s))
+
+
+@dataclass(slots=True)
+class SupervisorContext:
+    """Everything a unit needs from the daemon, built once by the composition root."""
+
+    layout: SiteLayout
+    config: DaemonConfig
+    app_settings: AppSettings
+    base_environ: Mapping[str, str]
+    records: ProcessRecords
+    hostname: str = field(default_factory=socket.gethostname)
+
+
+def _format_seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+class ContinuousUnit:
+    def __init__(self, target: Target, context: SupervisorContext) -> None:
+        self.key: JobKey = target.spec.key
+        self._target = target
+        self._context = context
+        self._changed = asyncio.Event()
+        self.status: ContinuousStatus | None = None
+        self.restarts = 0
+        self.process: JobProcess | None = None
+        self._log = JobLogWriter(
+            context.layout.job_log_path(self.key),
+            instance_id=context.layout.instance_id,
+            max_bytes=context.config.log_max_bytes,
+            generations=context.config.log_generations,
+        )
+        self._backoff = RestartBackoff(
+            context.config.restart_backoff_initial_s, context.config.restart_backoff_reset_s
+        )
+        self._workcopy = WorkingCopy(
+            target.spec.job_dir, context.layout.working_copies_dir(self.key)
+        )
+        self._singleton = FileLock(context.layout.singleton_lock_path(self.key))
+        self._singleton_setting: bool | None = None
+        self._slot = f"{self.key.kind.value}.{self.key.name}"
+        self._forced = False
+
+    # -- targets -----------------------------------------------------------------------------
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    def set_target(self, target: Target) -> None:
+        self._target = target
+        self._changed.set()
+
+    def force(self) -> None:
+        """Second signal to the daemon: no more grace, SIGKILL at once."""
+        self._forced = True
+        self._changed.set()
+
+    async def _wait_changed(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _transition(self, status: ContinuousStatus, why: str) -> None:
+        if status is self.status:
+            return
+        log.info(
+            "job status",
+            job=str(self.key),
+            status=status.value,
+            previous=self._status_name(),
+            why=why,
+        )
+        self.status = status
+        try:
+            write_continuous_status(self._context.layout, self.key, status)
+        except OSError as error:
+            log.error("cannot write status file", job=str(self.key), error=str(error))
+        self._log.system(LogLevel.INFO, f"Status changed to {status.value}")
+
+    def _status_name(self) -> str | None:
+        return self.status.value if self.status else None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            if self.process is not None:
+                await self.process.close()
+                self._forget_process()
+            self._singleton.release()
+            self._log.close()
+
+    async def _loop(self) -> None:
+        while True:
+            self._changed.clear()
+            target = self._target
+            if target.retired:
+                self._transition(ContinuousStatus.STOPPED, target.reason or "job removed")
+                if target.reason != "shutdown":
+                    # A restarted daemon discards stale copies itself; a removed job must not
+                    # leave its copy behind.
+                    self._workcopy.discard()
+                return
+            if not target.run:
+                self._release_singleton()
+                self._transition(ContinuousStatus.STOPPED, "disabled")
+                await self._wait_changed()
+                continue
+            if not await self._hold_singleton_if_needed(target):
+                continue
+            await self._run_once(target)
+
+    async def _hold_singleton_if_needed(self, target: Target) -> bool:
+        wanted = target.spec.settings.is_singleton
+        if self._singleton_setting is None:
+            self._log.system(LogLevel.INFO, f"WebJob singleton setting is {wanted}")
+        elif self._singleton_setting != wanted:
+            self._log.system(
+                LogLevel.INFO,
+                f"WebJob singleton setting changed from {self._singleton_setting} to {wanted}",
+            )
+        self._singleton_setting = wanted
+        if not wanted:
+            self._release_singleton()
+            return True
+        if self._singleton.held:
+            return True
+        previous_owner = FileLock.read_owner(self._singleton.path)
+        if self._singleton.try_acquire(self._singleton_owner_info(None)):
+            self._log.system(LogLevel.INFO, "WebJob singleton lock is acquired")
+            await self._end_previous_holder_leftovers(previous_owner)
+            return True
+        self._transition(ContinuousStatus.INACTIVE_INSTANCE, "another instance holds the lock")
+        await self._wait_changed(SINGLETON_RETRY_S)
+        return False
+
+    def _singleton_owner_info(self, identity: ProcessIdentity | None) -> dict[str, Any]:
+        return {
+            "OperationName": "Acquiring continuous WebJob singleton lock",
+            "AcquiredDateTime": datetime.now(UTC).isoformat(),
+            "InstanceId": self._context.layout.instance_id,
+            "HostName": self._context.hostname,
+            "DaemonPid": os.getpid(),
+            "Process": identity.to_json() if identity else None,
+        }
+
+    async def _end_previous_holder_leftovers(self, owner: Mapping[str, Any] | None) -> None:
+        """A holder that died without stopping its job leaves the process behind on this host."""
+        if not owner or owner.get("HostName") != self._context.hostname:
+            return
+        raw = owner.get("Process")
+        if not isinstance(raw, dict):
+            return
+        try:
+            identity = ProcessIdentity.from_json(raw)
+        except (KeyError, TypeError, ValueError):
+            return
+        killed = await asyncio.to_thread(proctree.signal_members, identity, signal.SIGKILL)
+        if killed:
+            self._log.system(
+                LogLevel.WARN, f"Ended {killed} process(es) left by the previous lock holder"
+            )
+
+    def _release_singleton(self) -> None:
+        if self._singleton.held:
+            self._singleton.release()
+            self._log.system(LogLevel.INFO, "WebJob singleton lock is released")
+
+    async def _run_once(self, target: Target) -> None:
+        spec = target.spec
+        self._transition(ContinuousStatus.STARTING, "starting")
+        try:
+            root = (
+                spec.job_dir
+                if spec.is_in_place
+                else await asyncio.to_thread(self._workcopy.prepare, self._note)
+            )
+        except OSError as error:
+            self._log.system(LogLevel.ERR, f"Failed to copy job files: {error}")
+            await self._wait_changed(COPY_FAILURE_RETRY_S)
+            return
+        if self._target is not target:
+            return
+        shutdown_file = self._shutdown_file()
+        launch = JobLaunch(
+            key=self.key, working_root=root, shutdown_file=shutdown_file, port=free_loopback_port()
+        )
+        env = job_environment(
+            self._context.base_environ,
+            self._context.app_settings.all_for_jobs(),
+            self._context.layout,
+            launch,
+        )
+        command = spec.command
+        self._log.system(
+            LogLevel.INFO,
+            f"Run script '{command.script_name}' with script host - '{command.host}'",
+        )
+        self._transition(ContinuousStatus.RUNNING, "launching")
+        cwd = root / command.script_dir if command.script_dir else root
+        try:
+            self.process = await JobProcess.spawn(
+                command.argv(),
+                cwd=cwd,
+                env=env,
+                token=new_token(),
+                on_stdout=lambda lines: self._log.console_lines(LogLevel.INFO, lines),
+                on_stderr=lambda lines: self._log.console_lines(LogLevel.ERR, lines),
+                max_line_bytes=self._context.config.max_line_bytes,
+            )
+        except OSError as error:
+            self._log.system(LogLevel.ERR, f"Failed to start process: {error}")
+            await self._after_exit(target, uptime_s=0.0)
+            return
+        self._remember_process(self.process.identity)
+        await self._supervise(target, self.process, shutdown_file)
+
+    def _note(self, message: str) -> None:
+        self._log.system(LogLevel.INFO, message)
+
+    def _shutdown_file(self) -> Path:
+        folder = self._context.layout.shutdown_dir(self.key)
+        # Kudu empties the folder at each start: a leftover file would stop the new process.
+        if folder.is_dir():
+            for leftover in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        return folder / new_token()[:12]
+
+    async def _supervise(self, target: Target, process: JobProcess, shutdown_file: Path) -> None:
+        exited = asyncio.create_task(process.wait(), name=f"wait-{self.key}")
+        try:
+            while True:
+                changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
+                await asyncio.wait({exited, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if exited.done():
+                    break
+                self._changed.clear()
+                new = self._target
+                if self._forced:
+                    await process.kill()
+                    break
+                if not new.retired and new.run and new.spec.fingerprint == target.spec.fingerprint:
+                    # Same code and settings, still wanted: nothing to do for this process.
+                    self._target_same_spec(new)
+                    target = new
+                    continue
+                await self._stop(process, target, new, shutdown_file)
+                break
+        finally:
+            if not exited.done():
+                exited.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await exited
+        code = process.returncode
+        uptime = time.monotonic() - process.started_monotonic
+        self.process = None
+        self._forget_process()
+        if exited.cancelled() or code is None:
+            return
+        if self._target is target and not self._forced:
+            self._report_exit(code)
+            await self._after_exit(target, uptime)
+
+    def _target_same_spec(self, new: Target) -> None:
+        log.debug("target unchanged for running process", job=str(self.key), run=new.run)
+
+    async def _stop(
+        self, process: JobProcess, old: Target, new: Target, shutdown_file: Path
+    ) -> None:
+        if new.retired and new.reason == "shutdown":
+            self._log.system(LogLevel.INFO, "WebJob is stopping due to website shutting down")
+        elif not new.retired and new.spec.fingerprint != old.spec.fingerprint:
+            self._log.system(
+                LogLevel.INFO, "Detected WebJob file/s were updated, refreshing WebJob"
+            )
+        self._transition(ContinuousStatus.STOPPING, new.reason or "stop requested")
+        wait_s = old.spec.settings.stopping_wait_s(self.key.kind)
+        stop = asyncio.create_task(process.stop(wait_s, shutdown_file), name=f"stop-{self.key}")
+        while not stop.done():
+            changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
+            await asyncio.wait({stop, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            self._changed.clear()
+            if self._forced and not stop.done():
+                await process.kill()
+        graceful = await stop
+        if not graceful:
+            self._log.system(
+                LogLevel.WARN,
+                f"WebJob process did not stop within {_format_seconds(wait_s)} seconds; killed",
+            )
+        self._transition(ContinuousStatus.STOPPED, "process stopped")
+
+    def _report_exit(self, code: int) -> None:
+        if code == 0:
+            self._transition(ContinuousStatus.SUCCESS, "process exited with code 0")
+        else:
+            self._log.system(LogLevel.ERR, f"Job failed due to {exit_description(code)}")
+
+    async def _after_exit(self, target: Target, uptime_s: float) -> None:
+        cap = float(self._context.app_settings.restart_time_s)
+        delay = self._backoff.next_delay(uptime_s, cap)
+        self.restarts += 1
+        self._log.system(
+            LogLevel.INFO, f"Process went down, waiting for {_format_seconds(delay)} seconds"
+        )
+        log.info(
+            "restart scheduled",
+            job=str(self.key),
+            delay_s=delay,
+            consecutive_exits=self._backoff.consecutive_exits,
+            uptime_s=round(uptime_s, 3),
+        )
+        self._transition(ContinuousStatus.PENDING_RESTART, f"waiting {delay:g} s")
+        if delay > 0:
+            await self._wait_changed(delay)
+        # Kudu releases the singleton lock between runs so that a crashing job may move.
+        self._release_singleton()
+
+    def _remember_process(self, identity: ProcessIdentity) -> None:
+        try:
+            self._context.records.save(self._slot, identity)
+        except OSError as error:
+            log.error("cannot persist process record", job=str(self.key), error=str(error))
+        if self._singleton.held:
+            with contextlib.suppress(OSError):
+                self._singleton.update_owner(self._singleton_owner_info(identity))
+
+    def _forget_process(self) -> None:
+        self._context.records.remove(self._slot)
+
+
+class Supervisor(ContinuousRuntime):
+    """Owns the continuous units: creates, retargets and retires them; shuts them all down."""
+
+    def __init__(self, context: SupervisorContext) -> None:
+        self._context = context
+        self._units: dict[JobKey, ContinuousUnit] = {}
+        self._tasks: dict[JobKey, asyncio.Task[None]] = {}
+        self._retiring: dict[asyncio.Task[None], ContinuousUnit] = {}
+
+    @property
+    def units(self) -> Mapping[JobKey, ContinuousUnit]:
+        return self._units
+
+    def targets(self) -> Mapping[JobKey, Actual]:
+        return {
+            key: Actual(unit.target.spec.fingerprint, unit.target.run)
+            for key, unit in self._units.items()
+        }
+
+    def add(self, spec: JobSpec, run: bool) -> None:
+        unit = ContinuousUnit(Target(spec, run), self._context)
+        self._units[spec.key] = unit
+        task = asyncio.create_task(unit.run(), name=f"unit-{spec.key}")
+        task.add_done_callback(self._unit_done)
+        self._tasks[spec.key] = task
+
+    def retarget(self, spec: JobSpec, run: bool) -> None:
+        unit = self._units[spec.key]
+        reason = "files changed" if spec.fingerprint != unit.target.spec.fingerprint else ""
+        if not reason:
+            reason = "enabled" if run else "disabled"
+        unit.set_target(Target(spec, run, reason=reason))
+
+    def retire(self, key: JobKey, reason: str = "job removed") -> None:
+        unit = self._units.pop(key)
+        task = self._tasks.pop(key)
+        self._retiring[task] = unit
+        unit.set_target(Target(unit.target.spec, False, retired=True, reason=reason))
+
+    def _unit_done(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("job unit crashed", task=task.get_name(), error=repr(error), exc_info=error)
+            # A unit that dies must not take the job down for good: forget it, and the next
+            # reconcile pass creates a fresh one.
+            for key, known in list(self._tasks.items()):
+                if known is task:
+                    del self._tasks[key]
+                    del self._units[key]
+
+    async def shutdown(self, force: asyncio.Event) -> None:
+        """Retire every unit with the stop ladder; on `force`, SIGKILL whatever remains."""
+        for key in list(self._units):
+            self.retire(key, reason="shutdown")
+        retiring = dict(self._retiring)
+        if not retiring:
+            return
+        forcing: asyncio.Task[bool] = asyncio.create_task(force.wait(), name="shutdown-force")
+        try:
+            waiting: set[asyncio.Future[Any]] = {*retiring, forcing}
+            while len(waiting) > 1:
+                _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if forcing.done():
+                    for task, unit in retiring.items():
+                        if not task.done():
+                            unit.force()
+                    await asyncio.wait(retiring)
+                    break
+        finally:
+            forcing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forcing

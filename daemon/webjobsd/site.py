@@ -1,0 +1,111 @@
+"""The Kudu site layout: every path the daemon reads or writes is computed here, in one place.
+
+```
+SITE/site/wwwroot/App_Data/jobs/{continuous,triggered}/NAME/   job binaries (the jobs root)
+SITE/data/jobs/{continuous,triggered}/NAME/                     status, logs, locks, run history
+SITE/data/webjobsd/                                             the daemon's own state
+TEMP/jobs/{type}/NAME/{random}/                                 working copies
+TEMP/JobsShutdown/continuous/NAME/{random}                      shutdown notification files
+```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from webjobsd.model import JobKey, JobKind
+
+
+@dataclass(frozen=True, slots=True)
+class SiteLayout:
+    site_root: Path
+    jobs_root: Path
+    temp_root: Path
+    instance_id: str
+
+    @classmethod
+    def build(
+        cls,
+        site_root: Path,
+        *,
+        instance_id: str,
+        temp_root: Path,
+        jobs_root_override: str | None = None,
+    ) -> SiteLayout:
+        """`jobs_root_override` follows WEBJOBS_ROOT_PATH: variables expanded, relative to
+        wwwroot unless absolute."""
+        site_root = site_root.absolute()
+        wwwroot = site_root / "site" / "wwwroot"
+        if jobs_root_override:
+            expanded = os.path.expandvars(os.path.expanduser(jobs_root_override))
+            jobs_root = (wwwroot / expanded).absolute()
+        else:
+            jobs_root = wwwroot / "App_Data" / "jobs"
+        return cls(
+            site_root=site_root,
+            jobs_root=jobs_root,
+            temp_root=temp_root.absolute(),
+            instance_id=instance_id,
+        )
+
+    @property
+    def wwwroot(self) -> Path:
+        return self.site_root / "site" / "wwwroot"
+
+    @property
+    def data_jobs_root(self) -> Path:
+        return self.site_root / "data" / "jobs"
+
+    @property
+    def daemon_state_dir(self) -> Path:
+        return self.site_root / "data" / "webjobsd"
+
+    @property
+    def process_records_dir(self) -> Path:
+        return self.daemon_state_dir / "processes" / self.instance_id
+
+    @property
+    def instance_lock_path(self) -> Path:
+        return self.daemon_state_dir / "instances" / f"{self.instance_id}.lock"
+
+    @property
+    def settings_store_path(self) -> Path:
+        return self.daemon_state_dir / "settings.json"
+
+    def kind_dir(self, kind: JobKind) -> Path:
+        return self.jobs_root / kind.value
+
+    def job_dir(self, key: JobKey) -> Path:
+        return self.jobs_root / key.kind.value / key.name
+
+    def data_dir(self, key: JobKey) -> Path:
+        return self.data_jobs_root / key.kind.value / key.name
+
+    def status_path(self, key: JobKey, instance_id: str | None = None) -> Path:
+        return self.data_dir(key) / f"status_{instance_id or self.instance_id}"
+
+    def job_log_path(self, key: JobKey) -> Path:
+        return self.data_dir(key) / "job_log.txt"
+
+    def singleton_lock_path(self, key: JobKey) -> Path:
+        return self.data_dir(key) / "singleton.job.lock"
+
+    def run_lock_path(self, key: JobKey) -> Path:
+        return self.data_dir(key) / "triggeredJob.lock"
+
+    def working_copies_dir(self, key: JobKey) -> Path:
+        return self.temp_root / "jobs" / key.kind.value / key.name
+
+    def shutdown_dir(self, key: JobKey) -> Path:
+        return self.temp_root / "JobsShutdown" / key.kind.value / key.name
+
+    def ensure(self) -> None:
+        """Create the layout if missing (idempotent; never touches existing content)."""
+        for kind in JobKind:
+            self.kind_dir(kind).mkdir(parents=True, exist_ok=True)
+            (self.data_jobs_root / kind.value).mkdir(parents=True, exist_ok=True)
+        self.process_records_dir.mkdir(parents=True, exist_ok=True)
+        self.instance_lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp_root.mkdir(parents=True, exist_ok=True)

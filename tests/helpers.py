@@ -1,0 +1,257 @@
+"""Test helpers: a site on disk, a daemon in-process or as a real process, and waiting with a
+deadline (never a bare sleep)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from webjobsd.app import Daemon
+from webjobsd.config import config_from_mapping
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_with_marker(marker: bytes) -> list[int]:
+    found = []
+    for pid in psutil.pids():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if marker in handle.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+def wait_for_sync(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+FAST_CONFIG: dict[str, Any] = {
+    "debounce_s": 0.3,
+    "debounce_cap_s": 10.0,
+    "rescan_s": 30.0,
+    "reconcile_tick_s": 1.0,
+    "restart_backoff_initial_s": 0.2,
+    "shutdown_grace_s": 3.0,
+    "log_format": "json",
+    "log_level": "warning",
+}
+
+
+class Site:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "site-root"
+        self.temp = root / "temp"
+        self.jobs = self.root / "site" / "wwwroot" / "App_Data" / "jobs"
+        self.data = self.root / "data" / "jobs"
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        values = dict(FAST_CONFIG)
+        values.update({"site": str(self.root), "temp_dir": str(self.temp)})
+        values.update(extra)
+        return values
+
+    def job_dir(self, kind: str, name: str) -> Path:
+        return self.jobs / kind / name
+
+    def write_job(
+        self, kind: str, name: str, files: dict[str, str], *, executable: bool = True
+    ) -> Path:
+        """Write a job the way a deployment would: in a staging folder, then renamed in."""
+        staging = self.root / ".staging" / f"{kind}-{name}-{time.monotonic_ns()}"
+        for rel, content in files.items():
+            path = staging / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(content))
+            if executable and rel.endswith(".sh"):
+                path.chmod(0o755)
+        target = self.job_dir(kind, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, target)
+        return target
+
+    def data_dir(self, kind: str, name: str) -> Path:
+        return self.data / kind / name
+
+    def status(self, name: str, instance: str = "test01") -> str | None:
+        path = self.data_dir("continuous", name) / f"status_{instance}"
+        try:
+            return str(json.loads(path.read_text())["Status"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def job_log(self, name: str) -> str:
+        try:
+            return (self.data_dir("continuous", name) / "job_log.txt").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def pid_file_pids(self, path: Path) -> list[int]:
+        try:
+            return [int(line) for line in path.read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+
+def live_pids(marker: str) -> list[int]:
+    """Job processes alive (not zombies) whose environment carries `marker`."""
+    result = []
+    for pid in processes_with_marker(marker.encode()):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                result.append(pid)
+        except psutil.Error:
+            continue
+    return result
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
+    """The daemon in this test's event loop, stopped (with its ladder) at the end."""
+    settings = config.pop("environ", {})
+    config.setdefault("instance_id", "test01")
+    daemon = Daemon(
+        config_from_mapping(site.config(**config), "test"),
+        environ={**os.environ, **settings},
+    )
+    task = asyncio.create_task(daemon.run(install_signals=False), name="daemon-under-test")
+    try:
+        ready = asyncio.create_task(daemon.ready.wait())
+        await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            await task  # raises the start-up error
+        assert daemon.ready.is_set(), "daemon did not become ready"
+        yield daemon
+    finally:
+        daemon.request_shutdown("test finished")
+        await asyncio.wait_for(task, timeout=40)
+
+
+class DaemonProcess:
+    """The real `webjobsd serve` as a child process (for signal and crash tests)."""
+
+    def __init__(self, site: Site, instance_id: str = "test01", **config: Any) -> None:
+        self.site = site
+        self.instance_id = instance_id
+        config.setdefault("instance_id", instance_id)
+        cfg = site.config(**config)
+        self.config_path = site.root.parent / f"config-{instance_id}.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = site.root.parent / f"daemon-{instance_id}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> DaemonProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "webjobsd", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+            cwd=REPO_ROOT,
+        )
+        self._log_handle = log
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log_handle.close()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def job_pids(site: Site, name: str, instance: str | None = None) -> list[int]:
+    """Live processes of job `name` on `site` (any depth, even outside the process group)."""
+    owner = f"WEBJOBSD_OWNER={instance + '@' if instance else ''}"
+    site_marker = f"@{site.root}\0".encode()
+    name_marker = f"\0WEBJOBS_NAME={name}\0".encode()
+    result = []
+    for pid in psutil.pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = b"\0" + handle.read()
+        except OSError:
+            continue
+        if site_marker in environ and name_marker in environ and owner.encode() in environ:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    result.append(pid)
+            except psutil.Error:
+                continue
+    return result
+
+
+def leaders(site: Site, name: str, instance: str | None = None) -> list[int]:
+    """The processes the daemon started for `name`: session leaders whose parent is not itself a
+    process of the job (a descendant that called setsid leads a session too)."""
+    members = set(job_pids(site, name, instance))
+    result = []
+    for pid in members:
+        try:
+            if os.getsid(pid) == pid and psutil.Process(pid).ppid() not in members:
+                result.append(pid)
+        except (OSError, psutil.Error):
+            continue
+    return result

@@ -1,0 +1,173 @@
+"""The real `webjobsd serve` process: signals, crashes, restarts, two daemons on one site."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import psutil
+
+from tests.helpers import DaemonProcess, Site, job_pids, leaders, wait_for_sync
+
+LOOP = {"run.sh": "echo up $$\nwhile true; do sleep 0.2; done\n"}
+
+
+def test_sigterm_stops_every_job_and_exits_zero_within_the_bound(site: Site) -> None:
+    """1. three jobs, one ignoring SIGTERM with stopping_wait_time 2  2. SIGTERM the daemon
+    3. exit 0 within 2 s + grace, nothing left, statuses Stopped."""
+    site.write_job("continuous", "a", LOOP)
+    site.write_job("continuous", "b", LOOP)
+    site.write_job(
+        "continuous",
+        "deaf",
+        {
+            "run.sh": "trap '' TERM\nwhile true; do sleep 0.1; done\n",
+            "settings.job": '{"stopping_wait_time": 2}',
+        },
+    )
+    daemon = DaemonProcess(site).start()
+    try:
+        for name in ("a", "b", "deaf"):
+            wait_for_sync(lambda name=name: leaders(site, name), what=f"{name} running")
+        sent = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+        elapsed = time.monotonic() - sent
+        assert elapsed < 2 + 3, elapsed
+        for name in ("a", "b", "deaf"):
+            assert not job_pids(site, name)
+            assert site.status(name) == "Stopped"
+        assert "WebJob is stopping due to website shutting down" in site.job_log("a")
+    finally:
+        daemon.stop()
+
+
+def test_a_second_signal_forces_the_shutdown(site: Site) -> None:
+    site.write_job(
+        "continuous",
+        "deaf",
+        {
+            "run.sh": "trap '' TERM\nwhile true; do sleep 0.1; done\n",
+            "settings.job": '{"stopping_wait_time": 30}',
+        },
+    )
+    daemon = DaemonProcess(site).start()
+    try:
+        wait_for_sync(lambda: leaders(site, "deaf"), what="running")
+        daemon.signal(signal.SIGTERM)
+        wait_for_sync(lambda: site.status("deaf") == "Stopping", what="Stopping")
+        sent = time.monotonic()
+        daemon.signal(signal.SIGINT)
+        assert daemon.wait(10) == 0
+        assert time.monotonic() - sent < 3
+        assert not job_pids(site, "deaf")
+    finally:
+        daemon.stop()
+
+
+def test_sigkill_then_restart_leaves_exactly_one_process_per_job(site: Site) -> None:
+    """1. two jobs running, one with a setsid grandchild  2. SIGKILL the daemon
+    3. start it again  4. exactly one leader per job, the old trees gone, statuses Running."""
+    site.write_job("continuous", "plain", LOOP)
+    site.write_job(
+        "continuous",
+        "tree",
+        {"run.sh": "setsid sleep 300 &\nwhile true; do sleep 0.2; done\n"},
+    )
+    first = DaemonProcess(site).start()
+    second: DaemonProcess | None = None
+    try:
+        old_plain = wait_for_sync(lambda: leaders(site, "plain"), what="plain")[0]
+        wait_for_sync(lambda: len(job_pids(site, "tree")) >= 3, what="tree with grandchild")
+        old_tree = set(job_pids(site, "tree"))
+        first.kill()
+        assert psutil.pid_exists(old_plain), "job processes outlive a SIGKILLed daemon"
+        second = DaemonProcess(site).start()
+        wait_for_sync(
+            lambda: leaders(site, "plain") and leaders(site, "plain") != [old_plain],
+            what="plain restarted",
+        )
+        wait_for_sync(lambda: not (set(job_pids(site, "tree")) & old_tree), what="old tree gone")
+        wait_for_sync(lambda: len(leaders(site, "tree")) == 1, what="tree restarted")
+        assert not psutil.pid_exists(old_plain) or psutil.Process(old_plain).status() == "zombie"
+        assert len(leaders(site, "plain")) == 1
+        assert site.status("plain") == "Running"
+        assert site.status("tree") == "Running"
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+
+
+def test_two_daemons_run_a_singleton_once_and_fail_over(site: Site) -> None:
+    """1. two daemons (instances one, two) on one site, a singleton job
+    2. exactly one process, the other instance InactiveInstance
+    3. SIGKILL the holder daemon  4. the other takes over; still exactly one process."""
+    site.write_job("continuous", "single", {**LOOP, "settings.job": '{"is_singleton": true}'})
+    one = DaemonProcess(site, instance_id="one").start()
+    two = DaemonProcess(site, instance_id="two").start()
+    try:
+        wait_for_sync(
+            lambda: (
+                {site.status("single", "one"), site.status("single", "two")}
+                == {"Running", "InactiveInstance"}
+            ),
+            what="one Running, one InactiveInstance",
+        )
+        assert len(leaders(site, "single")) == 1
+        holder, standby = (one, two) if site.status("single", "one") == "Running" else (two, one)
+        old = leaders(site, "single")[0]
+        holder.kill()
+        wait_for_sync(
+            lambda: site.status("single", standby.instance_id) == "Running",
+            timeout=15,
+            what="failover",
+        )
+        wait_for_sync(
+            lambda: (
+                leaders(site, "single", standby.instance_id)
+                and not leaders(site, "single", holder.instance_id)
+            ),
+            what="only the standby's process",
+        )
+        assert len(leaders(site, "single")) == 1
+        assert old not in leaders(site, "single")
+        owner = json.loads(
+            (site.data_dir("continuous", "single") / "singleton.job.lock").read_text()
+        )
+        assert owner["InstanceId"] == standby.instance_id
+    finally:
+        two.stop()
+        one.stop()
+        # The killed holder left its job behind until its own restart; end it for the test.
+        for pid in job_pids(site, "single"):
+            psutil.Process(pid).kill()
+
+
+def test_sighup_reloads_the_configuration(site: Site) -> None:
+    daemon = DaemonProcess(site, log_level="info").start()
+    try:
+        wait_for_sync(lambda: "starting" in daemon.log(), what="started")
+        text = daemon.config_path.read_text().replace("debounce_s: 0.3", "debounce_s: 0.4")
+        daemon.config_path.write_text(text)
+        daemon.signal(signal.SIGHUP)
+        wait_for_sync(lambda: "configuration reloaded" in daemon.log(), what="reloaded")
+        daemon.config_path.write_text(text + "bogus_key: 1\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for_sync(lambda: "reload failed" in daemon.log(), what="bad reload refused")
+        assert "bogus_key" in daemon.log()
+        assert daemon.process is not None and daemon.process.poll() is None
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_second_daemon_with_the_same_instance_id_refuses_to_start(site: Site) -> None:
+    first = DaemonProcess(site, log_level="info").start()
+    try:
+        wait_for_sync(lambda: "starting" in first.log(), what="started")
+        second = DaemonProcess(site).start()
+        assert second.wait(15) == 1
+        assert "another webjobsd with instance id 'test01'" in second.log()
+    finally:
+        first.stop()
