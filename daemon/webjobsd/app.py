@@ -48,6 +48,7 @@ def build_layout(config: DaemonConfig, environ: Mapping[str, str]) -> SiteLayout
         instance_id=instance_id,
         temp_root=config.resolved_temp_dir(instance_id),
         jobs_root_override=config.jobs_root or environ.get("WEBJOBS_ROOT_PATH"),
+        environ=environ,
     )
 
 

@@ -12,10 +12,24 @@ TEMP/JobsShutdown/continuous/NAME/{random}                      shutdown notific
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from webjobsd.model import JobKey, JobKind
+
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}|%(\w+)%")
+
+
+def expand_variables(text: str, environ: Mapping[str, str]) -> str:
+    """`$NAME`, `${NAME}` and Kudu's Windows-style `%NAME%`; unknown names are left as they are."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2) or match.group(3)
+        return environ.get(name, match.group(0))
+
+    return _VARIABLE.sub(replace, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +47,14 @@ class SiteLayout:
         instance_id: str,
         temp_root: Path,
         jobs_root_override: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> SiteLayout:
         """`jobs_root_override` follows WEBJOBS_ROOT_PATH: variables expanded, relative to
         wwwroot unless absolute."""
         site_root = site_root.absolute()
         wwwroot = site_root / "site" / "wwwroot"
         if jobs_root_override:
-            expanded = os.path.expandvars(os.path.expanduser(jobs_root_override))
+            expanded = expand_variables(jobs_root_override, environ or os.environ)
             jobs_root = (wwwroot / expanded).absolute()
         else:
             jobs_root = wwwroot / "App_Data" / "jobs"

@@ -169,12 +169,19 @@ class Catalog:
         if now - self._settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S:
             result.settling.add(key)
             return
-        command = select_command(job_dir, which=self._which)
+        try:
+            command = select_command(job_dir, which=self._which)
+            script_dir = find_script_dir(job_dir)
+        except OSError as error:
+            if not job_dir.is_dir():  # removed while we looked
+                self._drop(key, result)
+            else:
+                self._set_error(key, f"cannot read job folder: {error}", job_dir)
+            return
         if command is None:
             self._drop(key, result)
             self._set_error(key, NO_RUNNABLE_SCRIPT, job_dir)
             return
-        script_dir = find_script_dir(job_dir)
         settings = self._read_settings(key, script_dir / "settings.job", previous)
         spec = JobSpec(
             key=key,

@@ -84,12 +84,19 @@ class DiscoveryService:
             except TimeoutError:
                 pass
             self._wake.clear()
-            now = self._clock()
-            due = self.debouncer.pop_due(now)
-            if None in due or now >= self._next_rescan:
-                self._next_rescan = now + self.rescan_s
-                self.refresh_now(None)
-            elif due:
-                self.refresh_now({hint for hint in due if hint is not None})
-            else:
-                self.last_pass_monotonic = now
+            try:
+                self._pass()
+            except Exception:
+                # A scan that trips over one odd folder must not end discovery for all jobs.
+                log.exception("discovery pass failed; retrying at the next rescan")
+
+    def _pass(self) -> None:
+        now = self._clock()
+        due = self.debouncer.pop_due(now)
+        if None in due or now >= self._next_rescan:
+            self._next_rescan = now + self.rescan_s
+            self.refresh_now(None)
+        elif due:
+            self.refresh_now({hint for hint in due if hint is not None})
+        else:
+            self.last_pass_monotonic = now

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import signal
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,21 +22,16 @@ import structlog
 
 from webjobsd.records.joblog import capture_stream
 from webjobsd.runtime import proctree
-from webjobsd.runtime.proctree import ProcessIdentity
+from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 
 log = structlog.get_logger("webjobsd.process")
 
-TOKEN_VARIABLE = "WEBJOBSD_PROCESS_TOKEN"
 # How long pipes may stay open after the leader exited (a descendant holding them) before the
 # remaining members are killed and capture gives up.
 _DRAIN_AFTER_EXIT_S = 1.0
 _MEMBER_POLL_S = 0.05
 
 LinesCallback = Callable[[list[bytes]], None]
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex
 
 
 class JobProcess:

@@ -9,7 +9,6 @@ SIGTERM, a short grace, then SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 
@@ -24,27 +23,20 @@ log = structlog.get_logger("webjobsd.leftovers")
 _POLL_S = 0.05
 
 
-def _marker_pids(owner: str) -> set[int]:
-    marker = f"{OWNER_VARIABLE}={owner}".encode()
-    return set(proctree.find_processes_with_marker(marker)) - {os.getpid()}
+def _marker(owner: str) -> bytes:
+    return f"{OWNER_VARIABLE}={owner}".encode()
 
 
 def _signal_all(records: ProcessRecords, owner: str, sig: signal.Signals) -> int:
     count = 0
     for identity in records.load_all().values():
         count += proctree.signal_members(identity, sig)
-    for pid in _marker_pids(owner):
-        try:
-            os.kill(pid, sig)
-            count += 1
-        except ProcessLookupError:
-            pass
-    return count
+    return count + proctree.signal_processes_with_marker(_marker(owner), sig)
 
 
 def _remaining(records: ProcessRecords, owner: str) -> int:
     members = sum(len(proctree.find_members(i)) for i in records.load_all().values())
-    return members + len(_marker_pids(owner))
+    return members + len(proctree.find_processes_with_marker(_marker(owner)))
 
 
 async def end_leftovers(records: ProcessRecords, owner: str, grace_s: float = 3.0) -> int:

@@ -1,9 +1,10 @@
 """Which live processes belong to a job, and signalling exactly those (Part A #11, #13, #19).
 
-Owns: the identity of a job's process tree and every read of `/proc` or call to psutil that
-decides it. A job's leader is started by someone else (the supervisor) with
-`start_new_session=True` and `WEBJOBSD_PROCESS_TOKEN=<token>` in its environment, which every
-descendant inherits. A job's members are then:
+Owns: the identity of a job's process tree, every read of `/proc` or call to psutil that decides
+it, and (with the supervisor, which spawns) every signal sent to a job process. A job's leader
+is started by someone else (the supervisor) with `start_new_session=True` and
+`WEBJOBSD_PROCESS_TOKEN=<token>` in its environment, which every descendant inherits. A job's
+members are then:
 
 * its process group, `identity.pgid` — but a group id is a recycled number, so the group is
   trusted only while the leader is verified alive (same pid *and* same start time) or while at

@@ -117,7 +117,14 @@ class Reconciler:
         desired = desired_state(specs, self._jobs_stopped())
         actions = plan(desired, self._runtime.targets())
         for action in actions:
-            self._apply(action, specs, desired)
+            try:
+                self._apply(action, specs, desired)
+            except Exception:
+                # One job that cannot be set up must not stop the others from being reconciled;
+                # the next pass tries it again.
+                log.exception(
+                    "cannot apply reconcile action", action=action.kind.name, job=str(action.key)
+                )
         if self._on_pass is not None:
             self._on_pass(specs)
         self.passes += 1
@@ -138,7 +145,10 @@ class Reconciler:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            self.reconcile_once()
+            try:
+                self.reconcile_once()
+            except Exception:
+                log.exception("reconcile pass failed; retrying at the next tick")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._tick_s)
             except TimeoutError:

@@ -40,11 +40,10 @@ from webjobsd.runtime.jobprocess import (
     JobProcess,
     exit_description,
     free_loopback_port,
-    new_token,
 )
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
-from webjobsd.runtime.proctree import ProcessIdentity
+from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
 from webjobsd.runtime.workcopy import WorkingCopy
 from webjobsd.site import SiteLayout

@@ -1,0 +1,112 @@
+"""The catalog over real folders: specs, fingerprints, settling, kept settings, bad names."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT, Catalog
+from webjobsd.model import JobKey, JobKind
+
+APP = JobKey(JobKind.CONTINUOUS, "app")
+
+
+def make(root: Path, rel: str, text: str = "echo hi\n", age_s: float = 60.0) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    old = time.time() - age_s
+    os.utime(path, (old, old))
+    return path
+
+
+def catalog(root: Path) -> Catalog:
+    return Catalog(root, settle_s=1.0, which=lambda name: f"/usr/bin/{name}")
+
+
+def test_discovers_jobs_of_both_kinds(tmp_path: Path) -> None:
+    make(tmp_path, "continuous/app/run.sh")
+    make(tmp_path, "triggered/report/run.py")
+    cat = catalog(tmp_path)
+    result = cat.refresh()
+    assert result.changed == {APP, JobKey(JobKind.TRIGGERED, "report")}
+    assert cat.specs[APP].command.run_command == "run.sh"
+    assert cat.refresh().changed == set()
+
+
+def test_noise_does_not_change_the_fingerprint_but_code_does(tmp_path: Path) -> None:
+    script = make(tmp_path, "continuous/app/run.sh")
+    cat = catalog(tmp_path)
+    cat.refresh()
+    first = cat.specs[APP].fingerprint
+    for noise in (".run.sh.swp", "run.sh~", "upload.part", ".git/HEAD", "4913"):
+        make(tmp_path, f"continuous/app/{noise}")
+    assert cat.refresh().changed == set()
+    script.write_text("echo changed\n")
+    old = time.time() - 30
+    os.utime(script, (old, old))
+    assert cat.refresh().changed == {APP}
+    assert cat.specs[APP].fingerprint != first
+
+
+def test_disable_job_toggles_the_flag_not_the_fingerprint(tmp_path: Path) -> None:
+    make(tmp_path, "continuous/app/run.sh")
+    cat = catalog(tmp_path)
+    cat.refresh()
+    fingerprint = cat.specs[APP].fingerprint
+    make(tmp_path, "continuous/app/disable.job", "")
+    assert cat.refresh().changed == {APP}
+    assert cat.specs[APP].disabled
+    assert cat.specs[APP].fingerprint == fingerprint
+
+
+def test_settings_change_the_fingerprint_and_broken_settings_keep_the_last_good(
+    tmp_path: Path,
+) -> None:
+    make(tmp_path, "continuous/app/run.sh")
+    settings = make(tmp_path, "continuous/app/settings.job", '{"stopping_wait_time": 9}')
+    cat = catalog(tmp_path)
+    cat.refresh()
+    good = cat.specs[APP]
+    assert good.settings.stopping_wait_time_s == 9
+    settings.write_text("{broken")
+    os.utime(settings, (time.time() - 30, time.time() - 30))
+    assert cat.refresh().changed == set()
+    assert cat.specs[APP] == good
+
+
+def test_a_folder_being_written_is_settling(tmp_path: Path) -> None:
+    make(tmp_path, "continuous/app/run.sh", age_s=0.0)
+    cat = catalog(tmp_path)
+    result = cat.refresh()
+    assert result.settling == {APP}
+    assert APP not in cat.specs
+
+
+def test_no_runnable_script_is_no_job_and_an_error(tmp_path: Path) -> None:
+    make(tmp_path, "continuous/app/readme.txt")
+    make(tmp_path, "continuous/win/run.cmd")
+    cat = catalog(tmp_path)
+    cat.refresh()
+    assert not cat.specs
+    assert cat.errors[APP] == NO_RUNNABLE_SCRIPT
+
+
+def test_invalid_names_are_skipped(tmp_path: Path) -> None:
+    for name in (".hidden", "with space", "x" * 65, "semi;colon"):
+        make(tmp_path, f"continuous/{name}/run.sh")
+    make(tmp_path, "continuous/ok-name_1.2/run.sh")
+    cat = catalog(tmp_path)
+    cat.refresh()
+    assert [key.name for key in cat.specs] == ["ok-name_1.2"]
+
+
+def test_a_removed_folder_is_dropped(tmp_path: Path) -> None:
+    script = make(tmp_path, "continuous/app/run.sh")
+    cat = catalog(tmp_path)
+    cat.refresh()
+    script.unlink()
+    script.parent.rmdir()
+    assert cat.refresh({APP}).changed == {APP}
+    assert not cat.specs
