@@ -61,10 +61,6 @@ class DiscoveryService:
         if result.changed:
             if self.watcher is not None:
                 self.watcher.sync(self.catalog.job_dirs())
-                for key in result.changed:
-                    spec = self.catalog.specs.get(key)
-                    if spec is not None:
-                        self.watcher.rewatch(spec.job_dir)
             self._on_changed(result.changed)
         self.last_pass_monotonic = now
         return result

@@ -5,9 +5,10 @@ nothing else happens on that thread. A path maps to a `JobKey` (`{kind}/{name}/.
 the jobs root or a kind folder itself means "rescan everything" (key None).
 
 Watches (see ARCHITECTURE.md pitfalls): the jobs root and each kind folder non-recursively, plus one
-recursive watch per job folder, re-synced from the catalog after each refresh. A folder moved into a
-recursive watch gets no watches inside it, and an inotify queue overflow is silent: the periodic
-rescan is what makes those cases correct, the watches only make them fast.
+recursive watch per job folder, re-synced from the catalog after each refresh, so a job folder moved
+in gets its own watch. watchdog 7 adds watches inside a sub-folder moved into a watched job folder
+(tests/test_discovery.py holds it to that). An inotify queue overflow is silent: the periodic
+rescan is what makes that case correct; the watches only make things fast.
 
 `Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
 `cap_s` has passed since its first event even if writes never stop.
@@ -98,6 +99,10 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if event.is_directory and event.event_type == "modified":
+            # A folder's own timestamp changes with every entry added or removed in it; the
+            # entry's own event is the one that tells whether it matters (Kudu ignores it too).
+            return
         self._deliver(os.fsdecode(event.src_path))
         dest = getattr(event, "dest_path", "")
         if dest:
@@ -159,16 +164,6 @@ class JobsWatcher:
                 # Folder vanished between the scan and now, or the inotify watch limit is hit:
                 # the periodic rescan still covers the job.
                 log.warning("cannot watch job folder", folder=str(new), error=str(error))
-
-    def rewatch(self, job_dir: Path) -> None:
-        """Unschedule and schedule again: sub-folders moved in need fresh watches."""
-        observer = self._observer
-        watch = self._job_watches.pop(job_dir, None)
-        if observer is None or watch is None:
-            return
-        with contextlib.suppress(KeyError, OSError):
-            observer.unschedule(watch)
-        self.sync({*self._job_watches, job_dir})
 
     def stop(self) -> None:
         observer = self._observer

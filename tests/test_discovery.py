@@ -1,0 +1,87 @@
+"""Discovery with real inotify and real folders: what restarts a job and what does not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from tests.helpers import Site, leaders, running_daemon, wait_for
+from webjobsd.discovery.catalog import Catalog
+from webjobsd.discovery.service import DiscoveryService
+from webjobsd.discovery.watcher import Debouncer
+from webjobsd.model import JobKey, JobKind
+
+LOOP = {"run.sh": "echo started $$\nwhile true; do sleep 0.2; done\n"}
+
+
+def restarts(site: Site, name: str) -> int:
+    return site.job_log(name).count("Status changed to Running")
+
+
+async def test_editor_and_ftp_temp_files_do_not_restart_a_job(site: Site) -> None:
+    job_dir = site.write_job("continuous", "quiet", LOOP)
+    async with running_daemon(site) as daemon:
+        await wait_for(lambda: leaders(site, "quiet"), what="running")
+        assert daemon.watcher is not None
+        seen = daemon.watcher.events_seen
+        for noise in (".run.sh.swp", "run.sh~", "4913", "bundle.zip.part", ".#run.sh"):
+            (job_dir / noise).write_text("noise")
+        # A relevant write after the noise proves the events were delivered and filtered.
+        (job_dir / "marker.txt").write_text("real change")
+        await wait_for(lambda: restarts(site, "quiet") == 2, what="restart for marker.txt")
+        assert daemon.watcher.events_seen - seen <= 3, "noise events reached the debouncer"
+
+
+async def test_a_sub_folder_moved_into_a_job_is_watched(site: Site) -> None:
+    job_dir = site.write_job("continuous", "nested", LOOP)
+    async with running_daemon(site):
+        await wait_for(lambda: leaders(site, "nested"), what="running")
+        staging = site.root / "lib-staging"
+        (staging / "deep").mkdir(parents=True)
+        (staging / "deep" / "helper.sh").write_text("echo v1\n")
+        staging.rename(job_dir / "lib")
+        await wait_for(lambda: restarts(site, "nested") == 2, what="restart for the new folder")
+        (job_dir / "lib" / "deep" / "helper.sh").write_text("echo v2\n")
+        await wait_for(lambda: restarts(site, "nested") == 3, what="restart for a nested edit")
+
+
+async def test_the_periodic_rescan_finds_what_no_event_announced(tmp_path: Path) -> None:
+    """1. discovery without any watcher  2. a job folder appears  3. the rescan finds it."""
+    root = tmp_path / "jobs"
+    changed: list[set[JobKey]] = []
+    service = DiscoveryService(
+        Catalog(root, settle_s=0.0),
+        debouncer=Debouncer(0.1, 1.0),
+        rescan_s=0.2,
+        on_changed=changed.append,
+    )
+    task = asyncio.create_task(service.run(), name="discovery-under-test")
+    try:
+        job = root / "continuous" / "late"
+        job.mkdir(parents=True)
+        (job / "run.sh").write_text("echo\n")
+        await wait_for(lambda: changed, timeout=5, what="rescan")
+        assert changed[0] == {JobKey(JobKind.CONTINUOUS, "late")}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_job_that_cannot_start_does_not_disturb_the_others(site: Site) -> None:
+    bad = site.job_dir("continuous", "broken")
+    bad.mkdir(parents=True)
+    # ELF magic with the exec bit but no valid program: exec fails with ENOEXEC.
+    (bad / "run").write_bytes(b"\x7fELF garbage")
+    (bad / "run").chmod(0o755)
+    old = time.time() - 60
+    os.utime(bad / "run", (old, old))
+    site.write_job("continuous", "fine", LOOP)
+    async with running_daemon(site):
+        await wait_for(lambda: leaders(site, "fine"), what="good job running")
+        await wait_for(
+            lambda: "Failed to start process" in site.job_log("broken"), what="error logged"
+        )
+        await wait_for(lambda: site.status("broken") == "PendingRestart", what="backing off")
+        assert site.status("fine") == "Running"
