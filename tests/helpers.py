@@ -161,6 +161,11 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
             ready.cancel()
             await task  # raises the start-up error
         assert daemon.ready.is_set(), "daemon did not become ready"
+        # Jobs written just before the start are still settling: wait until discovery has
+        # looked at them again, so that tests can use them at once.
+        discovery = daemon.discovery
+        assert discovery is not None
+        await wait_for(lambda: discovery.debouncer.next_due() is None, what="jobs settled")
         yield daemon
     finally:
         daemon.request_shutdown("test finished")

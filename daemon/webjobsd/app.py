@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,17 @@ from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer, JobsWatcher
 from webjobsd.logs import configure_logging
-from webjobsd.model import ContinuousStatus, JobKey, JobKind
+from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
+from webjobsd.records.runstore import RunRecord, RunStore
 from webjobsd.records.status import read_status_file, write_continuous_status
 from webjobsd.runtime.environment import owner_marker
 from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
+from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import Supervisor, SupervisorContext
+from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs
 from webjobsd.site import SiteLayout
 
 log = structlog.get_logger("webjobsd.app")
@@ -81,6 +85,9 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.discovery: DiscoveryService | None = None
         self.watcher: JobsWatcher | None = None
+        self.run_store = RunStore(self.layout)
+        self.triggered: TriggeredJobs | None = None
+        self.scheduler: Scheduler | None = None
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -175,6 +182,7 @@ class Daemon:
         layout, config = self.layout, self.config
         records = ProcessRecords(layout.process_records_dir)
         await end_leftovers(records, owner_marker(layout))
+        await asyncio.to_thread(self._repair_abandoned_runs)
         log.info(
             "starting",
             site=str(layout.site_root),
@@ -183,20 +191,33 @@ class Daemon:
         )
         catalog = Catalog(layout.jobs_root, settle_s=config.debounce_s)
         self.catalog = catalog
-        self.supervisor = Supervisor(
-            SupervisorContext(
-                layout=layout,
-                config=config,
-                app_settings=self.app_settings,
-                base_environ=self._environ,
-                records=records,
-            )
+        context = SupervisorContext(
+            layout=layout,
+            config=config,
+            app_settings=self.app_settings,
+            base_environ=self._environ,
+            records=records,
         )
+        self.supervisor = Supervisor(context)
+        triggered = TriggeredJobs(
+            context, self.run_store, specs=lambda: catalog.specs, on_run_finished=self._run_finished
+        )
+        self.triggered = triggered
+        scheduler = Scheduler(
+            layout=layout, app_settings=self.app_settings, store=self.run_store, triggered=triggered
+        )
+        self.scheduler = scheduler
+
+        def after_pass(specs: Mapping[JobKey, JobSpec]) -> None:
+            triggered.stop_removed(specs)
+            scheduler.sync(specs)
+
         self.reconciler = Reconciler(
             specs=lambda: catalog.specs,
             jobs_stopped=lambda: self.app_settings.jobs_stopped,
             runtime=self.supervisor,
             tick_s=config.reconcile_tick_s,
+            on_pass=after_pass,
         )
         self.discovery = DiscoveryService(
             catalog,
@@ -212,7 +233,46 @@ class Daemon:
         self.reconciler.reconcile_once()
         self._start_task("discovery", self.discovery.run())
         self._start_task("reconciler", self.reconciler.run())
+        self._start_task("scheduler", scheduler.run())
         self.ready.set()
+
+    def _repair_abandoned_runs(self) -> None:
+        """Part A #13: runs left Running by a dead daemon become Aborted, with an end time."""
+        now = datetime.now(UTC)
+        for name in self.run_store.job_names():
+            is_live = self._run_liveness(name)
+            for record in self.run_store.repair_abandoned(name, is_live=is_live, now=now):
+                log.warning(
+                    "run left by a stopped daemon marked Aborted", job=name, run=record.run_id
+                )
+
+    def _run_liveness(self, name: str) -> Callable[[RunRecord], bool]:
+        lock_path = self.layout.run_lock_path(JobKey(JobKind.TRIGGERED, name))
+        latest = self.run_store.latest(name)
+
+        def is_live(record: RunRecord) -> bool:
+            # Only the newest run can still be going, and only under another daemon's lock.
+            return (
+                latest is not None
+                and record.run_id == latest.run_id
+                and FileLock.is_locked_by_other(lock_path)
+            )
+
+        return is_live
+
+    def _run_finished(self, record: RunRecord) -> None:
+        """Seam for webhooks and metrics: every run ends here, whatever its trigger."""
+        log.debug(
+            "run finished", job=record.job_name, run=record.run_id, status=record.status.value
+        )
+
+    async def request_run(
+        self, name: str, *, arguments: str | None = None, trigger: str = "External - "
+    ) -> RunRecord:
+        """Start a run of triggered job `name` (the HTTP API and the tests call this)."""
+        if self.triggered is None:
+            raise RuntimeError("the daemon is not started")
+        return await self.triggered.request_run(name, arguments=arguments, trigger=trigger)
 
     def _mark_vanished_jobs_stopped(self, catalog: Catalog) -> None:
         """This instance's status of a job that is gone must not keep saying Running."""
@@ -230,12 +290,14 @@ class Daemon:
                     write_continuous_status(self.layout, key, ContinuousStatus.STOPPED)
 
     def _shutdown_deadline_s(self) -> float:
-        waits = [
-            spec.settings.stopping_wait_s(spec.key.kind)
-            for spec in (self.catalog.specs.values() if self.catalog else ())
-            if spec.key.kind is JobKind.CONTINUOUS
-        ]
-        return max(waits, default=5.0) + self.config.shutdown_grace_s
+        waits = [5.0]
+        for spec in self.catalog.specs.values() if self.catalog else ():
+            wait = spec.settings.stopping_wait_s(spec.key.kind)
+            if spec.key.kind is JobKind.TRIGGERED:
+                # A run gets its wait to finish, then a short ladder (see runtime/triggered.py).
+                wait += min(SHUTDOWN_LADDER_MAX_S, wait)
+            waits.append(wait)
+        return max(waits) + self.config.shutdown_grace_s
 
     async def _stop(self) -> None:
         self._stopping = True
@@ -247,14 +309,27 @@ class Daemon:
         for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.supervisor is not None:
+        if self.supervisor is not None and self.triggered is not None:
             deadline = asyncio.get_running_loop().call_later(
                 self._shutdown_deadline_s(), self._force.set
             )
+            triggered = self.triggered
+
+            async def stop_runs() -> None:
+                runs = asyncio.create_task(triggered.shutdown(), name="shutdown-runs")
+                forced = asyncio.create_task(self._force.wait(), name="shutdown-runs-force")
+                await asyncio.wait({runs, forced}, return_when=asyncio.FIRST_COMPLETED)
+                if not runs.done():
+                    await triggered.force()
+                forced.cancel()
+                await asyncio.gather(runs, forced, return_exceptions=True)
+
             try:
-                await self.supervisor.shutdown(self._force)
+                await asyncio.gather(self.supervisor.shutdown(self._force), stop_runs())
             finally:
                 deadline.cancel()
+        if self.scheduler is not None:
+            self.scheduler.close()
         log.info("all jobs stopped", seconds=round(time.monotonic() - started, 3))
 
 

@@ -280,6 +280,16 @@ class AppSettings:
         return self.seconds("WEBJOBS_RESTART_TIME", 60)
 
     @property
+    def history_size(self) -> int:
+        """WEBJOBS_HISTORY_SIZE: a positive integer, else Kudu's default of 50."""
+        value = self.seconds("WEBJOBS_HISTORY_SIZE", 50)
+        return value if value > 0 else 50
+
+    @property
+    def idle_timeout_s(self) -> int:
+        return self.seconds("WEBJOBS_IDLE_TIMEOUT", 120)
+
+    @property
     def jobs_stopped(self) -> bool:
         return self.flag("WEBJOBS_STOPPED")
 

@@ -40,7 +40,9 @@ class JobProcess:
         process: asyncio.subprocess.Process,
         identity: ProcessIdentity,
         captures: list[asyncio.Task[None]],
+        argv: Sequence[str] = (),
     ) -> None:
+        self.argv = tuple(argv)
         self._process = process
         self.identity = identity
         self._captures = captures
@@ -84,7 +86,7 @@ class JobProcess:
         identity = proctree.identity_of(process.pid, token) or ProcessIdentity(
             pid=process.pid, pgid=process.pid, create_time=0.0, token=token
         )
-        job = cls(process, identity, [])
+        job = cls(process, identity, [], argv)
         assert process.stdout is not None and process.stderr is not None
         for reader, callback, label in (
             (process.stdout, on_stdout, "stdout"),
