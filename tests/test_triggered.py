@@ -233,3 +233,14 @@ def test_sigkill_during_a_run_leaves_it_aborted_after_restart(site: Site) -> Non
         if second is not None:
             second.stop()
         first.stop()
+
+
+async def test_a_run_ends_when_its_script_exits_even_if_a_child_holds_the_output(
+    site: Site,
+) -> None:
+    site.write_job("triggered", "bg", {"run.sh": "sleep 300 &\necho main done\n"})
+    async with running_daemon(site) as daemon:
+        record = await daemon.request_run("bg")
+        status = await finished(site, "bg", record.run_id, timeout=5)
+        assert status["Status"] == "Success"
+        assert not job_pids(site, "bg")

@@ -81,6 +81,7 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.ready = asyncio.Event()
         self.catalog: Catalog | None = None
+        self._context: SupervisorContext | None = None
         self.supervisor: Supervisor | None = None
         self.reconciler: Reconciler | None = None
         self.discovery: DiscoveryService | None = None
@@ -111,6 +112,16 @@ class Daemon:
                 log.warning("configuration change needs a restart", key=name)
         configure_logging(new.log_format, new.log_level)
         self.app_settings.replace_config_settings(new.settings)
+        if self._context is not None:
+            self._context.config = new
+        if self.catalog is not None:
+            self.catalog.settle_s = new.debounce_s
+            self.catalog.settle_cap_s = new.debounce_cap_s
+        if self.reconciler is not None:
+            self.reconciler.tick_s = new.reconcile_tick_s
+        for name in ("log_max_bytes", "log_generations"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.info("configuration change applies to jobs added from now on", key=name)
         if self.discovery is not None:
             self.discovery.debouncer.quiet_s = new.debounce_s
             self.discovery.debouncer.cap_s = new.debounce_cap_s
@@ -189,7 +200,9 @@ class Daemon:
             jobs_root=str(layout.jobs_root),
             instance=layout.instance_id,
         )
-        catalog = Catalog(layout.jobs_root, settle_s=config.debounce_s)
+        catalog = Catalog(
+            layout.jobs_root, settle_s=config.debounce_s, settle_cap_s=config.debounce_cap_s
+        )
         self.catalog = catalog
         context = SupervisorContext(
             layout=layout,
@@ -198,6 +211,7 @@ class Daemon:
             base_environ=self._environ,
             records=records,
         )
+        self._context = context
         self.supervisor = Supervisor(context)
         triggered = TriggeredJobs(
             context, self.run_store, specs=lambda: catalog.specs, on_run_finished=self._run_finished
@@ -228,7 +242,7 @@ class Daemon:
         self.watcher = JobsWatcher(layout.jobs_root, loop, self.discovery.hint)
         self.discovery.watcher = self.watcher
         self.watcher.start()
-        self.discovery.refresh_now(None)
+        self.discovery.initial_scan()
         self._mark_vanished_jobs_stopped(catalog)
         self.reconciler.reconcile_once()
         self._start_task("discovery", self.discovery.run())

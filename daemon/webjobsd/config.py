@@ -28,6 +28,11 @@ import yaml
 TRUE_LIKE = {"1", "true"}
 
 
+def is_valid_setting(name: str, value: str) -> bool:
+    """A setting becomes an environment variable of every job: the name must be one."""
+    return bool(name) and "=" not in name and "\0" not in name and "\0" not in value
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the file and key it concerns in the message."""
 
@@ -151,8 +156,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> DaemonConfig:
 def _validate_settings_map(raw: Mapping[Any, Any], source: str) -> dict[str, str]:
     result: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"{source}: key 'settings' has a non-string name {key!r}")
+        if not isinstance(key, str) or not is_valid_setting(key, ""):
+            raise ConfigError(f"{source}: key 'settings' has an invalid name {key!r}")
         if isinstance(value, bool):
             value = "true" if value else "false"
         if not isinstance(value, str | int | float):
@@ -238,7 +243,11 @@ class AppSettings:
             loaded = json.loads(self._store_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return self._store_cache[1] if self._store_cache else {}
-        values = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        values = (
+            {str(k): str(v) for k, v in loaded.items() if is_valid_setting(str(k), str(v))}
+            if isinstance(loaded, dict)
+            else {}
+        )
         self._store_cache = (stamp, values)
         return values
 

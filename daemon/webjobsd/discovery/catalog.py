@@ -5,12 +5,19 @@ For each job folder the scan applies Kudu's script rules (a folder without a run
 job), reads `settings.job` leniently, checks `disable.job`, validates the name (Part A #3) and
 computes a fingerprint over the files that matter.
 
+Looking and deciding are split: `observe()` only reads the file system and returns
+`Observation`s (safe to run in a worker thread, it touches no catalog state); `apply()` runs on the
+event loop and is the only place the specs change. `refresh()` does both, for start-up and tests.
+
 Decisions:
 * A `settings.job` that fails to parse keeps the last good settings of that job (its fingerprint
   does not change, so nothing restarts) and the error is logged with the file name.
-* A job folder whose newest file is younger than `settle_s` is *settling* (a copy is in progress):
-  the catalog keeps the previous spec and reports the key, so the caller looks again later. This
-  protects the periodic rescan, which has no quiet period of its own, from starting half a job.
+* A job folder whose newest relevant file (noise excluded) is younger than `settle_s` is
+  *settling*: a copy is in progress, the previous spec stays and the key is reported so the caller
+  looks again later. A folder that keeps changing for longer than `settle_cap_s` is taken as it is.
+* Changes found by a periodic rescan (no event announced them) are confirmed by a second look
+  before they apply: a copy that keeps the source's old mtimes (`cp -a`, unzip) is invisible to
+  the mtime rule, but not to two fingerprints taken a quiet period apart.
 * Problems are logged once per distinct problem, not at every rescan.
 """
 
@@ -31,7 +38,14 @@ import structlog
 from webjobsd.discovery.ignore import ALWAYS_RELEVANT, IGNORED_DIRECTORIES, is_ignored_name
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
 from webjobsd.discovery.scripts import find_script_dir, select_command
-from webjobsd.model import JobKey, JobKind, JobSettings, JobSpec, is_valid_job_name
+from webjobsd.model import (
+    JobKey,
+    JobKind,
+    JobSettings,
+    JobSpec,
+    ScriptCommand,
+    is_valid_job_name,
+)
 
 log = structlog.get_logger("webjobsd.catalog")
 
@@ -47,6 +61,23 @@ class FolderScan:
     newest_mtime: float
 
 
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one look at one job folder found. `error` set means no job (with a reason)."""
+
+    key: JobKey
+    present: bool
+    settling: bool = False
+    scan: FolderScan | None = None
+    command: ScriptCommand | None = None
+    settings: JobSettings | None = None
+    settings_warnings: tuple[str, ...] = ()
+    settings_error: str | None = None
+    settings_path: Path | None = None
+    disabled: bool = False
+    error: str | None = None
+
+
 @dataclass(slots=True)
 class RefreshResult:
     changed: set[JobKey] = field(default_factory=set)
@@ -54,21 +85,23 @@ class RefreshResult:
 
 
 def scan_folder(job_dir: Path) -> FolderScan:
-    """(relative path, size, mtime) of every file that matters, and the newest mtime seen."""
+    """(relative path, size, mtime) of every file that matters, and the newest of their mtimes."""
     parts: list[tuple[str, int, int]] = []
     newest = 0.0
     for directory, dirnames, filenames in os.walk(job_dir):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRECTORIES)
         for filename in filenames:
+            if is_ignored_name(filename):
+                continue
             path = os.path.join(directory, filename)
             try:
                 stat = os.lstat(path)
             except OSError:
                 continue
             newest = max(newest, stat.st_mtime)
-            if filename in ALWAYS_RELEVANT or is_ignored_name(filename):
+            if filename in ALWAYS_RELEVANT:
                 # settings.job enters the fingerprint through its parsed content, disable.job
-                # through the disabled flag; noise not at all.
+                # through the disabled flag.
                 continue
             parts.append((os.path.relpath(path, job_dir), stat.st_size, stat.st_mtime_ns))
     parts.sort()
@@ -83,22 +116,71 @@ def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
     return digest.hexdigest()[:16]
 
 
+def observe_job(
+    job_dir: Path,
+    key: JobKey,
+    *,
+    settle_s: float,
+    now: float,
+    which: Callable[[str], str | None],
+) -> Observation:
+    """Look at one job folder. Reads files only; safe in any thread."""
+    if not is_valid_job_name(key.name) or not job_dir.is_dir():
+        return Observation(key, present=False)
+    try:
+        scan = scan_folder(job_dir)
+        command = select_command(job_dir, which=which)
+        script_dir = find_script_dir(job_dir)
+    except OSError as error:
+        if not job_dir.is_dir():  # removed while we looked
+            return Observation(key, present=False)
+        return Observation(key, present=True, error=f"cannot read job folder: {error}")
+    settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S
+    if command is None:
+        return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
+    settings_path = script_dir / "settings.job"
+    settings: JobSettings | None = None
+    warnings: tuple[str, ...] = ()
+    settings_error: str | None = None
+    try:
+        loaded, warning_list = load_job_settings(settings_path)
+        settings, warnings = loaded, tuple(warning_list)
+    except JobSettingsError as error:
+        settings_error = str(error)
+    return Observation(
+        key,
+        present=True,
+        settling=settling,
+        scan=scan,
+        command=command,
+        settings=settings,
+        settings_warnings=warnings,
+        settings_error=settings_error,
+        settings_path=settings_path,
+        disabled=(script_dir / "disable.job").exists(),
+    )
+
+
 class Catalog:
     def __init__(
         self,
         jobs_root: Path,
         *,
         settle_s: float,
+        settle_cap_s: float = 30.0,
         which: Callable[[str], str | None] = shutil.which,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._jobs_root = jobs_root
-        self._settle_s = settle_s
+        self.settle_s = settle_s
+        self.settle_cap_s = settle_cap_s
         self._which = which
         self._clock = clock
         self._specs: dict[JobKey, JobSpec] = {}
         self._errors: dict[JobKey, str] = {}
         self._reported: dict[object, str] = {}
+        self._settling_since: dict[JobKey, float] = {}
+        self._unconfirmed: dict[JobKey, tuple[str, bool]] = {}
         self.generation = 0
 
     # -- published views ---------------------------------------------------------------------
@@ -111,19 +193,21 @@ class Catalog:
     def errors(self) -> Mapping[JobKey, str]:
         return MappingProxyType(self._errors)
 
+    def job_dir(self, key: JobKey) -> Path:
+        return self._jobs_root / key.kind.value / key.name
+
     def job_dirs(self) -> set[Path]:
         return {spec.job_dir for spec in self._specs.values()} | {
-            self._jobs_root / key.kind.value / key.name for key in self._errors
+            self.job_dir(key) for key in self._errors
         }
 
-    # -- scanning ----------------------------------------------------------------------------
+    # -- looking -----------------------------------------------------------------------------
 
     def present_keys(self) -> set[JobKey]:
         keys: set[JobKey] = set()
         for kind in JobKind:
-            kind_dir = self._jobs_root / kind.value
             try:
-                entries = list(os.scandir(kind_dir))
+                entries = list(os.scandir(self._jobs_root / kind.value))
             except OSError:
                 continue
             for entry in entries:
@@ -140,86 +224,107 @@ class Catalog:
                 keys.add(JobKey(kind, entry.name))
         return keys
 
-    def refresh(self, keys: Iterable[JobKey] | None = None) -> RefreshResult:
-        """Look again at `keys` (all job folders when None) and update the specs."""
-        result = RefreshResult()
+    def targets(self, keys: Iterable[JobKey] | None) -> list[JobKey]:
+        """The keys a refresh looks at: all present and known ones when `keys` is None."""
         if keys is None:
-            present = self.present_keys()
-            targets = present | set(self._specs) | set(self._errors)
-        else:
-            targets = set(keys)
-        for key in sorted(targets):
-            self._refresh_one(key, result)
+            return sorted(self.present_keys() | set(self._specs) | set(self._errors))
+        return sorted(set(keys))
+
+    def observe(self, keys: Iterable[JobKey]) -> list[Observation]:
+        """Blocking file-system reads only: run it in a thread when the loop must not stall."""
+        now = self._clock()
+        return [
+            observe_job(self.job_dir(key), key, settle_s=self.settle_s, now=now, which=self._which)
+            for key in keys
+        ]
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def apply(self, observations: Iterable[Observation], *, confirm: bool = False) -> RefreshResult:
+        """Update the specs from observations. With `confirm`, a change must be seen twice."""
+        result = RefreshResult()
+        now = self._clock()
+        for observation in observations:
+            self._apply_one(observation, result, now, confirm)
         if result.changed:
             self.generation += 1
         return result
 
-    def _refresh_one(self, key: JobKey, result: RefreshResult) -> None:
-        job_dir = self._jobs_root / key.kind.value / key.name
-        previous = self._specs.get(key)
-        if not is_valid_job_name(key.name) or not job_dir.is_dir():
+    def refresh(self, keys: Iterable[JobKey] | None = None) -> RefreshResult:
+        return self.apply(self.observe(self.targets(keys)))
+
+    def _apply_one(
+        self, observation: Observation, result: RefreshResult, now: float, confirm: bool
+    ) -> None:
+        key = observation.key
+        if not observation.present:
+            self._settling_since.pop(key, None)
+            self._unconfirmed.pop(key, None)
             self._drop(key, result)
             return
-        try:
-            scan = scan_folder(job_dir)
-        except OSError as error:
-            self._set_error(key, f"cannot read job folder: {error}", job_dir)
+        if observation.settling:
+            since = self._settling_since.setdefault(key, now)
+            if now - since < self.settle_cap_s:
+                result.settling.add(key)
+                return
+        self._settling_since.pop(key, None)
+        if observation.error is not None:
+            self._drop(key, result)
+            self._set_error(key, observation.error, self.job_dir(key))
             return
-        now = self._clock()
-        if now - self._settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S:
+        spec = self._spec_from(observation)
+        previous = self._specs.get(key)
+        if spec == previous:
+            self._unconfirmed.pop(key, None)
+            return
+        identity = (spec.fingerprint, spec.disabled)
+        if (confirm or key in self._unconfirmed) and self._unconfirmed.get(key) != identity:
+            self._unconfirmed[key] = identity
             result.settling.add(key)
             return
-        try:
-            command = select_command(job_dir, which=self._which)
-            script_dir = find_script_dir(job_dir)
-        except OSError as error:
-            if not job_dir.is_dir():  # removed while we looked
-                self._drop(key, result)
-            else:
-                self._set_error(key, f"cannot read job folder: {error}", job_dir)
-            return
-        if command is None:
-            self._drop(key, result)
-            self._set_error(key, NO_RUNNABLE_SCRIPT, job_dir)
-            return
-        settings = self._read_settings(key, script_dir / "settings.job", previous)
-        spec = JobSpec(
-            key=key,
-            job_dir=job_dir,
-            command=command,
-            settings=settings,
-            disabled=(script_dir / "disable.job").exists(),
-            fingerprint=fingerprint_of(scan, settings),
-        )
+        self._unconfirmed.pop(key, None)
         self._errors.pop(key, None)
         self._forget_reports(key, kinds={"error"})
-        if spec != previous:
-            self._specs[key] = spec
-            result.changed.add(key)
-            log.info(
-                "job discovered" if previous is None else "job changed",
-                job=str(key),
-                run_command=command.run_command,
-                host=command.host,
-                disabled=spec.disabled,
-                fingerprint=spec.fingerprint,
-            )
+        self._specs[key] = spec
+        result.changed.add(key)
+        log.info(
+            "job discovered" if previous is None else "job changed",
+            job=str(key),
+            run_command=spec.command.run_command,
+            host=spec.command.host,
+            disabled=spec.disabled,
+            fingerprint=spec.fingerprint,
+        )
 
-    def _read_settings(self, key: JobKey, path: Path, previous: JobSpec | None) -> JobSettings:
-        try:
-            settings, warnings = load_job_settings(path)
-        except JobSettingsError as error:
-            kept = previous.settings if previous is not None else JobSettings()
+    def _spec_from(self, observation: Observation) -> JobSpec:
+        key = observation.key
+        assert observation.scan is not None and observation.command is not None
+        settings = observation.settings
+        if settings is None:
+            previous = self._specs.get(key)
+            settings = previous.settings if previous is not None else JobSettings()
             self._report_once(
-                ("settings", key, str(error)),
-                f"settings.job does not parse: {error}; keeping the last good settings",
-                folder=str(path),
+                ("settings", key, observation.settings_error),
+                f"settings.job does not parse: {observation.settings_error}; "
+                "keeping the last good settings",
+                folder=str(observation.settings_path),
             )
-            return kept
-        self._forget_reports(key, kinds={"settings"})
-        for warning in warnings:
-            self._report_once(("settings-warning", key, warning), warning, folder=str(path))
-        return settings
+        else:
+            self._forget_reports(key, kinds={"settings"})
+            for warning in observation.settings_warnings:
+                self._report_once(
+                    ("settings-warning", key, warning),
+                    warning,
+                    folder=str(observation.settings_path),
+                )
+        return JobSpec(
+            key=key,
+            job_dir=self.job_dir(key),
+            command=observation.command,
+            settings=settings,
+            disabled=observation.disabled,
+            fingerprint=fingerprint_of(observation.scan, settings),
+        )
 
     def _drop(self, key: JobKey, result: RefreshResult) -> None:
         if self._specs.pop(key, None) is not None:

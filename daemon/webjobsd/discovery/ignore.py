@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 
 ALWAYS_RELEVANT = frozenset({"settings.job", "disable.job"})
-IGNORED_DIRECTORIES = frozenset({".git", ".hg", ".svn", "__pycache__", "node_modules/.cache"})
+IGNORED_DIRECTORIES = frozenset({".git", ".hg", ".svn", "__pycache__"})
 _IGNORED_PATTERNS = (
     "*.swp",
     "*.swo",

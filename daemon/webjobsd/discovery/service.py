@@ -1,8 +1,10 @@
 """The discovery loop: debounced hints and periodic rescans feed the catalog.
 
-It owns the debouncer and the timing of scans. After each refresh that changed something it re-syncs
-the watches and calls `on_changed` (which wakes the reconciler). Keys reported as settling are
-touched again, so they are looked at once their files have been quiet for the debounce period.
+It owns the debouncer and the timing of scans. Folder reads run in a worker thread (a job with a
+large `node_modules` takes a while to walk; the loop keeps capturing output meanwhile); the catalog
+is updated back on the loop. After each refresh the watches are re-synced, and `on_changed` (which
+wakes the reconciler) is called when something changed. Keys reported as settling are touched
+again, so they are looked at once their files have been quiet for the debounce period.
 """
 
 from __future__ import annotations
@@ -47,20 +49,28 @@ class DiscoveryService:
         self._wake.set()
 
     def request_rescan(self) -> None:
-        """Rescan at once, without a quiet period (SIGHUP, start-up)."""
+        """Rescan at once, without a quiet period (SIGHUP)."""
         self._next_rescan = self._clock()
         self._wake.set()
 
-    def refresh_now(self, keys: set[JobKey] | None = None) -> RefreshResult:
-        result = self.catalog.refresh(keys)
+    def initial_scan(self) -> RefreshResult:
+        """The start-up scan: blocking, applied without confirmation."""
+        return self._after(self.catalog.refresh(None), full=True)
+
+    async def refresh(self, keys: set[JobKey] | None, *, confirm: bool = False) -> RefreshResult:
+        targets = self.catalog.targets(keys)
+        observations = await asyncio.to_thread(self.catalog.observe, targets)
+        return self._after(self.catalog.apply(observations, confirm=confirm), full=keys is None)
+
+    def _after(self, result: RefreshResult, *, full: bool) -> RefreshResult:
         now = self._clock()
         for key in result.settling:
             self.debouncer.touch(key, now)
-        if keys is None:
+        if full:
             self.rescans += 1
+        if self.watcher is not None:
+            self.watcher.sync(self.catalog.job_dirs())
         if result.changed:
-            if self.watcher is not None:
-                self.watcher.sync(self.catalog.job_dirs())
             self._on_changed(result.changed)
         self.last_pass_monotonic = now
         return result
@@ -81,18 +91,25 @@ class DiscoveryService:
                 pass
             self._wake.clear()
             try:
-                self._pass()
+                await self._pass()
             except Exception:
                 # A scan that trips over one odd folder must not end discovery for all jobs.
                 log.exception("discovery pass failed; retrying at the next rescan")
 
-    def _pass(self) -> None:
+    async def _pass(self) -> None:
         now = self._clock()
         due = self.debouncer.pop_due(now)
-        if None in due or now >= self._next_rescan:
+        if None in due:
+            # Events on the jobs root or a kind folder: look at everything, events announced it.
             self._next_rescan = now + self.rescan_s
-            self.refresh_now(None)
+            await self.refresh(None)
+        elif now >= self._next_rescan:
+            self._next_rescan = now + self.rescan_s
+            # Nothing announced what this scan may find: confirm changes with a second look.
+            await self.refresh(None, confirm=True)
+            if due:
+                await self.refresh({hint for hint in due if hint is not None})
         elif due:
-            self.refresh_now({hint for hint in due if hint is not None})
+            await self.refresh({hint for hint in due if hint is not None})
         else:
             self.last_pass_monotonic = now

@@ -121,8 +121,9 @@ class JobsWatcher:
         self._on_hint = on_hint
         self._observer: BaseObserver | None = None
         self._handler = _Handler(self._from_thread)
-        self._job_watches: dict[Path, ObservedWatch] = {}
-        self._base_watches: list[ObservedWatch] = []
+        # Keyed by path, remembering the inode watched: a folder replaced under the same name
+        # (rm -rf + copy, mv away + mv in) needs a new watch, or it goes unwatched.
+        self._watches: dict[Path, tuple[int, ObservedWatch]] = {}
         self.events_seen = 0
 
     def _from_thread(self, path: str) -> None:
@@ -137,33 +138,53 @@ class JobsWatcher:
         self.events_seen += 1
         self._on_hint(hint if isinstance(hint, JobKey) else None)
 
+    def _base_dirs(self) -> list[Path]:
+        return [self._jobs_root, *(self._jobs_root / k.value for k in JobKind)]
+
     def start(self) -> None:
         observer = Observer()
         observer.daemon = True
         self._observer = observer
-        for folder in (self._jobs_root, *(self._jobs_root / k.value for k in JobKind)):
-            if folder.is_dir():
-                self._base_watches.append(
-                    observer.schedule(self._handler, str(folder), recursive=False)
-                )
         observer.start()
+        self.sync(set())
 
     def sync(self, job_dirs: set[Path]) -> None:
-        """Make the per-job watches match the catalog's job folders."""
+        """Make the watches match the base folders and the catalog's job folders.
+
+        Cheap (a stat per folder), so it runs after every refresh.
+        """
         observer = self._observer
         if observer is None:
             return
-        for gone in set(self._job_watches) - job_dirs:
-            with contextlib.suppress(KeyError, OSError):
-                observer.unschedule(self._job_watches.pop(gone))
-            self._job_watches.pop(gone, None)
-        for new in job_dirs - set(self._job_watches):
+        wanted = dict.fromkeys(self._base_dirs(), False)
+        wanted.update(dict.fromkeys(job_dirs, True))
+        for path in list(self._watches):
+            if path not in wanted:
+                self._unschedule(path)
+        for path, recursive in wanted.items():
             try:
-                self._job_watches[new] = observer.schedule(self._handler, str(new), recursive=True)
+                inode = path.stat().st_ino
+            except OSError:
+                self._unschedule(path)
+                continue
+            current = self._watches.get(path)
+            if current is not None and current[0] == inode:
+                continue
+            self._unschedule(path)
+            try:
+                watch = observer.schedule(self._handler, str(path), recursive=recursive)
             except OSError as error:
-                # Folder vanished between the scan and now, or the inotify watch limit is hit:
-                # the periodic rescan still covers the job.
-                log.warning("cannot watch job folder", folder=str(new), error=str(error))
+                # Folder vanished between the stat and now, or the inotify watch limit is hit:
+                # the periodic rescan still covers it.
+                log.warning("cannot watch folder", folder=str(path), error=str(error))
+                continue
+            self._watches[path] = (inode, watch)
+
+    def _unschedule(self, path: Path) -> None:
+        entry = self._watches.pop(path, None)
+        if entry is not None and self._observer is not None:
+            with contextlib.suppress(KeyError, OSError):
+                self._observer.unschedule(entry[1])
 
     def stop(self) -> None:
         observer = self._observer

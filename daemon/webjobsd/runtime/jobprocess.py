@@ -2,16 +2,23 @@
 
 This and `proctree` are the only modules that start or signal processes. A `JobProcess` is
 used once: spawned, waited for, and either allowed to exit or stopped. Whatever the way it ends,
-`close()` guarantees that no member of its tree survives and the child is reaped.
+`close()` guarantees that no member of its tree that we can find survives, the child is reaped and
+our ends of its pipes are closed.
 
 Stop ladder (Part A #11): shutdown file (continuous jobs) and SIGTERM to the process group and to
 any escaped descendant, wait up to `stopping_wait_time`, then SIGKILL whatever is left.
+
+Why a protocol of our own: on Python 3.11 `asyncio.subprocess.Process.wait()` returns only once
+the child's stdout and stderr are closed, so a job whose background child keeps the pipes open
+would look alive forever after it exited. The exit is taken from `process_exited()` instead, and
+the pipes are drained with a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,36 +33,68 @@ from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 
 log = structlog.get_logger("webjobsd.process")
 
-# How long pipes may stay open after the leader exited (a descendant holding them) before the
-# remaining members are killed and capture gives up.
+# How long pipes may stay open after the leader exited (a descendant holding them) before
+# capture gives up on them.
 _DRAIN_AFTER_EXIT_S = 1.0
-_MEMBER_POLL_S = 0.05
+_GROUP_POLL_S = 0.05
+_ESCAPED_POLL_S = 0.2
+# proctree's scan is a snapshot: a member may fork between the scan and the signal.
+_KILL_ROUNDS = 10
 
 LinesCallback = Callable[[list[bytes]], None]
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[int] = loop.create_future()
+
+    def process_exited(self) -> None:
+        # Read the code first: the base class may close the transport and drop it.
+        transport = self._transport  # type: ignore[attr-defined]
+        code = transport.get_returncode() if transport is not None else None
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(code if code is not None else -1)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError as error:
+        return error.errno != errno.ESRCH
+    return True
 
 
 class JobProcess:
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        transport: asyncio.SubprocessTransport,
+        protocol: _ExitAwareProtocol,
         identity: ProcessIdentity,
-        captures: list[asyncio.Task[None]],
-        argv: Sequence[str] = (),
+        argv: Sequence[str],
     ) -> None:
         self.argv = tuple(argv)
-        self._process = process
+        self._transport = transport
+        self._protocol = protocol
         self.identity = identity
-        self._captures = captures
+        self._captures: list[asyncio.Task[None]] = []
+        self._finished: asyncio.Task[int] | None = None
         self.started_monotonic = time.monotonic()
         self.last_activity_monotonic = self.started_monotonic
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self.identity.pid
 
     @property
     def returncode(self) -> int | None:
-        return self._process.returncode
+        exited = self._protocol.exited
+        return exited.result() if exited.done() else None
 
     @classmethod
     async def spawn(
@@ -70,9 +109,11 @@ class JobProcess:
         max_line_bytes: int,
     ) -> JobProcess:
         """Start `argv` in a new session. Raises OSError when the program cannot be started."""
+        loop = asyncio.get_running_loop()
         full_env = dict(env)
         full_env[TOKEN_VARIABLE] = token
-        process = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ExitAwareProtocol(limit=2**16, loop=loop),
             *argv,
             cwd=str(cwd),
             env=full_env,
@@ -81,86 +122,94 @@ class JobProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        # With start_new_session the child is its own group leader: pgid == pid. The create time
-        # is read now, while the pid cannot have been reused (we have not reaped it).
-        identity = proctree.identity_of(process.pid, token) or ProcessIdentity(
-            pid=process.pid, pgid=process.pid, create_time=0.0, token=token
+        pid = transport.get_pid()
+        # With start_new_session the child leads its own group: pgid == pid. The start time is
+        # read now, while the pid cannot have been reused (it has not been reaped).
+        identity = proctree.identity_of(pid, token) or ProcessIdentity(
+            pid=pid, pgid=pid, create_time=0.0, token=token
         )
-        job = cls(process, identity, [], argv)
-        assert process.stdout is not None and process.stderr is not None
+        job = cls(transport, protocol, identity, argv)
+        assert protocol.stdout is not None and protocol.stderr is not None
         for reader, callback, label in (
-            (process.stdout, on_stdout, "stdout"),
-            (process.stderr, on_stderr, "stderr"),
+            (protocol.stdout, on_stdout, "stdout"),
+            (protocol.stderr, on_stderr, "stderr"),
         ):
-            task = asyncio.create_task(
-                capture_stream(
-                    reader,
-                    callback,
-                    max_line_bytes=max_line_bytes,
-                    on_activity=job._touch,
-                ),
-                name=f"capture-{label}-{process.pid}",
+            job._captures.append(
+                asyncio.create_task(
+                    capture_stream(
+                        reader, callback, max_line_bytes=max_line_bytes, on_activity=job._touch
+                    ),
+                    name=f"capture-{label}-{pid}",
+                )
             )
-            job._captures.append(task)
         return job
 
     def _touch(self) -> None:
         self.last_activity_monotonic = time.monotonic()
 
     async def wait(self) -> int:
-        """Wait for the leader to exit, then end its leftovers and drain its output."""
-        code = await self._process.wait()
-        await self._end_leftovers()
-        return code
+        """Wait for the leader to exit, then end its leftovers and drain its output.
 
-    async def _end_leftovers(self) -> None:
+        Safe to call several times and from several tasks: the work happens once.
+        """
+        if self._finished is None:
+            self._finished = asyncio.create_task(self._finish(), name=f"finish-{self.pid}")
+        return await asyncio.shield(self._finished)
+
+    async def _finish(self) -> int:
+        code = await self._protocol.exited
         # The job is over: anything of its tree still running is an orphan-to-be.
-        await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGKILL)
+        await asyncio.to_thread(self._kill_all)
         _, pending = await asyncio.wait(self._captures, timeout=_DRAIN_AFTER_EXIT_S)
         for task in pending:
             task.cancel()
-        for task in self._captures:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._captures, return_exceptions=True)
+        self._transport.close()
+        return code
+
+    def _kill_all(self) -> None:
+        """SIGKILL every member we can find, in rounds until none is left (bounded)."""
+        for _ in range(_KILL_ROUNDS):
+            if not proctree.signal_members(self.identity, signal.SIGKILL):
+                return
+            if not proctree.find_members(self.identity):
+                return
 
     async def stop(self, wait_s: float, shutdown_file: Path | None = None) -> bool:
         """Walk the ladder. Returns True if the tree ended within `wait_s` without SIGKILL."""
-        if self._process.returncode is None:
-            if shutdown_file is not None:
-                write_shutdown_file(shutdown_file)
-            await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGTERM)
+        if self.returncode is None and shutdown_file is not None:
+            write_shutdown_file(shutdown_file)
+        await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGTERM)
         graceful = await self._wait_tree_gone(wait_s)
         if not graceful:
-            await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGKILL)
+            await asyncio.to_thread(self._kill_all)
         await self.wait()
         return graceful
 
     async def _wait_tree_gone(self, wait_s: float) -> bool:
         deadline = time.monotonic() + wait_s
-        try:
-            await asyncio.wait_for(asyncio.shield(self._process.wait()), timeout=wait_s)
-        except TimeoutError:
-            return False
-        # The leader is gone; give its descendants the rest of the grace period.
-        while time.monotonic() < deadline:
-            members = await asyncio.to_thread(proctree.find_members, self.identity)
-            if not members:
-                return True
-            await asyncio.sleep(_MEMBER_POLL_S)
-        return not await asyncio.to_thread(proctree.find_members, self.identity)
+        # The process group first: one cheap syscall per poll instead of a scan of /proc.
+        while _group_exists(self.identity.pgid) or self.returncode is None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_GROUP_POLL_S)
+        # Then descendants that left the group, which only a scan can find.
+        while await asyncio.to_thread(proctree.find_members, self.identity):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_ESCAPED_POLL_S)
+        return True
 
     async def kill(self) -> None:
         """The forced path: SIGKILL now, reap, drain."""
-        await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGKILL)
+        await asyncio.to_thread(self._kill_all)
         await self.wait()
 
     async def close(self) -> None:
-        """Guarantee: nothing of this tree survives, the child is reaped, captures finished.
-
-        Safe to call from `finally` even after a cancellation.
-        """
-        if self._process.returncode is None:
-            await asyncio.to_thread(proctree.signal_members, self.identity, signal.SIGKILL)
+        """Guarantee: nothing of this tree that we can find survives, the child is reaped,
+        captures finished and pipes closed. Safe to call from `finally` after a cancellation."""
+        if self.returncode is None:
+            await asyncio.to_thread(self._kill_all)
         await self.wait()
 
 

@@ -103,7 +103,7 @@ class Reconciler:
         self._specs = specs
         self._jobs_stopped = jobs_stopped
         self._runtime = runtime
-        self._tick_s = tick_s
+        self.tick_s = tick_s
         self._on_pass = on_pass
         self._wake = asyncio.Event()
         self.passes = 0
@@ -150,6 +150,6 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next tick")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._tick_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s)
             except TimeoutError:
                 pass

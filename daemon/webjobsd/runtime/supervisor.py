@@ -52,6 +52,8 @@ log = structlog.get_logger("webjobsd.supervisor")
 
 SINGLETON_RETRY_S = 5.0
 COPY_FAILURE_RETRY_S = 60.0
+UNIT_CRASH_BACKOFF_S = 5.0
+FORCED_STOP_BOUND_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +64,22 @@ class Target:
     reason: str = ""
 
 
+_MAX_DOUBLINGS = 30
+
+
 @dataclass(slots=True)
 class RestartBackoff:
-    initial_s: float
-    reset_after_s: float
     consecutive_exits: int = 0
 
-    def next_delay(self, uptime_s: float, cap_s: float) -> float:
-        if uptime_s >= self.reset_after_s:
+    def next_delay(
+        self, *, uptime_s: float, initial_s: float, reset_after_s: float, cap_s: float
+    ) -> float:
+        if uptime_s >= reset_after_s:
             self.consecutive_exits = 0
         self.consecutive_exits += 1
-        delay = self.initial_s * (2 ** (self.consecutive_exits - 1))
-        return float(min(delay, cap_s))
+        # The exponent is clamped: a job crash-looping for days must not overflow the float.
+        doublings = min(self.consecutive_exits - 1, _MAX_DOUBLINGS)
+        return float(min(initial_s * 2**doublings, cap_s))
 
 
 @dataclass(slots=True)
@@ -107,9 +113,7 @@ class ContinuousUnit:
             max_bytes=context.config.log_max_bytes,
             generations=context.config.log_generations,
         )
-        self._backoff = RestartBackoff(
-            context.config.restart_backoff_initial_s, context.config.restart_backoff_reset_s
-        )
+        self._backoff = RestartBackoff()
         self._workcopy = WorkingCopy(
             target.spec.job_dir, context.layout.working_copies_dir(self.key)
         )
@@ -117,6 +121,7 @@ class ContinuousUnit:
         self._singleton_setting: bool | None = None
         self._slot = f"{self.key.kind.value}.{self.key.name}"
         self._forced = False
+        self._stopped_by_us = False
 
     # -- targets -----------------------------------------------------------------------------
 
@@ -170,7 +175,9 @@ class ContinuousUnit:
             await self._loop()
         finally:
             if self.process is not None:
-                await self.process.close()
+                # Bounded: a process stuck in the kernel must not keep the daemon from exiting.
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(self.process.close(), FORCED_STOP_BOUND_S)
                 self._forget_process()
             self._singleton.release()
             self._log.close()
@@ -293,8 +300,11 @@ class ContinuousUnit:
                 on_stderr=lambda lines: self._log.console_lines(LogLevel.ERR, lines),
                 max_line_bytes=self._context.config.max_line_bytes,
             )
-        except OSError as error:
+        except Exception as error:
+            # Whatever the cause (missing interpreter, bad environment, exec format), the job
+            # backs off like a process that exited at once; it never takes the unit down.
             self._log.system(LogLevel.ERR, f"Failed to start process: {error}")
+            log.warning("cannot start job process", job=str(self.key), error=repr(error))
             await self._after_exit(target, uptime_s=0.0)
             return
         self._remember_process(self.process.identity)
@@ -324,6 +334,7 @@ class ContinuousUnit:
                 self._changed.clear()
                 new = self._target
                 if self._forced:
+                    self._stopped_by_us = True
                     await process.kill()
                     break
                 if not new.retired and new.run and new.spec.fingerprint == target.spec.fingerprint:
@@ -331,6 +342,7 @@ class ContinuousUnit:
                     self._target_same_spec(new)
                     target = new
                     continue
+                self._stopped_by_us = process.returncode is None
                 await self._stop(process, target, new, shutdown_file)
                 break
         finally:
@@ -342,10 +354,12 @@ class ContinuousUnit:
         uptime = time.monotonic() - process.started_monotonic
         self.process = None
         self._forget_process()
-        if exited.cancelled() or code is None:
+        if code is None or self._stopped_by_us:
+            self._stopped_by_us = False
             return
+        # It exited on its own, maybe at the same moment as a change arrived: say so either way.
+        self._report_exit(code)
         if self._target is target and not self._forced:
-            self._report_exit(code)
             await self._after_exit(target, uptime)
 
     def _target_same_spec(self, new: Target) -> None:
@@ -385,8 +399,13 @@ class ContinuousUnit:
             self._log.system(LogLevel.ERR, f"Job failed due to {exit_description(code)}")
 
     async def _after_exit(self, target: Target, uptime_s: float) -> None:
-        cap = float(self._context.app_settings.restart_time_s)
-        delay = self._backoff.next_delay(uptime_s, cap)
+        config = self._context.config
+        delay = self._backoff.next_delay(
+            uptime_s=uptime_s,
+            initial_s=config.restart_backoff_initial_s,
+            reset_after_s=config.restart_backoff_reset_s,
+            cap_s=float(self._context.app_settings.restart_time_s),
+        )
         self.restarts += 1
         self._log.system(
             LogLevel.INFO, f"Process went down, waiting for {_format_seconds(delay)} seconds"
@@ -425,6 +444,7 @@ class Supervisor(ContinuousRuntime):
         self._units: dict[JobKey, ContinuousUnit] = {}
         self._tasks: dict[JobKey, asyncio.Task[None]] = {}
         self._retiring: dict[asyncio.Task[None], ContinuousUnit] = {}
+        self._crashed: dict[JobKey, float] = {}
 
     @property
     def units(self) -> Mapping[JobKey, ContinuousUnit]:
@@ -437,6 +457,18 @@ class Supervisor(ContinuousRuntime):
         }
 
     def add(self, spec: JobSpec, run: bool) -> None:
+        for task, retiring in self._retiring.items():
+            if retiring.key == spec.key and not task.done():
+                # The job came back while its old unit is still stopping: reuse that unit, so
+                # that one job never has two processes, two copies or two status writers.
+                del self._retiring[task]
+                self._units[spec.key] = retiring
+                self._tasks[spec.key] = task
+                retiring.set_target(Target(spec, run, reason="job added again"))
+                return
+        crashed_at = self._crashed.get(spec.key)
+        if crashed_at is not None and time.monotonic() - crashed_at < UNIT_CRASH_BACKOFF_S:
+            return  # the next reconcile pass tries again
         unit = ContinuousUnit(Target(spec, run), self._context)
         self._units[spec.key] = unit
         task = asyncio.create_task(unit.run(), name=f"unit-{spec.key}")
@@ -469,6 +501,7 @@ class Supervisor(ContinuousRuntime):
                 if known is task:
                     del self._tasks[key]
                     del self._units[key]
+                    self._crashed[key] = time.monotonic()
 
     async def shutdown(self, force: asyncio.Event) -> None:
         """Retire every unit with the stop ladder; on `force`, SIGKILL whatever remains."""
@@ -486,7 +519,13 @@ class Supervisor(ContinuousRuntime):
                     for task, unit in retiring.items():
                         if not task.done():
                             unit.force()
-                    await asyncio.wait(retiring)
+                    _, stuck = await asyncio.wait(retiring, timeout=FORCED_STOP_BOUND_S)
+                    for task in stuck:
+                        # Something we cannot find holds on; the process records stay for the
+                        # next start to clean up. The daemon still exits.
+                        log.error("job did not stop after SIGKILL", task=task.get_name())
+                        task.cancel()
+                    await asyncio.gather(*stuck, return_exceptions=True)
                     break
         finally:
             forcing.cancel()
