@@ -6,10 +6,15 @@ import itertools
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.helpers import Site, running_daemon, wait_for
 from tests.test_triggered import run_ids, status_of
 from webjobsd.app import Daemon
 from webjobsd.records.runstore import format_kudu_datetime, new_run_id
+from webjobsd.runtime.cron import CronSchedule
+from webjobsd.runtime.scheduler import JobSchedule, Scheduler
+from webjobsd.runtime.triggered import AlreadyDone
 
 
 def scheduler_log(site: Site, name: str) -> str:
@@ -49,10 +54,10 @@ async def test_every_two_seconds_produces_runs_two_seconds_apart(site: Site) -> 
     )
     async with running_daemon(site):
         await wait_for(lambda: len(start_times(site, "tick")) >= 3, timeout=10, what="3 runs")
-        times = start_times(site, "tick")
-        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-        assert all(1.5 < gap < 2.6 for gap in gaps), gaps
-        assert all(t.second % 2 == 0 for t in times)
+        occurrences = [occurrence_of(t, 2) for t in start_times(site, "tick")]
+        assert len(set(occurrences)) == len(occurrences), "an occurrence ran twice"
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(occurrences)]
+        assert gaps and all(gap == 2 for gap in gaps[:2]), gaps
         log = scheduler_log(site, "tick")
         assert "SYS INFO] Scheduling WebJob with 0,2,4,6,8,10," in log
         assert "next schedule expected in 00:00:0" in log
@@ -61,19 +66,25 @@ async def test_every_two_seconds_produces_runs_two_seconds_apart(site: Site) -> 
         assert status_of(site, "tick", first)["Trigger"].startswith("Schedule - 0,2,4,")
 
 
+def occurrence_of(start: datetime, every_s: int) -> datetime:
+    """The occurrence a run served: the schedule's last tick at or before its start."""
+    base = start.replace(microsecond=0)
+    return base - timedelta(seconds=base.second % every_s)
+
+
 async def test_an_exact_one_shot_time_runs_exactly_once(site: Site) -> None:
-    at = datetime.now(UTC) + timedelta(seconds=3)
-    expression = f"{at.second} {at.minute} {at.hour} {at.day} {at.month} *"
-    site.write_job(
-        "triggered",
-        "once",
-        {"run.sh": "exit 0\n", "settings.job": json.dumps({"schedule": expression})},
-    )
     async with running_daemon(site) as daemon:
+        at = datetime.now(UTC) + timedelta(seconds=3)
+        expression = f"{at.second} {at.minute} {at.hour} {at.day} {at.month} *"
+        site.write_job(
+            "triggered",
+            "once",
+            {"run.sh": "exit 0\n", "settings.job": json.dumps({"schedule": expression})},
+        )
         await wait_for(lambda: run_ids(site, "once"), timeout=10, what="the run")
         # Once it has fired, the schedule has no occurrence left within the year.
         await wait_for(
-            lambda: _due(daemon, "once") is None or _due(daemon, "once") > at + timedelta(days=300),
+            lambda: _due(daemon, "once") is None or _due(daemon, "once") > at + timedelta(days=300),  # type: ignore[operator]
             what="nothing more due",
         )
         assert len(run_ids(site, "once")) == 1
@@ -178,3 +189,41 @@ async def test_occurrences_missed_long_ago_are_reported_not_run(site: Site) -> N
             site, "old"
         )
         assert len(run_ids(site, "old")) == 1
+
+
+async def test_an_occurrence_served_by_another_daemon_is_not_run_again(site: Site) -> None:
+    """1. the scheduler fires for the occurrence at T  2. another daemon already ran it
+    (its run started at T + 0.2 s and is finished)  3. no second run; next one at T + 10 s."""
+    site.write_job("triggered", "served", {"run.sh": "exit 0\n"})
+    async with running_daemon(site) as daemon:
+        assert daemon.triggered is not None
+        occurrence = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+        occurrence -= timedelta(seconds=occurrence.second % 10)
+        fake_run(site, "served", occurrence + timedelta(milliseconds=200))
+        scheduler = Scheduler(
+            layout=daemon.layout,
+            app_settings=daemon.app_settings,
+            store=daemon.run_store,
+            triggered=daemon.triggered,
+            clock=lambda: occurrence + timedelta(milliseconds=500),
+        )
+        entry = JobSchedule(
+            "served", "*/10 * * * * *", None, CronSchedule.parse("*/10 * * * * *"), UTC
+        )
+        await scheduler._fire(entry)
+        assert len(run_ids(site, "served")) == 1
+        assert entry.due_at == occurrence + timedelta(seconds=10)
+        scheduler.close()
+
+
+async def test_the_run_lock_check_refuses_an_occurrence_already_served(site: Site) -> None:
+    """The newest run was read before the other daemon created its run: the check under the
+    run lock still sees it."""
+    site.write_job("triggered", "late-reader", {"run.sh": "exit 0\n"})
+    async with running_daemon(site) as daemon:
+        occurrence = datetime.now(UTC) - timedelta(seconds=1)
+        fake_run(site, "late-reader", occurrence + timedelta(milliseconds=100))
+        assert daemon.triggered is not None
+        with pytest.raises(AlreadyDone):
+            await daemon.triggered.request_run("late-reader", occurrence=occurrence)
+        assert len(run_ids(site, "late-reader")) == 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import psutil
@@ -191,18 +193,91 @@ async def test_deleting_a_running_job_stops_its_run(site: Site) -> None:
 
 
 async def test_daemon_shutdown_waits_then_stops_a_run(site: Site) -> None:
+    """1. a run ignoring SIGTERM  2. the daemon stops  3. the run had stopping_wait_time to
+    finish, then the ladder; it ends Stopped with an end time and nothing left."""
     site.write_job(
         "triggered",
         "busy",
-        {"run.sh": "echo started\nsleep 60\n", "settings.job": '{"stopping_wait_time": 1}'},
+        {
+            "run.sh": "trap '' TERM\necho started\nwhile true; do sleep 0.1; done\n",
+            "settings.job": '{"stopping_wait_time": 1}',
+        },
     )
     async with running_daemon(site) as daemon:
         record = await daemon.request_run("busy")
         await wait_for(lambda: "started" in output_of(site, "busy", record.run_id), what="run")
+        stopping = time.monotonic()
+    elapsed = time.monotonic() - stopping
     status = status_of(site, "busy", record.run_id)
     assert status["Status"] == "Stopped"
     assert "EndTime" in status
+    output = output_of(site, "busy", record.run_id)
+    assert "WebJob is stopping due to website shutting down" in output
+    assert "did not stop within 1 seconds; killed" in output
+    assert elapsed >= 2.0  # 1 s to finish by itself, then 1 s of SIGTERM before SIGKILL
     assert not job_pids(site, "busy")
+
+
+async def test_a_run_finishing_by_itself_during_shutdown_keeps_its_result(site: Site) -> None:
+    site.write_job(
+        "triggered",
+        "finisher",
+        {"run.sh": "echo started\nsleep 1\nexit 3\n", "settings.job": '{"stopping_wait_time": 10}'},
+    )
+    async with running_daemon(site) as daemon:
+        record = await daemon.request_run("finisher")
+        await wait_for(lambda: "started" in output_of(site, "finisher", record.run_id), what="run")
+    status = status_of(site, "finisher", record.run_id)
+    assert status["Status"] == "Failed"
+    assert "Job failed due to exit code 3" in output_of(site, "finisher", record.run_id)
+
+
+async def test_output_resets_the_idle_clock(site: Site) -> None:
+    """Kudu kills only after no output *and* no CPU: a heartbeat every 1.5 s with a 1 s
+    timeout never gives two idle samples in a row."""
+    site.write_job(
+        "triggered", "beats", {"run.sh": "for i in 1 2 3 4; do echo beat; sleep 1.5; done\n"}
+    )
+    async with running_daemon(site, environ={"WEBJOBS_IDLE_TIMEOUT": "1"}) as daemon:
+        record = await daemon.request_run("beats")
+        status = await finished(site, "beats", record.run_id, timeout=15)
+        assert status["Status"] == "Success", output_of(site, "beats", record.run_id)
+
+
+async def test_a_caller_that_goes_away_does_not_strand_the_run(site: Site) -> None:
+    site.write_job("triggered", "orphaned", {"run.sh": "echo done\n"})
+    async with running_daemon(site) as daemon:
+        caller = asyncio.create_task(daemon.request_run("orphaned"))
+        await asyncio.sleep(0)  # the request is under way
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        await wait_for(lambda: run_ids(site, "orphaned"), what="the run was recorded")
+        first = run_ids(site, "orphaned")[0]
+        assert (await finished(site, "orphaned", first))["Status"] == "Success"
+        await wait_for(lambda: "orphaned" not in _active(daemon), what="released")
+        again = await daemon.request_run("orphaned")
+        assert (await finished(site, "orphaned", again.run_id))["Status"] == "Success"
+
+
+async def test_a_request_racing_the_shutdown_leaves_nothing_running(site: Site) -> None:
+    site.write_job("triggered", "racer", {"run.sh": "sleep 30\n"})
+    async with running_daemon(site) as daemon:
+        caller = asyncio.create_task(daemon.request_run("racer"))
+        await asyncio.sleep(0)
+        daemon.request_shutdown("race")
+        await asyncio.gather(caller, return_exceptions=True)
+    for run_id in run_ids(site, "racer"):
+        assert "EndTime" in status_of(site, "racer", run_id)
+    assert not job_pids(site, "racer")
+
+
+async def test_start_up_repair_leaves_another_daemons_live_run_alone(site: Site) -> None:
+    site.write_job("triggered", "shared", {"run.sh": "echo started\nsleep 30\n"})
+    async with running_daemon(site) as one:
+        record = await one.request_run("shared")
+        await wait_for(lambda: "started" in output_of(site, "shared", record.run_id), what="run")
+        async with running_daemon(site, instance_id="two"):
+            assert status_of(site, "shared", record.run_id)["Status"] == "Running"
 
 
 def test_sigkill_during_a_run_leaves_it_aborted_after_restart(site: Site) -> None:

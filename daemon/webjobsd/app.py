@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
 from webjobsd.runtime.scheduler import Scheduler
-from webjobsd.runtime.supervisor import Supervisor, SupervisorContext
-from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs
+from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
+from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs, first_of
 from webjobsd.site import SiteLayout
 
 log = structlog.get_logger("webjobsd.app")
@@ -251,28 +251,28 @@ class Daemon:
         self.ready.set()
 
     def _repair_abandoned_runs(self) -> None:
-        """Part A #13: runs left Running by a dead daemon become Aborted, with an end time."""
+        """Part A #13: runs left Running by a dead daemon become Aborted, with an end time.
+
+        Done under the job's run lock: holding it proves that no daemon sharing the site is
+        running the job, so every unfinished run is abandoned; when another daemon holds it, the
+        job is left alone (its runs are that daemon's business).
+        """
         now = datetime.now(UTC)
+        owner = {"OperationName": "Repairing abandoned runs", "InstanceId": self.layout.instance_id}
         for name in self.run_store.job_names():
-            is_live = self._run_liveness(name)
-            for record in self.run_store.repair_abandoned(name, is_live=is_live, now=now):
+            lock = FileLock(self.layout.run_lock_path(JobKey(JobKind.TRIGGERED, name)))
+            if not lock.try_acquire(owner):
+                continue
+            try:
+                repaired = self.run_store.repair_abandoned(
+                    name, is_live=lambda _record: False, now=now
+                )
+            finally:
+                lock.release()
+            for record in repaired:
                 log.warning(
                     "run left by a stopped daemon marked Aborted", job=name, run=record.run_id
                 )
-
-    def _run_liveness(self, name: str) -> Callable[[RunRecord], bool]:
-        lock_path = self.layout.run_lock_path(JobKey(JobKind.TRIGGERED, name))
-        latest = self.run_store.latest(name)
-
-        def is_live(record: RunRecord) -> bool:
-            # Only the newest run can still be going, and only under another daemon's lock.
-            return (
-                latest is not None
-                and record.run_id == latest.run_id
-                and FileLock.is_locked_by_other(lock_path)
-            )
-
-        return is_live
 
     def _run_finished(self, record: RunRecord) -> None:
         """Seam for webhooks and metrics: every run ends here, whatever its trigger."""
@@ -316,6 +316,9 @@ class Daemon:
     async def _stop(self) -> None:
         self._stopping = True
         started = time.monotonic()
+        if self.triggered is not None:
+            # Before anything else, so that no request slips in while the rest shuts down.
+            self.triggered.begin_shutdown()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         for task in self._tasks.values():
@@ -331,12 +334,13 @@ class Daemon:
 
             async def stop_runs() -> None:
                 runs = asyncio.create_task(triggered.shutdown(), name="shutdown-runs")
-                forced = asyncio.create_task(self._force.wait(), name="shutdown-runs-force")
-                await asyncio.wait({runs, forced}, return_when=asyncio.FIRST_COMPLETED)
-                if not runs.done():
-                    await triggered.force()
-                forced.cancel()
-                await asyncio.gather(runs, forced, return_exceptions=True)
+                if await first_of(asyncio.shield(runs), self._force.wait()) == 1:
+                    triggered.force()
+                    _, stuck = await asyncio.wait({runs}, timeout=2 * FORCED_STOP_BOUND_S)
+                    if stuck:
+                        log.error("runs did not end after SIGKILL; exiting anyway")
+                        runs.cancel()
+                await asyncio.gather(runs, return_exceptions=True)
 
             try:
                 await asyncio.gather(self.supervisor.shutdown(self._force), stop_runs())

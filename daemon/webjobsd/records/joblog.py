@@ -159,6 +159,7 @@ class JobLogWriter:
         cap_bytes: int | None = None,
         clock: Callable[[], datetime] = _utc_now,
         opener: Opener = _open_append,
+        create_folder: bool = True,
     ) -> None:
         if max_bytes < 1 or generations < 0 or (cap_bytes is not None and cap_bytes < 0):
             raise ValueError("max_bytes must be >= 1, generations and cap_bytes >= 0")
@@ -171,6 +172,8 @@ class JobLogWriter:
         self._rotated = _rotation_paths(path.parent, rotated_name, generations)
         self._clock = clock
         self._opener = opener
+        # A run's log must not bring back a run folder that retention or a person removed.
+        self._create_folder = create_folder
         self._file: RawIOBase | None = None
         self._identity: tuple[int, int] | None = None
         self._closed = False
@@ -322,7 +325,8 @@ class JobLogWriter:
         if st is not None and self._file is not None and self._identity == (st.st_dev, st.st_ino):
             return st.st_size
         self._drop_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._create_folder:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self._opener(self.path)
         fst = os.fstat(self._file.fileno())
         self._identity = (fst.st_dev, fst.st_ino)

@@ -216,8 +216,9 @@ class Scheduler:
         except AlreadyDone:
             log.debug("occurrence already served", job=entry.name)
         except RunConflict as conflict:
-            # Kudu swallows the 409: the previous run is still going, this occurrence skips.
-            log.info("scheduled run skipped", job=entry.name, reason=conflict.message)
+            # Kudu swallows the 409: the previous run is still going (or WebJobs are stopped),
+            # and this occurrence is skipped.
+            log.debug("scheduled run skipped", job=entry.name, reason=conflict.message)
         except RunRefused as refused:
             writer.system(LogLevel.WARN, f"Scheduled run refused: {refused.message}")
         now = self._clock()

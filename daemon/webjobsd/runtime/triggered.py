@@ -1,9 +1,10 @@
 """Triggered jobs: a run on request, one at a time per job, recorded in the run history.
 
 `TriggeredJobs.request_run` is the one entry point (the scheduler, the HTTP API and tests call it).
-It refuses with Kudu's 409 texts, takes the job's run lock (`triggeredJob.lock`, an flock that also
-holds across daemons sharing the site), applies history retention, records the run as
-`Initializing` and returns: the process starts right after, in the run's own task.
+It refuses with Kudu's 409 texts, reserves the job on this daemon before anything else can happen,
+then the run's own task takes the run lock (`triggeredJob.lock`, an flock that also holds across
+daemons sharing the site), applies history retention and records the run as `Initializing`;
+`request_run` returns as soon as the run is recorded and the process starts right after.
 
 A run walks `Initializing → Running → Success | Failed | Stopped`; every transition is written
 atomically to `{runId}/status` and logged as `Status changed to ...` in `output_log.txt`. The run
@@ -12,9 +13,13 @@ CPU change for `WEBJOBS_IDLE_TIMEOUT`), or any error while starting; with `Stopp
 removed while running (Part A #7) or the daemon shuts down (Part A #12).
 
 Decisions:
+* The work of a run belongs to its task, not to the caller: a caller that goes away (an HTTP
+  client disconnecting) neither cancels the run nor leaves its lock behind. Run tasks are never
+  cancelled by the daemon; stopping and forcing are requests the task acts on, so every run ends
+  with a status, an end time and its lock released.
 * `WEBJOBS_IDLE_TIMEOUT=0` disables the idle timeout (Kudu's code would kill at the first check).
-* At daemon shutdown a run gets `stopping_wait_time` to finish by itself, then SIGTERM and
-  `min(5 s, stopping_wait_time)` more before SIGKILL, so shutdown stays bounded.
+* At daemon shutdown a run gets `stopping_wait_time` to finish by itself (its own result is kept if
+  it does), then SIGTERM and `min(5 s, stopping_wait_time)` more before SIGKILL.
 * A scheduled request carries the occurrence it is for; under the run lock, a run that already
   started at or after that occurrence (another daemon won) makes the request a quiet no-op.
 """
@@ -25,10 +30,11 @@ import asyncio
 import contextlib
 import shlex
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -40,7 +46,7 @@ from webjobsd.runtime.environment import JobLaunch, job_environment
 from webjobsd.runtime.jobprocess import JobProcess, exit_description
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.proctree import new_token
-from webjobsd.runtime.supervisor import SupervisorContext
+from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, SupervisorContext
 from webjobsd.runtime.workcopy import WorkingCopy
 
 log = structlog.get_logger("webjobsd.triggered")
@@ -85,13 +91,38 @@ def split_arguments(arguments: str | None) -> tuple[str, ...]:
         raise InvalidArguments(f"Invalid arguments: {error}.") from error
 
 
+async def first_of(
+    *coros: Coroutine[Any, Any, Any] | asyncio.Future[Any], timeout: float | None = None
+) -> int | None:
+    """Index of the first awaitable to finish (None on timeout); the others are cancelled."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for index, task in enumerate(tasks):
+            if task in done:
+                return index
+        return None
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @dataclass(slots=True)
 class ActiveRun:
-    record: RunRecord
     spec: JobSpec
+    recorded: asyncio.Future[RunRecord]
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: asyncio.Event = field(default_factory=asyncio.Event)
+    record: RunRecord | None = None
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
-    stop_requested: asyncio.Event | None = None
+
+
+def _retrieve(future: asyncio.Future[RunRecord]) -> None:
+    # A caller that went away leaves nobody to read a refusal; read it so it is not reported.
+    if not future.cancelled():
+        future.exception()
 
 
 class TriggeredJobs:
@@ -135,14 +166,15 @@ class TriggeredJobs:
         extra = split_arguments(arguments)
         if name in self._active:
             raise RunConflict(ALREADY_RUNNING)
-        lock = FileLock(self._context.layout.run_lock_path(spec.key))
-        record = await asyncio.to_thread(self._record_new_run, lock, name, trigger, occurrence)
-        active = ActiveRun(record, spec, stop_requested=asyncio.Event())
+        # Reserved before the first await: a stop, a removal or a shutdown sees this run from
+        # now on, and a second request on this daemon is refused without touching the disk.
+        active = ActiveRun(spec, asyncio.get_running_loop().create_future())
+        active.recorded.add_done_callback(_retrieve)
         self._active[name] = active
         active.task = asyncio.create_task(
-            self._run(active, lock, arguments, extra), name=f"run-{name}-{record.run_id}"
+            self._run(active, arguments, extra, trigger, occurrence), name=f"run-{name}"
         )
-        return record
+        return await asyncio.shield(active.recorded)
 
     def _record_new_run(
         self, lock: FileLock, name: str, trigger: str, occurrence: datetime | None
@@ -160,8 +192,7 @@ class TriggeredJobs:
                 latest = self._store.latest(name)
                 if latest is not None and latest.start_time >= occurrence:
                     raise AlreadyDone("This occurrence already ran.")
-            history = self._context.app_settings.history_size
-            self._store.apply_retention(name, history)
+            self._store.apply_retention(name, self._context.app_settings.history_size)
             return self._store.create_run(name, trigger, self._clock())
         except BaseException:
             lock.release()
@@ -170,20 +201,50 @@ class TriggeredJobs:
     # -- one run -----------------------------------------------------------------------------
 
     async def _run(
-        self, active: ActiveRun, lock: FileLock, arguments: str | None, extra: tuple[str, ...]
+        self,
+        active: ActiveRun,
+        arguments: str | None,
+        extra: tuple[str, ...],
+        trigger: str,
+        occurrence: datetime | None,
     ) -> None:
-        record, spec, name = active.record, active.spec, active.record.job_name
+        name = active.spec.key.name
+        lock = FileLock(self._context.layout.run_lock_path(active.spec.key))
+        try:
+            record = await asyncio.to_thread(self._record_new_run, lock, name, trigger, occurrence)
+        except Exception as error:
+            self._active.pop(name, None)
+            active.recorded.set_exception(error)
+            return
+        active.record = record
+        active.recorded.set_result(record)
+        await self._execute(active, record, lock, arguments, extra)
+
+    async def _execute(
+        self,
+        active: ActiveRun,
+        record: RunRecord,
+        lock: FileLock,
+        arguments: str | None,
+        extra: tuple[str, ...],
+    ) -> None:
+        spec, name = active.spec, active.spec.key.name
         output = JobLogWriter(
             self._store.output_log_path(name, record.run_id),
             self._context.layout.instance_id,
             cap_bytes=self._context.config.run_log_cap_bytes,
+            create_folder=False,
         )
         process: JobProcess | None = None
         slot = f"triggered.{name}"
         status = RunStatus.FAILED
         try:
             output.system(LogLevel.INFO, f"Status changed to {RunStatus.INITIALIZING.value}")
-            root = await self._prepare(spec, output)
+            root = None if active.stop_requested.is_set() else await self._prepare(spec, output)
+            if root is None or active.stop_requested.is_set():
+                status = RunStatus.STOPPED
+                output.system(LogLevel.INFO, f"WebJob is stopping: {active.stop_reason}")
+                return
             command = spec.command
             env = job_environment(
                 self._context.base_environ,
@@ -199,10 +260,9 @@ class TriggeredJobs:
             )
             record = self._transition(record, RunStatus.RUNNING, output)
             active.record = record
-            cwd = root / command.script_dir if command.script_dir else root
             process = await JobProcess.spawn(
                 command.argv(extra),
-                cwd=cwd,
+                cwd=root / command.script_dir if command.script_dir else root,
                 env=env,
                 token=new_token(),
                 on_stdout=lambda lines: output.console_lines(LogLevel.INFO, lines),
@@ -212,17 +272,36 @@ class TriggeredJobs:
             with contextlib.suppress(OSError):
                 self._context.records.save(slot, process.identity)
             status = await self._watch(active, process, output)
-        except asyncio.CancelledError:
-            status = RunStatus.STOPPED
-            raise
         except Exception as error:
             output.system(LogLevel.ERR, f"{type(error).__name__}: {error}")
             log.warning("run failed", job=name, run=record.run_id, error=str(error))
             status = RunStatus.FAILED
         finally:
+            await self._finish(active, record, status, process, lock, output, slot)
+
+    async def _finish(
+        self,
+        active: ActiveRun,
+        record: RunRecord,
+        status: RunStatus,
+        process: JobProcess | None,
+        lock: FileLock,
+        output: JobLogWriter,
+        slot: str,
+    ) -> None:
+        """Always: the tree ended, the status final with an end time, the lock released."""
+        name = active.spec.key.name
+        try:
             if process is not None:
-                await process.close()
-            self._context.records.remove(slot)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.shield(process.close()), timeout=FORCED_STOP_BOUND_S
+                    )
+        finally:
+            try:
+                self._context.records.remove(slot)
+            except OSError as error:
+                log.warning("cannot remove process record", job=name, error=str(error))
             record = self._transition(record, status, output, end=True)
             active.record = record
             lock.release()
@@ -230,7 +309,10 @@ class TriggeredJobs:
             self._active.pop(name, None)
             log.info("run finished", job=name, run=record.run_id, status=status.value)
             if self._on_run_finished is not None:
-                self._on_run_finished(record)
+                try:
+                    self._on_run_finished(record)
+                except Exception:
+                    log.exception("run-finished hook failed", job=name, run=record.run_id)
 
     async def _prepare(self, spec: JobSpec, output: JobLogWriter) -> Path:
         if spec.is_in_place:
@@ -239,65 +321,66 @@ class TriggeredJobs:
         if copy is None:
             copy = WorkingCopy(spec.job_dir, self._context.layout.working_copies_dir(spec.key))
             self._workcopies[spec.key.name] = copy
+        loop = asyncio.get_running_loop()
 
         def note(message: str) -> None:
             # Called from the copying thread: hand the line to the loop's thread.
             loop.call_soon_threadsafe(output.system, LogLevel.INFO, message)
 
-        loop = asyncio.get_running_loop()
         try:
             return await asyncio.to_thread(copy.prepare, note)
         except OSError as error:
             raise RuntimeError(f"Failed to copy job files: {error}") from error
 
+    def _status_for_exit(self, code: int, output: JobLogWriter) -> RunStatus:
+        if code == 0:
+            return RunStatus.SUCCESS
+        output.system(LogLevel.ERR, f"Job failed due to {exit_description(code)}")
+        return RunStatus.FAILED
+
     async def _watch(
         self, active: ActiveRun, process: JobProcess, output: JobLogWriter
     ) -> RunStatus:
-        assert active.stop_requested is not None
-        exited = asyncio.create_task(process.wait(), name=f"wait-run-{active.record.run_id}")
-        stop = asyncio.create_task(active.stop_requested.wait(), name="run-stop-request")
-        idle = asyncio.create_task(self._idle_watch(process, output), name="run-idle-watch")
-        try:
-            await asyncio.wait({exited, stop, idle}, return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
-                code = exited.result()
-                if code == 0:
-                    return RunStatus.SUCCESS
-                output.system(LogLevel.ERR, f"Job failed due to {exit_description(code)}")
-                return RunStatus.FAILED
-            if idle.done() and idle.result():
-                await process.kill()
-                return RunStatus.FAILED
-            await self._stop_process(active, process, output)
-            return RunStatus.STOPPED
-        finally:
-            for task in (exited, stop, idle):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(exited, stop, idle, return_exceptions=True)
+        winner = await first_of(
+            process.wait(), active.stop_requested.wait(), self._idle_watch(process, output)
+        )
+        if winner == 0:
+            code = process.returncode
+            return self._status_for_exit(code if code is not None else -1, output)
+        if winner == 2:
+            await process.kill()
+            return RunStatus.FAILED
+        return await self._stop_process(active, process, output)
 
     async def _stop_process(
         self, active: ActiveRun, process: JobProcess, output: JobLogWriter
-    ) -> None:
+    ) -> RunStatus:
         wait_s = active.spec.settings.stopping_wait_s(JobKind.TRIGGERED)
         reason = active.stop_reason or "stop requested"
         if reason == "shutdown":
             output.system(LogLevel.INFO, "WebJob is stopping due to website shutting down")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(process.wait()), timeout=wait_s)
+            # Part A #12: the run may finish by itself first; then its own result stands.
+            finished = await first_of(process.wait(), active.forced.wait(), timeout=wait_s)
+            if finished == 0 and process.returncode is not None:
+                return self._status_for_exit(process.returncode, output)
             wait_s = min(SHUTDOWN_LADDER_MAX_S, wait_s)
         else:
             output.system(LogLevel.INFO, f"WebJob is stopping: {reason}")
-        if process.returncode is None:
-            graceful = await process.stop(wait_s)
-            if not graceful:
-                output.system(
-                    LogLevel.WARN,
-                    f"WebJob process did not stop within {wait_s:g} seconds; killed",
-                )
+        if active.forced.is_set():
+            await process.kill()
+            return RunStatus.STOPPED
+        stop = asyncio.ensure_future(process.stop(wait_s))
+        if await first_of(asyncio.shield(stop), active.forced.wait()) == 1:
+            await process.kill()
+        graceful = await stop
+        if not graceful:
+            output.system(
+                LogLevel.WARN, f"WebJob process did not stop within {wait_s:g} seconds; killed"
+            )
+        return RunStatus.STOPPED
 
-    async def _idle_watch(self, process: JobProcess, output: JobLogWriter) -> bool:
-        """True once the run has been idle for the timeout (Kudu's two-sample rule)."""
+    async def _idle_watch(self, process: JobProcess, output: JobLogWriter) -> None:
+        """Returns once the run has been idle for the timeout (Kudu's rule, §4.6)."""
         timeout_s = self._context.app_settings.idle_timeout_s
         if timeout_s <= 0:
             await asyncio.Event().wait()
@@ -305,24 +388,26 @@ class TriggeredJobs:
         quiet_since = process.last_activity_monotonic
         while True:
             await asyncio.sleep(min(IDLE_CHECK_S, timeout_s / 4))
+            if process.last_activity_monotonic > quiet_since:
+                # Any output resets everything, the CPU sample included.
+                quiet_since = process.last_activity_monotonic
+                last_cpu = None
             now = time.monotonic()
-            quiet_since = max(quiet_since, process.last_activity_monotonic)
             if now - quiet_since < timeout_s:
                 continue
             cpu = await asyncio.to_thread(proctree.tree_cpu_seconds, process.identity)
             if last_cpu is None or cpu != last_cpu:
-                # The first sample, or CPU moved: the job is busy, not stuck.
+                # The first sample, or CPU moved: busy, not stuck. Look again a timeout later.
                 last_cpu = cpu
                 quiet_since = now
                 continue
-            command = shlex.join(process.argv)
             output.console(
                 LogLevel.ERR,
-                f"Command '{command}' was aborted due to no output nor CPU activity for "
-                f"{timeout_s} seconds. You can increase the SCM_COMMAND_IDLE_TIMEOUT app setting "
-                "(or WEBJOBS_IDLE_TIMEOUT if this is a WebJob) if needed.",
+                f"Command '{shlex.join(process.argv)}' was aborted due to no output nor CPU "
+                f"activity for {timeout_s} seconds. You can increase the SCM_COMMAND_IDLE_TIMEOUT "
+                "app setting (or WEBJOBS_IDLE_TIMEOUT if this is a WebJob) if needed.",
             )
-            return True
+            return
 
     def _transition(
         self, record: RunRecord, status: RunStatus, output: JobLogWriter, *, end: bool = False
@@ -339,7 +424,7 @@ class TriggeredJobs:
 
     def stop_run(self, name: str, reason: str) -> bool:
         active = self._active.get(name)
-        if active is None or active.stop_requested is None:
+        if active is None:
             return False
         active.stop_reason = active.stop_reason or reason
         active.stop_requested.set()
@@ -351,17 +436,22 @@ class TriggeredJobs:
             if JobKey(JobKind.TRIGGERED, name) not in specs:
                 self.stop_run(name, "job removed")
 
-    async def shutdown(self) -> None:
+    def begin_shutdown(self) -> None:
+        """From now on every request is refused (Kudu's 'stopped' conflict)."""
         self._shutting_down = True
-        tasks = [a.task for a in self._active.values() if a.task is not None]
-        for name in list(self._active):
-            self.stop_run(name, "shutdown")
-        if tasks:
+
+    async def shutdown(self) -> None:
+        """Stop every run (Part A #12) and wait until none is left."""
+        self.begin_shutdown()
+        while self._active:
+            for name in list(self._active):
+                self.stop_run(name, "shutdown")
+            tasks = [a.task for a in self._active.values() if a.task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def force(self) -> None:
-        for active in list(self._active.values()):
-            if active.task is not None:
-                active.task.cancel()
-        tasks = [a.task for a in self._active.values() if a.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def force(self) -> None:
+        """Second signal: no more grace, SIGKILL every run now."""
+        for active in self._active.values():
+            active.stop_reason = active.stop_reason or "shutdown"
+            active.forced.set()
+            active.stop_requested.set()
