@@ -74,6 +74,7 @@ FAST_CONFIG: dict[str, Any] = {
     "shutdown_grace_s": 3.0,
     "log_format": "json",
     "log_level": "warning",
+    "listen": "127.0.0.1:0",
 }
 
 
@@ -149,9 +150,11 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
     """The daemon in this test's event loop, stopped (with its ladder) at the end."""
     settings = config.pop("environ", {})
     config.setdefault("instance_id", "test01")
+    auth = config.pop("auth", False)
     daemon = Daemon(
         config_from_mapping(site.config(**config), "test"),
         environ={**os.environ, **settings},
+        auth_enabled=auth,
     )
     task = asyncio.create_task(daemon.run(install_signals=False), name="daemon-under-test")
     try:
@@ -188,7 +191,15 @@ class DaemonProcess:
     def start(self, env: dict[str, str] | None = None) -> DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "webjobsd", "serve", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "webjobsd",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--no-auth",
+            ],
             stdout=log,
             stderr=log,
             env={**os.environ, **(env or {})},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import time
 from collections.abc import Coroutine, Mapping
@@ -20,10 +21,14 @@ from typing import Any
 
 import structlog
 
-from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config
+from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer, JobsWatcher
+from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
+from webjobsd.http.context import ApiContext
+from webjobsd.http.limits import UploadLimits
+from webjobsd.http.server import HttpServer, build_app
 from webjobsd.logs import configure_logging
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.records.runstore import RunRecord, RunStore
@@ -64,8 +69,11 @@ class Daemon:
         environ: Mapping[str, str],
         config_path: Path | None = None,
         overrides: Mapping[str, Any] | None = None,
+        auth_enabled: bool = True,
     ) -> None:
         self.config = config
+        self._auth_enabled = auth_enabled
+        self.credentials: Credentials | None = None
         self._environ = dict(environ)
         self._config_path = config_path
         self._overrides = dict(overrides or {})
@@ -87,6 +95,7 @@ class Daemon:
         self.discovery: DiscoveryService | None = None
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
+        self.http: HttpServer | None = None
         self.triggered: TriggeredJobs | None = None
         self.scheduler: Scheduler | None = None
 
@@ -111,6 +120,11 @@ class Daemon:
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("configuration change needs a restart", key=name)
         configure_logging(new.log_format, new.log_level)
+        if self._auth_enabled and self.credentials is not None:
+            try:
+                self._load_credentials(new)
+            except StartupError as error:
+                log.error("credentials not reloaded; keeping the current ones", error=str(error))
         self.app_settings.replace_config_settings(new.settings)
         if self._context is not None:
             self._context.config = new
@@ -239,6 +253,8 @@ class Daemon:
             rescan_s=config.rescan_s,
             on_changed=lambda _keys: self.wake(),
         )
+        # Listen before anything starts: a port in use stops start-up with nothing to undo.
+        await self._start_http()
         self.watcher = JobsWatcher(layout.jobs_root, loop, self.discovery.hint)
         self.discovery.watcher = self.watcher
         self.watcher.start()
@@ -249,6 +265,96 @@ class Daemon:
         self._start_task("reconciler", self.reconciler.run())
         self._start_task("scheduler", scheduler.run())
         self.ready.set()
+
+    async def _start_http(self) -> None:
+        config = self.config
+        assert self.triggered is not None
+        context = ApiContext(
+            layout=self.layout,
+            specs=lambda: self.catalog.specs if self.catalog else {},
+            run_store=self.run_store,
+            triggered=self.triggered,
+            app_settings=self.app_settings,
+            refresh=self.refresh_jobs,
+            wake=self.wake,
+            instance_is_live=self.instance_is_live,
+            continuous_port=self.continuous_port,
+            wait_stopped=self.wait_stopped,
+            limits=UploadLimits(
+                max_upload_bytes=config.max_upload_bytes,
+                max_extracted_bytes=config.max_extracted_bytes,
+                max_entries=config.max_archive_entries,
+            ),
+            upload_dir=self.layout.temp_root / "uploads",
+            trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
+        )
+        middlewares: tuple[Any, ...] = ()
+        if self._auth_enabled:
+            await asyncio.to_thread(self._load_credentials, config)
+            middlewares = (
+                basic_auth_middleware(
+                    lambda: self.credentials, exempt=lambda request: request.path == "/healthz"
+                ),
+            )
+        else:
+            log.warning("the HTTP API is not authenticated (--no-auth)")
+        host, port = parse_listen(config.listen)
+        self.http = HttpServer(build_app(context, extra_middlewares=middlewares))
+        try:
+            await self.http.start(host, port)
+        except OSError as error:
+            raise StartupError(f"cannot listen on {config.listen}: {error.strerror}") from error
+
+    def _load_credentials(self, config: DaemonConfig) -> None:
+        try:
+            credentials, where = load_credentials(
+                config_username=config.auth_username,
+                config_password_hash=config.auth_password_hash,
+                environ=self._environ,
+                state_dir=self.layout.daemon_state_dir,
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from error
+        self.credentials = credentials
+        log.info(
+            "API credentials", source=credentials.source, username=credentials.username, file=where
+        )
+
+    # -- what the API may ask ----------------------------------------------------------------
+
+    async def refresh_jobs(self, keys: set[JobKey]) -> None:
+        """An intent was written for `keys`: look at them now (no quiet period) and act."""
+        if self.discovery is not None:
+            await self.discovery.refresh(keys, settle=False)
+        self.wake()
+
+    def instance_is_live(self, instance_id: str) -> bool:
+        if instance_id == self.layout.instance_id:
+            return True
+        lock = self.layout.daemon_state_dir / "instances" / f"{instance_id}.lock"
+        return FileLock.is_locked_by_other(lock)
+
+    def continuous_port(self, key: JobKey) -> int | None:
+        unit = self.supervisor.units.get(key) if self.supervisor else None
+        return unit.port if unit is not None and unit.process is not None else None
+
+    async def wait_stopped(self, key: JobKey, timeout_s: float) -> bool:
+        """True once nothing of job `key` runs on this daemon (bounded by `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+
+        def running() -> bool:
+            if key.kind is JobKind.CONTINUOUS:
+                supervisor = self.supervisor
+                return supervisor is not None and (
+                    key in supervisor.units or supervisor.is_stopping(key)
+                )
+            return self.triggered is not None and key.name in self.triggered.active
+
+        while running():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _repair_abandoned_runs(self) -> None:
         """Part A #13: runs left Running by a dead daemon become Aborted, with an end time.
@@ -319,6 +425,8 @@ class Daemon:
         if self.triggered is not None:
             # Before anything else, so that no request slips in while the rest shuts down.
             self.triggered.begin_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         for task in self._tasks.values():
@@ -357,9 +465,16 @@ def serve(
     environ: Mapping[str, str],
     config_path: Path | None,
     overrides: Mapping[str, Any],
+    auth_enabled: bool = True,
 ) -> int:
     configure_logging(config.log_format, config.log_level)
-    daemon = Daemon(config, environ=environ, config_path=config_path, overrides=overrides)
+    daemon = Daemon(
+        config,
+        environ=environ,
+        config_path=config_path,
+        overrides=overrides,
+        auth_enabled=auth_enabled,
+    )
     try:
         return asyncio.run(daemon.run())
     except StartupError as error:

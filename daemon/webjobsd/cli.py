@@ -21,11 +21,17 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = verbs.add_parser("serve", help="run the daemon")
     _config_flags(serve)
+    serve.add_argument(
+        "--no-auth", action="store_true", help="serve the HTTP API without authentication"
+    )
 
     check = verbs.add_parser("check-config", help="validate the configuration and exit")
     _config_flags(check)
 
     verbs.add_parser("version", help="print the version")
+    verbs.add_parser(
+        "hash-password", help="read a password and print its hash for auth_password_hash"
+    )
     return parser
 
 
@@ -39,6 +45,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         "site/wwwroot/App_Data/jobs)",
     )
     parser.add_argument("--instance-id", help="instance id (default WEBSITE_INSTANCE_ID, host)")
+    parser.add_argument("--listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8181)")
     parser.add_argument("--log-format", choices=["auto", "console", "json"])
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -49,6 +56,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         # A path typed on the command line is relative to where it was typed.
         "jobs_root": str(args.jobs_root.absolute()) if args.jobs_root else None,
         "instance_id": args.instance_id,
+        "listen": args.listen,
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
@@ -59,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "version":
         print(__version__)
         return 0
+    if args.verb == "hash-password":
+        from webjobsd.http.auth import hash_password_command
+
+        return hash_password_command()
     overrides = _overrides(args)
     try:
         config = load_config(args.config, overrides)
@@ -70,4 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from webjobsd.app import serve
 
-    return serve(config, environ=os.environ, config_path=args.config, overrides=overrides)
+    return serve(
+        config,
+        environ=os.environ,
+        config_path=args.config,
+        overrides=overrides,
+        auth_enabled=not args.no_auth,
+    )

@@ -14,6 +14,7 @@ Two kinds of settings live here and must not be confused:
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import socket
@@ -84,6 +85,27 @@ class DaemonConfig:
     settings: Mapping[str, str] = field(
         default_factory=dict, metadata={"doc": "app settings (Kudu names) passed to every job"}
     )
+    listen: str = field(
+        default="127.0.0.1:8181", metadata={"doc": "HOST:PORT of the HTTP API ([::1]:PORT for v6)"}
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(), metadata={"doc": "addresses/networks whose X-Forwarded-* headers are honoured"}
+    )
+    max_upload_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={"doc": "largest request body accepted (uploads)"}
+    )
+    max_extracted_bytes: int = field(
+        default=1024 * 1024 * 1024, metadata={"doc": "largest total size a zip may expand to"}
+    )
+    max_archive_entries: int = field(
+        default=20_000, metadata={"doc": "most entries accepted in an uploaded zip"}
+    )
+    auth_username: str | None = field(
+        default=None, metadata={"doc": "API user (with auth_password_hash)"}
+    )
+    auth_password_hash: str | None = field(
+        default=None, metadata={"doc": "scrypt hash from `webjobsd hash-password`"}
+    )
 
     def resolved_instance_id(self, environ: Mapping[str, str]) -> str:
         """Kudu: first 6 characters of WEBSITE_INSTANCE_ID, else of the machine name."""
@@ -133,6 +155,13 @@ _FIELD_TYPES: dict[str, type] = {
     "log_format": str,
     "log_level": str,
     "settings": dict,
+    "listen": str,
+    "trusted_proxies": list,
+    "max_upload_bytes": int,
+    "max_extracted_bytes": int,
+    "max_archive_entries": int,
+    "auth_username": str,
+    "auth_password_hash": str,
 }
 
 
@@ -143,11 +172,21 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> DaemonConfig:
     for name, value in data.items():
         if name not in known:
             raise ConfigError(f"{source}: unknown key {name!r}")
-        if value is None and name in {"jobs_root", "instance_id", "temp_dir"}:
+        if value is None and name in {
+            "jobs_root",
+            "instance_id",
+            "temp_dir",
+            "auth_username",
+            "auth_password_hash",
+        }:
             continue
         values[name] = _check_type(name, value, _FIELD_TYPES[name], source)
     if "settings" in values:
         values["settings"] = _validate_settings_map(values["settings"], source)
+    if "trusted_proxies" in values:
+        values["trusted_proxies"] = _validate_networks(values["trusted_proxies"], source)
+    if "listen" in values:
+        parse_listen(values["listen"], source)
     config = DaemonConfig(**values)
     _validate_ranges(config, source)
     return config
@@ -166,8 +205,34 @@ def _validate_settings_map(raw: Mapping[Any, Any], source: str) -> dict[str, str
     return result
 
 
+def parse_listen(value: str, source: str = "configuration") -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` → (host, port); port 0 asks the system for a free one."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{source}: key 'listen' must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def _validate_networks(raw: list[Any], source: str) -> tuple[str, ...]:
+    networks = []
+    for item in raw:
+        try:
+            networks.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError as error:
+            raise ConfigError(f"{source}: key 'trusted_proxies': {error}") from error
+    return tuple(networks)
+
+
 def _validate_ranges(config: DaemonConfig, source: str) -> None:
-    positive = ("debounce_cap_s", "rescan_s", "reconcile_tick_s", "log_max_bytes")
+    positive = (
+        "debounce_cap_s",
+        "rescan_s",
+        "reconcile_tick_s",
+        "log_max_bytes",
+        "max_upload_bytes",
+        "max_extracted_bytes",
+        "max_archive_entries",
+    )
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{source}: key {name!r} must be greater than 0")

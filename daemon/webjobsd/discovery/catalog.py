@@ -230,11 +230,15 @@ class Catalog:
             return sorted(self.present_keys() | set(self._specs) | set(self._errors))
         return sorted(set(keys))
 
-    def observe(self, keys: Iterable[JobKey]) -> list[Observation]:
-        """Blocking file-system reads only: run it in a thread when the loop must not stall."""
+    def observe(self, keys: Iterable[JobKey], *, settle: bool = True) -> list[Observation]:
+        """Blocking file-system reads only: run it in a thread when the loop must not stall.
+
+        `settle=False` for intents: the daemon itself just wrote the folder completely.
+        """
         now = self._clock()
+        settle_s = self.settle_s if settle else 0.0
         return [
-            observe_job(self.job_dir(key), key, settle_s=self.settle_s, now=now, which=self._which)
+            observe_job(self.job_dir(key), key, settle_s=settle_s, now=now, which=self._which)
             for key in keys
         ]
 

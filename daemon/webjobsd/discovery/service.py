@@ -57,9 +57,11 @@ class DiscoveryService:
         """The start-up scan: blocking, applied without confirmation."""
         return self._after(self.catalog.refresh(None), full=True)
 
-    async def refresh(self, keys: set[JobKey] | None, *, confirm: bool = False) -> RefreshResult:
+    async def refresh(
+        self, keys: set[JobKey] | None, *, confirm: bool = False, settle: bool = True
+    ) -> RefreshResult:
         targets = self.catalog.targets(keys)
-        observations = await asyncio.to_thread(self.catalog.observe, targets)
+        observations = await asyncio.to_thread(self.catalog.observe, targets, settle=settle)
         return self._after(self.catalog.apply(observations, confirm=confirm), full=keys is None)
 
     def _after(self, result: RefreshResult, *, full: bool) -> RefreshResult:

@@ -107,6 +107,7 @@ class ContinuousUnit:
         self.status: ContinuousStatus | None = None
         self.restarts = 0
         self.process: JobProcess | None = None
+        self.port: int | None = None
         self._log = JobLogWriter(
             context.layout.job_log_path(self.key),
             instance_id=context.layout.instance_id,
@@ -274,8 +275,9 @@ class ContinuousUnit:
         if self._target is not target:
             return
         shutdown_file = self._shutdown_file()
+        self.port = free_loopback_port()
         launch = JobLaunch(
-            key=self.key, working_root=root, shutdown_file=shutdown_file, port=free_loopback_port()
+            key=self.key, working_root=root, shutdown_file=shutdown_file, port=self.port
         )
         env = job_environment(
             self._context.base_environ,
@@ -449,6 +451,9 @@ class Supervisor(ContinuousRuntime):
     @property
     def units(self) -> Mapping[JobKey, ContinuousUnit]:
         return self._units
+
+    def is_stopping(self, key: JobKey) -> bool:
+        return any(unit.key == key and not task.done() for task, unit in self._retiring.items())
 
     def targets(self) -> Mapping[JobKey, Actual]:
         return {

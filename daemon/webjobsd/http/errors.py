@@ -1,0 +1,67 @@
+"""Error answers (Part A #2): JSON `{"message": ...}` with Kudu's text where Kudu has one.
+
+Handlers raise `ApiError`; the error middleware turns it, and any aiohttp HTTP exception, into a
+JSON body, and turns an unexpected exception into a logged 500 whose body reveals nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("webjobsd.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = web.json_response({"message": message}, status=status)
+    response.headers.update(headers or {})
+    return response
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def not_found(message: str = "Not found.") -> ApiError:
+    return ApiError(404, message)
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, message)
+
+
+def too_large(message: str) -> ApiError:
+    return ApiError(413, message)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return json_error(error.status, error.message, error.headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        message = (
+            error.text
+            if error.text and not error.text.startswith(str(error.status))
+            else error.reason
+        )
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        return json_error(error.status, message or error.reason, headers)
+    except Exception:
+        log.exception("unhandled error in request", method=request.method, path=request.path)
+        return json_error(500, "Internal error; see the daemon log.")

@@ -1,0 +1,391 @@
+"""Kudu's WebJobs routes (Part B §1.1) with their deprecated aliases.
+
+Reads build Kudu's JSON from snapshots (catalog specs, status files, the run store) in a worker
+thread, so a list of a thousand jobs does not stall the event loop. Writes are intents (Part A
+#6): `disable.job` or `settings.job` written atomically, then discovery looks at the job again at
+once and the reconciler acts, so stop and start take effect immediately and a new job has no 404
+window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from webjobsd.http.context import CONTEXT, ApiContext, base_url
+from webjobsd.http.errors import bad_request, conflict, not_found
+from webjobsd.http.views import (
+    continuous_job,
+    etag_of,
+    run_json,
+    run_url,
+    swagger,
+    triggered_job,
+)
+from webjobsd.model import JobKey, JobKind, JobSpec, RunStatus, is_valid_job_name
+from webjobsd.records.atomic import write_bytes_atomic
+from webjobsd.records.runstore import RunRecord
+from webjobsd.records.status import aggregate_status
+from webjobsd.runtime.locks import FileLock
+from webjobsd.runtime.triggered import InvalidArguments, JobNotFound, RunConflict
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+INVALID_NAME = "Invalid job name: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'."
+# How long a DELETE waits for the job's process to stop before removing its data folder.
+DELETE_STOP_WAIT_S = 60.0
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not is_valid_job_name(name):
+        raise bad_request(INVALID_NAME)
+    return name
+
+
+def _spec(ctx: ApiContext, kind: JobKind, name: str) -> JobSpec:
+    spec = ctx.specs().get(JobKey(kind, name))
+    if spec is None:
+        raise not_found(f"No {kind.value} job named {name!r}.")
+    return spec
+
+
+def _with_etag(request: web.Request, body: Any, tag: str) -> web.Response:
+    if request.headers.get("If-None-Match", "").split(",")[0].strip() == tag:
+        return web.Response(status=304, headers={"ETag": tag})
+    response = web.json_response(body)
+    response.headers["ETag"] = tag
+    return response
+
+
+class _Snapshot:
+    """What the JSON builders need, captured on the loop and then read in a worker thread."""
+
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+        self.specs = dict(ctx.specs())
+        self.active = {
+            name: active.record.run_id
+            for name, active in ctx.triggered.active.items()
+            if active.record is not None
+        }
+        self.now = datetime.now(UTC)
+
+    def shown_status(self, record: RunRecord, latest_id: str | None) -> RunStatus:
+        """Kudu computes Aborted on read: an unfinished run that nobody is running."""
+        if record.status not in (RunStatus.RUNNING, RunStatus.INITIALIZING):
+            return record.status
+        if self.active.get(record.job_name) == record.run_id:
+            return record.status
+        lock = self.ctx.layout.run_lock_path(JobKey(JobKind.TRIGGERED, record.job_name))
+        if record.run_id == latest_id and FileLock.is_locked_by_other(lock):
+            return record.status
+        return RunStatus.ABORTED
+
+    def run(self, base: str, record: RunRecord, latest_id: str | None) -> dict[str, Any]:
+        folder = self.ctx.run_store.output_log_path(record.job_name, record.run_id).parent
+        return run_json(
+            base,
+            record,
+            now=self.now,
+            shown_status=self.shown_status(record, latest_id),
+            has_output=(folder / "output_log.txt").exists(),
+            has_error_log=(folder / "error_log.txt").exists(),
+        )
+
+    def job(self, base: str, spec: JobSpec) -> dict[str, Any]:
+        layout = self.ctx.layout
+        data_dir = layout.data_dir(spec.key)
+        using_sdk = (data_dir / "webjobssdk.marker").exists()
+        if spec.key.kind is JobKind.CONTINUOUS:
+            status, detailed = aggregate_status(layout, spec.key, self.ctx.instance_is_live)
+            return continuous_job(
+                base, spec, status=status, detailed_status=detailed, using_sdk=using_sdk
+            )
+        latest = self.ctx.run_store.latest(spec.key.name)
+        latest_json = self.run(base, latest, latest.run_id) if latest else None
+        return triggered_job(
+            base,
+            spec,
+            latest_run=latest_json,
+            has_scheduler_log=(data_dir / "job_scheduler.log").exists(),
+            using_sdk=using_sdk,
+        )
+
+    def jobs(self, base: str, kinds: tuple[JobKind, ...]) -> list[dict[str, Any]]:
+        # Kudu lists triggered jobs first, then continuous ones.
+        ordered = sorted(
+            (spec for spec in self.specs.values() if spec.key.kind in kinds),
+            key=lambda spec: (spec.key.kind is JobKind.CONTINUOUS, spec.key.name),
+        )
+        return [self.job(base, spec) for spec in ordered]
+
+
+def _list_etag(jobs: list[dict[str, Any]]) -> str:
+    return etag_of(
+        (
+            job["name"],
+            job["run_command"],
+            job["type"],
+            job["error"],
+            (job.get("latest_run") or {}).get("id"),
+            (job.get("latest_run") or {}).get("status"),
+            (job.get("latest_run") or {}).get("duration"),
+            job.get("detailed_status"),
+        )
+        for job in jobs
+    )
+
+
+# -- lists and single jobs -------------------------------------------------------------------
+
+
+def list_jobs(kinds: tuple[JobKind, ...]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        snapshot = _Snapshot(request.app[CONTEXT])
+        jobs = await asyncio.to_thread(snapshot.jobs, base_url(request), kinds)
+        return _with_etag(request, jobs, _list_etag(jobs))
+
+    return handler
+
+
+def get_job(kind: JobKind) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ctx = request.app[CONTEXT]
+        spec = _spec(ctx, kind, _name(request))
+        snapshot = _Snapshot(ctx)
+        return web.json_response(await asyncio.to_thread(snapshot.job, base_url(request), spec))
+
+    return handler
+
+
+def delete_job(kind: JobKind) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ctx = request.app[CONTEXT]
+        name = _name(request)
+        key = JobKey(kind, name)
+        job_dir = ctx.layout.job_dir(key)
+        await asyncio.to_thread(shutil.rmtree, job_dir, True)
+        await ctx.refresh({key})
+        # The data folder goes once the job's process or run has stopped, or the stop would
+        # write its last status and log lines into a folder that was just removed.
+        await ctx.wait_stopped(key, DELETE_STOP_WAIT_S)
+        await asyncio.to_thread(shutil.rmtree, ctx.layout.data_dir(key), True)
+        return web.Response(status=200)
+
+    return handler
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def get_settings(kind: JobKind) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        spec = _spec(request.app[CONTEXT], kind, _name(request))
+        return web.json_response(dict(spec.settings.raw))
+
+    return handler
+
+
+def put_settings(kind: JobKind) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ctx = request.app[CONTEXT]
+        spec = _spec(ctx, kind, _name(request))
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise bad_request(f"The body is not valid JSON: {error}") from error
+        if not isinstance(body, dict):
+            raise bad_request("The settings must be a JSON object.")
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        await asyncio.to_thread(write_bytes_atomic, spec.script_dir / "settings.job", data)
+        await ctx.refresh({spec.key})
+        return web.Response(status=200)
+
+    return handler
+
+
+# -- continuous: stop, start, passthrough ----------------------------------------------------
+
+
+async def stop_continuous(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
+    marker = spec.script_dir / "disable.job"
+    try:
+        await asyncio.to_thread(write_bytes_atomic, marker, b"", fsync=False)
+    except OSError as error:
+        raise conflict(f"Cannot write {marker.name}: {error.strerror}") from error
+    await ctx.refresh({spec.key})
+    return web.Response(status=200)
+
+
+async def start_continuous(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
+    try:
+        await asyncio.to_thread((spec.script_dir / "disable.job").unlink, True)
+    except OSError as error:
+        raise conflict(f"Cannot remove disable.job: {error.strerror}") from error
+    await ctx.refresh({spec.key})
+    return web.Response(status=200)
+
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Kudu's passthrough: the request, cloned to the job's WEBJOBS_PORT on loopback."""
+    import aiohttp
+
+    ctx = request.app[CONTEXT]
+    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
+    port = ctx.continuous_port(spec.key)
+    if port is None:
+        raise not_found("The job is not running on this instance.")
+    target = f"http://127.0.0.1:{port}/{request.match_info.get('path', '')}"
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() != "authorization"
+    }
+    body = await request.read() if request.method not in ("GET", "HEAD") else None
+    timeout = aiohttp.ClientTimeout(total=120)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session,
+            session.request(
+                request.method,
+                target,
+                params=request.query,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            ) as upstream,
+        ):
+            payload = await upstream.read()
+            response = web.Response(status=upstream.status, body=payload)
+            for k, v in upstream.headers.items():
+                if k.lower() not in _HOP_BY_HOP:
+                    response.headers[k] = v
+            return response
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise not_found(f"The job did not answer on its port: {error}") from error
+
+
+# -- triggered: run, history, swagger --------------------------------------------------------
+
+
+async def run_triggered(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    name = _name(request)
+    arguments = request.query.get("arguments")
+    trigger = f"External - {request.headers.get('User-Agent', '')}"
+    try:
+        record = await ctx.triggered.request_run(name, arguments=arguments, trigger=trigger)
+    except JobNotFound as error:
+        raise not_found(error.message) from error
+    except InvalidArguments as error:
+        raise bad_request(error.message) from error
+    except RunConflict as error:
+        raise conflict(error.message) from error
+    location = run_url(base_url(request), name, record.run_id)
+    return web.Response(status=202, headers={"Location": location})
+
+
+async def history(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    name = _name(request)
+    _spec(ctx, JobKind.TRIGGERED, name)
+    snapshot = _Snapshot(ctx)
+    base = base_url(request)
+
+    def build() -> list[dict[str, Any]]:
+        records = ctx.run_store.list_runs(name)
+        latest_id = records[0].run_id if records else None
+        return [snapshot.run(base, record, latest_id) for record in records]
+
+    runs = await asyncio.to_thread(build)
+    newest = runs[0] if runs else None
+    tag = etag_of(
+        [name, newest["id"], newest["status"], newest["end_time"]] if newest else [name, "EMPTY"]
+    )
+    return _with_etag(request, {"runs": runs}, tag)
+
+
+async def one_run(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    name = _name(request)
+    run_id = request.match_info["run_id"]
+    _spec(ctx, JobKind.TRIGGERED, name)
+    snapshot = _Snapshot(ctx)
+    base = base_url(request)
+
+    def build() -> dict[str, Any] | None:
+        record = ctx.run_store.read(name, run_id)
+        if record is None:
+            return None
+        latest = ctx.run_store.latest(name)
+        return snapshot.run(base, record, latest.run_id if latest else None)
+
+    body = await asyncio.to_thread(build)
+    if body is None:
+        raise not_found(f"No run {run_id!r} of job {name!r}.")
+    return web.json_response(body)
+
+
+async def swagger_document(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    names = sorted(k.name for k in ctx.specs() if k.kind is JobKind.TRIGGERED)
+    return web.json_response(swagger(request.host, names))
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def _prefixes(kind: JobKind) -> list[str]:
+    """Kudu maps each route three ways: current, deprecated and old deprecated forms."""
+    t = kind.value
+    return [f"/api/{t}webjobs", f"/api/{t}jobs", f"/jobs/{t}", f"/api/jobs/{t}"]
+
+
+def add_job_routes(app: web.Application) -> None:
+    router = app.router
+    for path in ("/api/webjobs", "/api/jobs", "/jobs", "/jobs/", "/api/jobs/"):
+        router.add_get(path, list_jobs((JobKind.TRIGGERED, JobKind.CONTINUOUS)))
+    for kind in JobKind:
+        for prefix in _prefixes(kind):
+            router.add_get(prefix, list_jobs((kind,)))
+            router.add_get(prefix + "/{name}", get_job(kind))
+            router.add_delete(prefix + "/{name}", delete_job(kind))
+            router.add_get(prefix + "/{name}/settings", get_settings(kind))
+            router.add_put(prefix + "/{name}/settings", put_settings(kind))
+            if kind is JobKind.CONTINUOUS:
+                router.add_post(prefix + "/{name}/stop", stop_continuous)
+                router.add_post(prefix + "/{name}/start", start_continuous)
+                router.add_route("*", prefix + "/{name}/passthrough/{path:.*}", passthrough)
+            else:
+                router.add_post(prefix + "/{name}/run", run_triggered)
+                router.add_get(prefix + "/{name}/history", history)
+                router.add_get(prefix + "/{name}/history/{run_id}", one_run)
+    router.add_get("/api/triggeredwebjobsswagger", swagger_document)

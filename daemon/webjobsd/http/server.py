@@ -1,0 +1,59 @@
+"""The HTTP server: one aiohttp application on our own loop (AppRunner + TCPSite).
+
+It is built by the composition root from an `ApiContext` and started after the daemon is ready;
+stopping it closes listeners first, then waits (bounded) for requests in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from webjobsd.http.context import CONTEXT, ApiContext
+from webjobsd.http.errors import error_middleware
+from webjobsd.http.jobs import add_job_routes
+
+log = structlog.get_logger("webjobsd.http")
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+async def healthz(_request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+def build_app(
+    ctx: ApiContext,
+    *,
+    extra_middlewares: tuple[Callable[..., object], ...] = (),
+) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, *extra_middlewares],  # type: ignore[list-item]
+        client_max_size=1024 * 1024,
+    )
+    app[CONTEXT] = ctx
+    app.router.add_get("/healthz", healthz)
+    add_job_routes(app)
+    return app
+
+
+class HttpServer:
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        self.port: int | None = None
+        self.host: str | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server  # the bound socket tells the real port when 0 was asked
+        sockets = getattr(server, "sockets", None) or []
+        self.host = host
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        log.info("listening", url=f"http://{host}:{self.port}")
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

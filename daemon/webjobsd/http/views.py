@@ -1,0 +1,149 @@
+"""Kudu's JSON shapes (Part B §1.3): jobs, runs, history. Pure functions of snapshots.
+
+URLs are absolute, built from a base (`scheme://host[:port]`) that the caller derives from the
+request. VFS URLs use the legacy `/vfs/` prefix and job URLs the current `/api/{type}webjobs/`
+form, as Kudu does. `runCommand` is emitted beside `run_command` (Part A #1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from webjobsd.model import JobKind, JobSpec, RunStatus
+from webjobsd.records.runstore import RunRecord, format_kudu_datetime, format_timespan
+
+DOTNET_DEFAULT_DATE = "0001-01-01T00:00:00"
+
+
+def job_url(base: str, kind: JobKind, name: str) -> str:
+    return f"{base}/api/{kind.value}webjobs/{name}"
+
+
+def run_url(base: str, name: str, run_id: str) -> str:
+    return f"{base}/api/triggeredwebjobs/{name}/history/{run_id}"
+
+
+def vfs_url(base: str, relative: str) -> str:
+    return f"{base}/vfs/{relative}"
+
+
+def common_fields(base: str, spec: JobSpec, using_sdk: bool) -> dict[str, Any]:
+    kind, name = spec.key.kind, spec.key.name
+    return {
+        "name": name,
+        "run_command": spec.command.run_command,
+        "runCommand": spec.command.run_command,
+        "url": job_url(base, kind, name),
+        "extra_info_url": f"{base}/azurejobs/#/jobs/{kind.value}/{name}",
+        "type": kind.value,
+        "error": None,
+        "using_sdk": using_sdk,
+        "settings": dict(spec.settings.raw),
+    }
+
+
+def continuous_job(
+    base: str, spec: JobSpec, *, status: str, detailed_status: str, using_sdk: bool
+) -> dict[str, Any]:
+    name = spec.key.name
+    return {
+        "status": status,
+        "detailed_status": detailed_status,
+        "log_url": vfs_url(base, f"data/jobs/continuous/{name}/job_log.txt"),
+        **common_fields(base, spec, using_sdk),
+    }
+
+
+def run_json(
+    base: str,
+    record: RunRecord,
+    *,
+    now: datetime,
+    shown_status: RunStatus,
+    has_output: bool,
+    has_error_log: bool,
+) -> dict[str, Any]:
+    name, run_id = record.job_name, record.run_id
+    folder = f"data/jobs/triggered/{name}/{run_id}"
+    return {
+        "id": run_id,
+        "name": run_id,
+        "status": shown_status.value,
+        "start_time": format_kudu_datetime(record.start_time),
+        "end_time": format_kudu_datetime(record.end_time)
+        if record.end_time
+        else DOTNET_DEFAULT_DATE,
+        "duration": format_timespan(record.duration(now)),
+        "output_url": vfs_url(base, f"{folder}/output_log.txt") if has_output else None,
+        "error_url": vfs_url(base, f"{folder}/error_log.txt") if has_error_log else None,
+        "url": run_url(base, name, run_id),
+        "job_name": name,
+        "trigger": record.trigger,
+    }
+
+
+def triggered_job(
+    base: str,
+    spec: JobSpec,
+    *,
+    latest_run: dict[str, Any] | None,
+    has_scheduler_log: bool,
+    using_sdk: bool,
+) -> dict[str, Any]:
+    name = spec.key.name
+    return {
+        "latest_run": latest_run,
+        "history_url": f"{base}/api/triggeredwebjobs/{name}/history",
+        "scheduler_logs_url": vfs_url(base, f"data/jobs/triggered/{name}/job_scheduler.log")
+        if has_scheduler_log
+        else None,
+        **common_fields(base, spec, using_sdk),
+    }
+
+
+def etag_of(values: Iterable[Mapping[str, Any] | Any]) -> str:
+    """A quoted lowercase hex tag over what a list shows (opaque to clients, stable here)."""
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def swagger(base_host: str, names: Iterable[str]) -> dict[str, Any]:
+    """Kudu's Swagger 2.0 document of triggered jobs, keyed by the deprecated run route."""
+    paths = {
+        f"/api/triggeredjobs/{name}/run": {
+            "post": {
+                "deprecated": False,
+                "operationId": name,
+                "consumes": [],
+                "produces": [],
+                "responses": {
+                    "200": {"description": "Success"},
+                    "default": {"description": "Success"},
+                },
+                "parameters": [
+                    {
+                        "name": "arguments",
+                        "in": "query",
+                        "description": "Web Job Arguments",
+                        "required": False,
+                        "type": "string",
+                    }
+                ],
+            }
+        }
+        for name in names
+    }
+    return {
+        "swagger": "2.0",
+        "info": {"version": "v1", "title": "WebJobs"},
+        "host": base_host,
+        "schemes": ["https"],
+        "paths": paths,
+    }
