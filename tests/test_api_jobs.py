@@ -297,3 +297,33 @@ async def test_every_route_but_health_needs_credentials(site: Site) -> None:
         ) as response:
             assert response.status == 401
         assert not site.data_dir("triggered", "t").exists()
+
+
+async def test_settings_store_applies_without_restart(site: Site) -> None:
+    site.write_job("continuous", "halt", LOOP)
+    async with api(site) as (_daemon, session, base):
+        await wait_for(lambda: leaders(site, "halt"), what="running")
+        assert await get_json(session, f"{base}/api/settings") == {}
+        async with session.post(f"{base}/api/settings", json={"WEBJOBS_STOPPED": "1"}) as r:
+            assert r.status == 200
+        await wait_for(lambda: not job_pids(site, "halt"), timeout=5, what="stopped at once")
+        async with session.post(
+            f"{base}/api/settings", json={"key": "WEBJOBS_STOPPED", "value": "0"}
+        ) as r:
+            assert r.status == 200
+        await wait_for(lambda: leaders(site, "halt"), timeout=5, what="running again")
+        async with session.post(f"{base}/api/settings", json={"MY_FLAG": True, "N": 3}) as r:
+            assert r.status == 200
+        store = await get_json(session, f"{base}/api/settings")
+        assert store == {"WEBJOBS_STOPPED": "0", "MY_FLAG": "true", "N": "3"}
+        assert await get_json(session, f"{base}/api/settings/N") == "3"
+        async with session.delete(f"{base}/api/settings/N") as r:
+            assert r.status == 200
+        await get_json(session, f"{base}/api/settings/N", status=404)
+        path = site.root / "data" / "webjobsd" / "settings.json"
+        assert path.stat().st_mode & 0o777 == 0o600
+        for bad in ([1], {"A=B": "x"}, {"K": {"nested": 1}}):
+            async with session.post(f"{base}/api/settings", json=bad) as r:
+                assert r.status == 400
+        async with session.post(f"{base}/api/settings", data=b"{nope") as r:
+            assert r.status == 400

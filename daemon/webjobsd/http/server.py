@@ -14,6 +14,7 @@ from aiohttp import web
 from webjobsd.http.context import CONTEXT, ApiContext
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.jobs import add_job_routes
+from webjobsd.http.settings import add_settings_routes
 
 log = structlog.get_logger("webjobsd.http")
 
@@ -36,6 +37,7 @@ def build_app(
     app[CONTEXT] = ctx
     app.router.add_get("/healthz", healthz)
     add_job_routes(app)
+    add_settings_routes(app)
     return app
 
 
