@@ -24,7 +24,7 @@ import structlog
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
-from webjobsd.discovery.watcher import Debouncer, JobsWatcher
+from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
 from webjobsd.http.limits import UploadLimits
@@ -280,6 +280,7 @@ class Daemon:
             instance_is_live=self.instance_is_live,
             continuous_port=self.continuous_port,
             wait_stopped=self.wait_stopped,
+            on_file_change=self._file_changed,
             limits=UploadLimits(
                 max_upload_bytes=config.max_upload_bytes,
                 max_extracted_bytes=config.max_extracted_bytes,
@@ -327,6 +328,14 @@ class Daemon:
         if self.discovery is not None:
             await self.discovery.refresh(keys, settle=False)
         self.wake()
+
+    def _file_changed(self, path: Path) -> None:
+        """A file written through /api/vfs or /api/zip: a hint, like a watcher event."""
+        if self.discovery is None:
+            return
+        hint = hint_for_path(self.layout.jobs_root, str(path))
+        if hint is not False:
+            self.discovery.hint(hint if isinstance(hint, JobKey) else None)
 
     def instance_is_live(self, instance_id: str) -> bool:
         if instance_id == self.layout.instance_id:

@@ -59,6 +59,9 @@ _FUTURE_TOLERANCE_S = 2.0
 class FolderScan:
     fingerprint_parts: tuple[tuple[str, int, int], ...]
     newest_mtime: float
+    # The folder itself: a folder swapped in by a deployment is a new job even when its files
+    # carry the same sizes and (zip) timestamps as the old ones.
+    folder_identity: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +108,13 @@ def scan_folder(job_dir: Path) -> FolderScan:
                 continue
             parts.append((os.path.relpath(path, job_dir), stat.st_size, stat.st_mtime_ns))
     parts.sort()
-    return FolderScan(tuple(parts), newest)
+    folder = os.stat(job_dir)
+    return FolderScan(tuple(parts), newest, (folder.st_dev, folder.st_ino))
 
 
 def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
     digest = hashlib.sha256()
+    digest.update(f"{scan.folder_identity}\n".encode())
     for rel, size, mtime in scan.fingerprint_parts:
         digest.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     digest.update(json.dumps(dict(settings.raw), sort_keys=True, default=str).encode())

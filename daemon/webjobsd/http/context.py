@@ -35,6 +35,7 @@ class ApiContext:
     instance_is_live: Callable[[str], bool]
     continuous_port: Callable[[JobKey], int | None]
     wait_stopped: Callable[[JobKey, float], Awaitable[bool]]
+    on_file_change: Callable[[Path], None] | None = None
     limits: UploadLimits = field(default_factory=UploadLimits)
     upload_dir: Path | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
+from webjobsd.http.deploy import add_deploy_routes
 from webjobsd.http.errors import bad_request, conflict, not_found
 from webjobsd.http.views import (
     continuous_job,
@@ -389,3 +390,4 @@ def add_job_routes(app: web.Application) -> None:
                 router.add_get(prefix + "/{name}/history", history)
                 router.add_get(prefix + "/{name}/history/{run_id}", one_run)
     router.add_get("/api/triggeredwebjobsswagger", swagger_document)
+    add_deploy_routes(app, {kind: _prefixes(kind) for kind in JobKind})

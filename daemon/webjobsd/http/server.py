@@ -7,12 +7,14 @@ stopping it closes listeners first, then waits (bounded) for requests in flight.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from webjobsd.http.context import CONTEXT, ApiContext
+from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.errors import error_middleware
+from webjobsd.http.files import add_file_routes
 from webjobsd.http.jobs import add_job_routes
 from webjobsd.http.settings import add_settings_routes
 
@@ -36,13 +38,30 @@ def build_app(
     )
     app[CONTEXT] = ctx
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/openapi.yaml", openapi_document)
     add_job_routes(app)
     add_settings_routes(app)
+    add_file_routes(
+        app,
+        site_root=ctx.layout.site_root,
+        limits=ctx.limits,
+        temp_dir=ctx.upload_dir or ctx.layout.temp_root / "uploads",
+        on_change=ctx.on_file_change,
+        base_url=base_url,
+    )
     return app
+
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+
+
+async def openapi_document(_request: web.Request) -> web.StreamResponse:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
 
 
 class HttpServer:
     def __init__(self, app: web.Application) -> None:
+        self.app = app
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         self.port: int | None = None
         self.host: str | None = None

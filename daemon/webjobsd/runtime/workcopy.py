@@ -41,6 +41,7 @@ class WorkingCopy:
         self._parent = parent
         self._current: Path | None = None
         self._source_at_copy: dict[str, int] = {}
+        self._source_identity: tuple[int, int] | None = None
 
     @property
     def current(self) -> Path | None:
@@ -48,6 +49,9 @@ class WorkingCopy:
 
     def _change_reason(self, source_now: dict[str, int]) -> str | None:
         assert self._current is not None
+        if self._identity() != self._source_identity:
+            # Replaced as a whole (a deployment swaps folders): files may keep their timestamps.
+            return "Job directory change detected: the job folder was replaced."
         copy_now = mtime_map(self._current)
         for rel, mtime in source_now.items():
             if rel not in copy_now:
@@ -81,7 +85,15 @@ class WorkingCopy:
         shutil.copytree(self._source, target, symlinks=True, copy_function=shutil.copy2)
         self._current = target
         self._source_at_copy = source_now
+        self._source_identity = self._identity()
         return target
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._source)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def discard(self) -> None:
         """Remove every copy of this job (the per-job temp folder)."""

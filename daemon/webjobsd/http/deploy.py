@@ -1,0 +1,131 @@
+"""Deploying a job through the API: `PUT /api/{type}webjobs/{name}` (Part B §1.2, §8.2).
+
+The body (a zip with `Content-Type: application/zip`, or a single script named by
+`Content-Disposition: attachment; filename=...`) is streamed to a temp file under the upload cap,
+extracted or placed into a staging folder beside the jobs root's kind folders, checked for a
+runnable script, and only then swapped into place with renames on the same file system, so the
+watcher never sees half a job and a refused upload leaves the existing job untouched. Like Kudu,
+a successful upload replaces the whole folder (an old `settings.job` or `disable.job` goes too).
+
+The staging folder is `{jobs_root}/.webjobsd-staging/`: not a kind folder, so its events are
+noise to the watcher, and on the same file system as the job folders, so the swap is a rename.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
+from webjobsd.discovery.scripts import select_command
+from webjobsd.http.context import CONTEXT, ApiContext, base_url
+from webjobsd.http.errors import bad_request
+from webjobsd.http.uploads import extract_zip, receive_to_file
+from webjobsd.model import JobKey, JobKind, is_valid_job_name
+
+MISSING_DISPOSITION = "Missing Content-Disposition header."
+STAGING = ".webjobsd-staging"
+_FILENAME = re.compile(r'(?:^|;)\s*filename\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+_SCRIPT_SUFFIXES = (".sh", ".py", ".php", ".js", ".ps1", ".jar")
+_LOCKS = web.AppKey("deploy_locks", dict)
+
+
+def filename_from(disposition: str | None) -> str:
+    """Kudu: the plain `filename` parameter, quotes trimmed, directory part dropped."""
+    if not disposition:
+        raise bad_request(MISSING_DISPOSITION)
+    match = _FILENAME.search(disposition)
+    raw = match.group(1).strip() if match else ""
+    if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+        raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name:
+        raise bad_request(MISSING_DISPOSITION)
+    if name in (".", "..") or "\0" in name or len(name.encode()) > 255:
+        raise bad_request(f"Invalid file name {name!r}.")
+    return name
+
+
+def _place_single_file(upload: Path, folder: Path, filename: str) -> None:
+    target = folder / filename
+    os.replace(upload, target)
+    with open(target, "rb") as handle:
+        head = handle.read(4)
+    executable = filename.lower().endswith(_SCRIPT_SUFFIXES) or head == b"\x7fELF"
+    target.chmod(0o755 if executable else 0o644)
+
+
+def _swap_into_place(new: Path, target: Path, staging: Path) -> None:
+    """Two renames on one file system; the old folder is removed after the new one is in."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old: Path | None = None
+    if target.is_symlink() or target.exists():
+        old = staging / f"old-{secrets.token_hex(6)}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename: str) -> None:
+    staging = ctx.layout.jobs_root / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    new = staging / f"new-{key.kind.value}-{key.name}-{secrets.token_hex(6)}"
+    new.mkdir(mode=0o755)
+    try:
+        if is_zip:
+            extract_zip(upload, new, ctx.limits)
+        else:
+            _place_single_file(upload, new, filename)
+        if select_command(new) is None:
+            raise bad_request(NO_RUNNABLE_SCRIPT)
+        _swap_into_place(new, ctx.layout.job_dir(key), staging)
+    finally:
+        if new.exists():
+            shutil.rmtree(new, ignore_errors=True)
+
+
+def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from webjobsd.http.jobs import INVALID_NAME, _Snapshot
+
+        ctx = request.app[CONTEXT]
+        name = request.match_info["name"]
+        if not is_valid_job_name(name):
+            raise bad_request(INVALID_NAME)
+        filename = filename_from(request.headers.get("Content-Disposition"))
+        is_zip = request.content_type.lower() == "application/zip"
+        key = JobKey(kind, name)
+        locks: dict[JobKey, asyncio.Lock] = request.app[_LOCKS]
+        upload_dir = ctx.upload_dir or (ctx.layout.temp_root / "uploads")
+        await asyncio.to_thread(upload_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        upload = upload_dir / f"{name}-{secrets.token_hex(8)}"
+        try:
+            await receive_to_file(request, upload, ctx.limits.max_upload_bytes)
+            async with locks.setdefault(key, asyncio.Lock()):
+                await asyncio.to_thread(_prepare, ctx, key, upload, is_zip, filename)
+        finally:
+            await asyncio.to_thread(upload.unlink, True)
+        await ctx.refresh({key})
+        spec = ctx.specs().get(key)
+        if spec is None:
+            raise bad_request(NO_RUNNABLE_SCRIPT)
+        snapshot = _Snapshot(ctx)
+        return web.json_response(await asyncio.to_thread(snapshot.job, base_url(request), spec))
+
+    return handler
+
+
+def add_deploy_routes(app: web.Application, prefixes: dict[JobKind, list[str]]) -> None:
+    app[_LOCKS] = {}
+    for kind, kind_prefixes in prefixes.items():
+        handler = put_job(kind)
+        for prefix in kind_prefixes:
+            app.router.add_put(prefix + "/{name}", handler)

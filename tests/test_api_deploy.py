@@ -1,0 +1,136 @@
+"""Deploying jobs through the API: zip and single-file uploads, refused uploads leave nothing."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import AsyncIterator
+
+from tests.helpers import Site, job_pids, leaders, wait_for
+from tests.test_api_jobs import api, get_json, poll
+
+
+def zip_of(files: dict[str, str | bytes], *, modes: dict[str, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 2, 3, 4, 6))
+            info.external_attr = ((modes or {}).get(name, 0o644) & 0xFFFF) << 16
+            archive.writestr(info, content)
+    return buffer.getvalue()
+
+
+ZIP_HEADERS = {
+    "Content-Type": "application/zip",
+    "Content-Disposition": "attachment; filename=job.zip",
+}
+
+
+async def test_full_lifecycle_of_both_kinds_through_the_api_only(site: Site) -> None:
+    """1. upload a continuous job as a zip  2. it runs; stop/start  3. upload a triggered job
+    as one file  4. run it with arguments, poll history, read its output  5. delete both."""
+    async with api(site) as (_daemon, session, base):
+        body = zip_of({"run.sh": "echo deployed $WEBJOBS_NAME\nwhile true; do sleep 0.2; done\n"})
+        async with session.put(
+            f"{base}/api/continuouswebjobs/svc", data=body, headers=ZIP_HEADERS
+        ) as response:
+            assert response.status == 200, await response.text()
+            job = await response.json()
+        assert job["name"] == "svc" and job["type"] == "continuous"
+        await wait_for(lambda: leaders(site, "svc"), what="deployed job running")
+        job = await poll(
+            lambda: get_json(session, f"{base}/api/continuouswebjobs/svc"),
+            lambda j: j["status"] == "Running",
+            "Running",
+        )
+        async with session.post(f"{base}/api/continuouswebjobs/svc/stop") as response:
+            assert response.status == 200
+        await wait_for(lambda: not job_pids(site, "svc"), what="stopped")
+        async with session.post(f"{base}/api/continuouswebjobs/svc/start") as response:
+            assert response.status == 200
+        await wait_for(lambda: leaders(site, "svc"), what="back")
+
+        script = b'echo "args: $#"; for a in "$@"; do echo "<$a>"; done\n'
+        async with session.put(
+            f"{base}/api/triggeredwebjobs/task",
+            data=script,
+            headers={"Content-Disposition": 'attachment; filename="run.sh"'},
+        ) as response:
+            assert response.status == 200, await response.text()
+        async with session.post(
+            f"{base}/api/triggeredwebjobs/task/run", params={"arguments": '"a b" c'}
+        ) as response:
+            assert response.status == 202
+            location = response.headers["Location"]
+        run = await poll(
+            lambda: get_json(session, location), lambda r: r["status"] == "Success", "run"
+        )
+        history = await get_json(session, f"{base}/api/triggeredwebjobs/task/history")
+        assert [r["id"] for r in history["runs"]] == [run["id"]]
+        async with session.get(run["output_url"]) as response:
+            if response.status == 200:  # served by the vfs routes
+                text = await response.text()
+                assert "INFO] args: 2" in text and "INFO] <a b>" in text
+
+        for url in (f"{base}/api/continuouswebjobs/svc", f"{base}/api/triggeredwebjobs/task"):
+            async with session.delete(url) as response:
+                assert response.status == 200
+            await get_json(session, url, status=404)
+        assert not job_pids(site, "svc")
+
+
+async def test_a_new_upload_replaces_the_old_job(site: Site) -> None:
+    async with api(site) as (_daemon, session, base):
+        url = f"{base}/api/continuouswebjobs/app"
+        for version in ("1", "2"):
+            body = zip_of(
+                {
+                    "run.sh": f"echo v{version}\nwhile true; do sleep 0.2; done\n",
+                    "settings.job": "{}",
+                }
+            )
+            async with session.put(url, data=body, headers=ZIP_HEADERS) as response:
+                assert response.status == 200
+            await wait_for(
+                lambda v=version: f"INFO] v{v}" in site.job_log("app"), what=f"v{version}"
+            )
+        assert len(leaders(site, "app")) == 1
+
+
+async def test_refused_uploads_write_nothing(site: Site) -> None:
+    site.write_job(
+        "continuous", "keep", {"run.sh": "echo original\nwhile true; do sleep 1; done\n"}
+    )
+    async with api(site, max_upload_bytes=64 * 1024) as (_daemon, session, base):
+        url = f"{base}/api/continuouswebjobs/keep"
+        before = sorted(p.name for p in site.job_dir("continuous", "keep").iterdir())
+        cases = [
+            (zip_of({"../../escape.sh": "echo x\n", "run.sh": "echo\n"}), 400),
+            (zip_of({"/abs/path.sh": "echo x\n", "run.sh": "echo\n"}), 400),
+            (zip_of({"link": "/etc/passwd", "run.sh": "echo\n"}, modes={"link": 0o120777}), 400),
+            (zip_of({"readme.txt": "no script here"}), 400),
+            (b"this is not a zip", 400),
+        ]
+        for body, status in cases:
+            async with session.put(url, data=body, headers=ZIP_HEADERS) as response:
+                assert response.status == status, await response.text()
+                assert "message" in await response.json()
+        async with session.put(url, data=b"echo\n") as response:
+            assert response.status == 400
+            assert (await response.json())["message"] == "Missing Content-Disposition header."
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"\0" * 4096
+
+        async with session.put(url, data=chunks(), headers=ZIP_HEADERS) as response:
+            assert response.status == 413
+        assert sorted(p.name for p in site.job_dir("continuous", "keep").iterdir()) == before
+        assert not (site.root / "escape.sh").exists()
+        assert not (site.jobs / "escape.sh").exists()
+        staging = site.jobs / ".webjobsd-staging"
+        assert not staging.exists() or not any(staging.iterdir())
+        async with session.put(
+            f"{base}/api/continuouswebjobs/bad%20name", data=b"x", headers=ZIP_HEADERS
+        ) as response:
+            assert response.status == 400
