@@ -68,9 +68,9 @@ async def test_full_lifecycle_of_both_kinds_through_the_api_only(site: Site) -> 
         history = await get_json(session, f"{base}/api/triggeredwebjobs/task/history")
         assert [r["id"] for r in history["runs"]] == [run["id"]]
         async with session.get(run["output_url"]) as response:
-            if response.status == 200:  # served by the vfs routes
-                text = await response.text()
-                assert "INFO] args: 2" in text and "INFO] <a b>" in text
+            assert response.status == 200
+            text = await response.text()
+        assert "INFO] args: 2" in text and "INFO] <a b>" in text
 
         for url in (f"{base}/api/continuouswebjobs/svc", f"{base}/api/triggeredwebjobs/task"):
             async with session.delete(url) as response:
