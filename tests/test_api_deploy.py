@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import Site, job_pids, leaders, wait_for
 from tests.test_api_jobs import api, get_json, poll
@@ -134,3 +141,39 @@ async def test_refused_uploads_write_nothing(site: Site) -> None:
             f"{base}/api/continuouswebjobs/bad%20name", data=b"x", headers=ZIP_HEADERS
         ) as response:
             assert response.status == 400
+
+
+async def test_single_file_upload_with_temp_on_another_file_system(site: Site) -> None:
+    """The upload folder (temp) on tmpfs, the jobs on disk: moving across file systems works."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(site.root.parent).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    temp = Path(tempfile.mkdtemp(dir=shm, prefix="webjobsd-test-"))
+    try:
+        async with (
+            api(site, temp_dir=str(temp)) as (_daemon, session, base),
+            session.put(
+                f"{base}/api/triggeredwebjobs/moved",
+                data=b"echo moved\n",
+                headers={"Content-Disposition": "attachment; filename=run.sh"},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+async def test_concurrent_uploads_of_one_job_all_succeed_and_one_wins(site: Site) -> None:
+    async with api(site) as (_daemon, session, base):
+        url = f"{base}/api/continuouswebjobs/busy"
+
+        async def upload(version: int) -> int:
+            body = zip_of({"run.sh": f"echo v{version}\nwhile true; do sleep 0.2; done\n"})
+            async with session.put(url, data=body, headers=ZIP_HEADERS) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(upload(v) for v in range(8)))
+        assert statuses == [200] * 8
+        await wait_for(lambda: len(leaders(site, "busy")) == 1, what="one process")
+        await wait_for(lambda: site.status("busy") == "Running", what="Running")
+        assert len(leaders(site, "busy")) == 1

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.helpers import Site, job_pids, leaders, running_daemon, wait_for
 from webjobsd.app import Daemon
@@ -75,7 +76,7 @@ async def test_lists_and_jobs_in_kudu_shape_with_etags(site: Site) -> None:
         assert triggered["history_url"] == f"{base}/api/triggeredwebjobs/report/history"
         assert triggered["scheduler_logs_url"] is None
         assert continuous["status"] == "Running"
-        assert continuous["detailed_status"] == "test01 - Running\n"
+        assert continuous["detailed_status"] == "test01 - Running\r\n"
         assert continuous["log_url"] == f"{base}/vfs/data/jobs/continuous/worker/job_log.txt"
         assert continuous["run_command"] == continuous["runCommand"] == "run.sh"
         assert continuous["url"] == f"{base}/api/continuouswebjobs/worker"
@@ -226,6 +227,7 @@ async def test_swagger_document(site: Site) -> None:
     async with api(site) as (_daemon, session, base):
         doc = await get_json(session, f"{base}/api/triggeredwebjobsswagger")
         assert doc["swagger"] == "2.0"
+        assert doc["host"] == "placeHolder"
         post = doc["paths"]["/api/triggeredjobs/alpha/run"]["post"]
         assert post["operationId"] == "alpha"
         assert post["parameters"][0]["name"] == "arguments"
@@ -240,8 +242,12 @@ async def test_passthrough_reaches_the_jobs_port(site: Site) -> None:
                 import http.server, os
                 class Handler(http.server.BaseHTTPRequestHandler):
                     def do_GET(self):
-                        body = f"path={self.path} x={self.headers.get('X-Test')}".encode()
+                        auth = self.headers.get("Authorization")
+                        body = f"path={self.path} x={self.headers.get('X-Test')} a={auth}"
+                        body = body.encode()
                         self.send_response(200)
+                        self.send_header("Set-Cookie", "a=1")
+                        self.send_header("Set-Cookie", "b=2")
                         self.send_header("Content-Length", str(len(body)))
                         self.end_headers()
                         self.wfile.write(body)
@@ -255,10 +261,11 @@ async def test_passthrough_reaches_the_jobs_port(site: Site) -> None:
     )
     async with api(site) as (_daemon, session, base):
         await wait_for(lambda: "INFO] serving" in site.job_log("web"), what="job serving")
-        url = f"{base}/api/continuouswebjobs/web/passthrough/some/where?q=1"
-        async with session.get(url, headers={"X-Test": "yes"}) as response:
+        url = f"{base}/api/continuouswebjobs/web/passthrough/some/a%3Fb/c%2Fd?q=1&q=2"
+        async with session.get(URL(url, encoded=True), headers={"X-Test": "yes"}) as response:
             assert response.status == 200
-            assert await response.text() == "path=/some/where?q=1 x=yes"
+            assert await response.text() == "path=/some/a%3Fb/c%2Fd?q=1&q=2 x=yes a=None"
+            assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
         async with session.get(f"{base}/api/continuouswebjobs/nope/passthrough/x") as response:
             assert response.status == 404
 
@@ -327,3 +334,97 @@ async def test_settings_store_applies_without_restart(site: Site) -> None:
                 assert r.status == 400
         async with session.post(f"{base}/api/settings", data=b"{nope") as r:
             assert r.status == 400
+
+
+async def test_odd_bodies_and_headers_are_400_not_500(site: Site) -> None:
+    site.write_job("continuous", "c", LOOP)
+    site.write_job("triggered", "t", {"run.sh": "exit 0\n"})
+    async with api(site) as (_daemon, session, base):
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for url, method in (
+            (f"{base}/api/continuouswebjobs/c/settings", "PUT"),
+            (f"{base}/api/settings", "POST"),
+        ):
+            for body, content_type in (
+                (b'{"a": 1}', "application/json; charset=bogus"),
+                (deep, "application/json"),
+                (b'{"x": NaN}', "application/json"),
+                (b"\xff\xfe", "application/json"),
+            ):
+                async with session.request(
+                    method, url, data=body, headers={"Content-Type": content_type}
+                ) as response:
+                    if content_type.endswith("bogus"):
+                        assert response.status in (200, 400), await response.text()
+                    else:
+                        assert response.status == 400, (url, body[:10], await response.text())
+        async with session.post(
+            f"{base}/api/triggeredwebjobs/t/run", headers={"User-Agent": "caf\xe9/1"}
+        ) as response:
+            assert response.status == 202
+        async with session.put(
+            f"{base}/api/triggeredwebjobs/t2",
+            data=b"echo\n",
+            headers={"Content-Disposition": "attachment; filename=\xff\xfe.sh"},
+        ) as response:
+            assert response.status in (200, 400), await response.text()
+
+
+async def test_every_route_needs_auth(site: Site) -> None:
+    async with api(site) as (daemon, _session, base), aiohttp.ClientSession() as anonymous:
+        assert daemon.http is not None
+        checked = 0
+        for route in daemon.http.app.router.routes():
+            info = route.resource.get_info() if route.resource else {}
+            path = info.get("path") or info.get("formatter") or ""
+            if not path or path == "/healthz":
+                continue
+            url = base + path.replace("{name}", "x").replace("{run_id}", "1").replace("{key}", "K")
+            url = url.replace("{path:.*}", "p").replace("{path}", "p")
+            method = "GET" if route.method in ("*", "HEAD") else route.method
+            async with anonymous.request(method, url) as response:
+                assert response.status == 401, (method, url, response.status)
+            checked += 1
+        assert checked > 80
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "/api/jobs",
+        "/jobs",
+        "/api/jobs/",
+        "/jobs/",
+        "/api/triggeredjobs",
+        "/jobs/triggered",
+        "/api/jobs/triggered",
+        "/api/triggeredjobs/t",
+        "/jobs/triggered/t",
+        "/api/jobs/triggered/t/history",
+        "/api/continuousjobs",
+        "/jobs/continuous/c/settings",
+        "/api/jobs/continuous/c",
+        "/vfs/data/",
+        "/zip/data/",
+        "/settings",
+    ],
+)
+async def test_kudu_aliases_answer(site: Site, alias: str) -> None:
+    site.write_job("triggered", "t", {"run.sh": "exit 0\n"})
+    site.write_job("continuous", "c", LOOP)
+    async with api(site) as (_daemon, session, base):
+        await wait_for(lambda: site.data_dir("continuous", "c").exists(), what="data folder")
+        async with session.get(base + alias) as response:
+            assert response.status == 200, await response.text()
+
+
+async def test_delete_during_a_triggered_run_stops_it(site: Site) -> None:
+    site.write_job("triggered", "busy", {"run.sh": "echo started\nsleep 60\n"})
+    async with api(site) as (_daemon, session, base):
+        async with session.post(f"{base}/api/triggeredwebjobs/busy/run") as response:
+            assert response.status == 202
+        await wait_for(lambda: job_pids(site, "busy"), what="run started")
+        async with session.delete(f"{base}/api/triggeredwebjobs/busy") as response:
+            assert response.status == 200
+        assert not job_pids(site, "busy")
+        assert not site.data_dir("triggered", "busy").exists()

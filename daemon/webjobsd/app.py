@@ -116,7 +116,17 @@ class Daemon:
         except ConfigError as error:
             log.error("reload failed; keeping the current configuration", error=str(error))
             return
-        for name in ("site", "jobs_root", "instance_id", "temp_dir"):
+        for name in (
+            "site",
+            "jobs_root",
+            "instance_id",
+            "temp_dir",
+            "listen",
+            "trusted_proxies",
+            "max_upload_bytes",
+            "max_extracted_bytes",
+            "max_archive_entries",
+        ):
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("configuration change needs a restart", key=name)
         configure_logging(new.log_format, new.log_level)

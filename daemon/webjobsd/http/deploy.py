@@ -26,7 +26,7 @@ from aiohttp import web
 from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
 from webjobsd.discovery.scripts import select_command
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
-from webjobsd.http.errors import bad_request
+from webjobsd.http.errors import bad_request, clean_text
 from webjobsd.http.uploads import extract_zip, receive_to_file
 from webjobsd.model import JobKey, JobKind, is_valid_job_name
 
@@ -48,14 +48,16 @@ def filename_from(disposition: str | None) -> str:
     name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if not name:
         raise bad_request(MISSING_DISPOSITION)
-    if name in (".", "..") or "\0" in name or len(name.encode()) > 255:
-        raise bad_request(f"Invalid file name {name!r}.")
+    encoded = name.encode("utf-8", "surrogateescape")
+    if name in (".", "..") or "\0" in name or len(encoded) > 255 or clean_text(name) != name:
+        raise bad_request(f"Invalid file name {clean_text(name)!r}.")
     return name
 
 
 def _place_single_file(upload: Path, folder: Path, filename: str) -> None:
     target = folder / filename
-    os.replace(upload, target)
+    # A copy, not a rename: the upload folder may be on another file system (tmpfs, a volume).
+    shutil.copyfile(upload, target)
     with open(target, "rb") as handle:
         head = handle.read(4)
     executable = filename.lower().endswith(_SCRIPT_SUFFIXES) or head == b"\x7fELF"
@@ -103,24 +105,31 @@ def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamRespon
         filename = filename_from(request.headers.get("Content-Disposition"))
         is_zip = request.content_type.lower() == "application/zip"
         key = JobKey(kind, name)
-        locks: dict[JobKey, asyncio.Lock] = request.app[_LOCKS]
         upload_dir = ctx.upload_dir or (ctx.layout.temp_root / "uploads")
         await asyncio.to_thread(upload_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         upload = upload_dir / f"{name}-{secrets.token_hex(8)}"
         try:
             await receive_to_file(request, upload, ctx.limits.max_upload_bytes)
-            async with locks.setdefault(key, asyncio.Lock()):
+            # Held until the catalog has seen the new folder: a concurrent PUT, DELETE or
+            # settings write of the same job waits instead of racing the swap.
+            async with job_lock(request, key):
                 await asyncio.to_thread(_prepare, ctx, key, upload, is_zip, filename)
+                await ctx.refresh({key})
+                spec = ctx.specs().get(key)
+                if spec is None:
+                    raise bad_request(NO_RUNNABLE_SCRIPT)
+                snapshot = _Snapshot(ctx)
         finally:
             await asyncio.to_thread(upload.unlink, True)
-        await ctx.refresh({key})
-        spec = ctx.specs().get(key)
-        if spec is None:
-            raise bad_request(NO_RUNNABLE_SCRIPT)
-        snapshot = _Snapshot(ctx)
         return web.json_response(await asyncio.to_thread(snapshot.job, base_url(request), spec))
 
     return handler
+
+
+def job_lock(request: web.Request, key: JobKey) -> asyncio.Lock:
+    """One lock per job for every write through the API (upload, delete, settings, stop)."""
+    locks: dict[JobKey, asyncio.Lock] = request.app[_LOCKS]
+    return locks.setdefault(key, asyncio.Lock())
 
 
 def add_deploy_routes(app: web.Application, prefixes: dict[JobKind, list[str]]) -> None:

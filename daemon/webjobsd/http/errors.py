@@ -6,6 +6,7 @@ JSON body, and turns an unexpected exception into a logged 500 whose body reveal
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -28,6 +29,28 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     response = web.json_response({"message": message}, status=status)
     response.headers.update(headers or {})
     return response
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_body(request: web.Request) -> object:
+    """The body as JSON, or a 400: strict UTF-8 whatever charset the client claims, no
+    NaN/Infinity (they would be written out as invalid JSON), no nesting deep enough to blow
+    the parser's stack."""
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8-sig")
+        return json.loads(text, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        message = "too deeply nested" if isinstance(error, RecursionError) else str(error)
+        raise bad_request(f"The body is not valid JSON: {message}") from error
+
+
+def clean_text(value: str) -> str:
+    """Header text that may carry undecodable bytes (surrogates), made safe to store."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def bad_request(message: str) -> ApiError:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
-from webjobsd.http.deploy import add_deploy_routes
-from webjobsd.http.errors import bad_request, conflict, not_found
+from webjobsd.http.deploy import add_deploy_routes, job_lock
+from webjobsd.http.errors import bad_request, clean_text, conflict, not_found, read_json_body
 from webjobsd.http.views import (
     continuous_job,
     etag_of,
@@ -174,16 +175,26 @@ def delete_job(kind: JobKind) -> Handler:
         ctx = request.app[CONTEXT]
         name = _name(request)
         key = JobKey(kind, name)
-        job_dir = ctx.layout.job_dir(key)
-        await asyncio.to_thread(shutil.rmtree, job_dir, True)
-        await ctx.refresh({key})
-        # The data folder goes once the job's process or run has stopped, or the stop would
-        # write its last status and log lines into a folder that was just removed.
-        await ctx.wait_stopped(key, DELETE_STOP_WAIT_S)
-        await asyncio.to_thread(shutil.rmtree, ctx.layout.data_dir(key), True)
+        async with job_lock(request, key):
+            await asyncio.to_thread(_remove_job_folder, ctx.layout.job_dir(key))
+            await ctx.refresh({key})
+            if key in ctx.specs():
+                raise conflict(f"The job folder of {name!r} could not be removed.")
+            # The data folder goes once the job's process or run has stopped, or the stop
+            # would write its last status and log lines into a folder that was just removed.
+            if not await ctx.wait_stopped(key, DELETE_STOP_WAIT_S):
+                raise conflict(f"The job {name!r} is still stopping; its data was kept.")
+            await asyncio.to_thread(shutil.rmtree, ctx.layout.data_dir(key), True)
         return web.Response(status=200)
 
     return handler
+
+
+def _remove_job_folder(job_dir: Path) -> None:
+    if job_dir.is_symlink():
+        job_dir.unlink()
+    else:
+        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -201,15 +212,19 @@ def put_settings(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
         spec = _spec(ctx, kind, _name(request))
-        try:
-            body = await request.json(loads=json.loads)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise bad_request(f"The body is not valid JSON: {error}") from error
+        body = await read_json_body(request)
         if not isinstance(body, dict):
             raise bad_request("The settings must be a JSON object.")
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        await asyncio.to_thread(write_bytes_atomic, spec.script_dir / "settings.job", data)
-        await ctx.refresh({spec.key})
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        async with job_lock(request, spec.key):
+            spec = _spec(ctx, kind, spec.key.name)
+            try:
+                await asyncio.to_thread(
+                    write_bytes_atomic, spec.script_dir / "settings.job", data.encode()
+                )
+            except FileNotFoundError as error:
+                raise not_found(f"No {kind.value} job named {spec.key.name!r}.") from error
+            await ctx.refresh({spec.key})
         return web.Response(status=200)
 
     return handler
@@ -218,27 +233,32 @@ def put_settings(kind: JobKind) -> Handler:
 # -- continuous: stop, start, passthrough ----------------------------------------------------
 
 
-async def stop_continuous(request: web.Request) -> web.StreamResponse:
+async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
-    marker = spec.script_dir / "disable.job"
-    try:
-        await asyncio.to_thread(write_bytes_atomic, marker, b"", fsync=False)
-    except OSError as error:
-        raise conflict(f"Cannot write {marker.name}: {error.strerror}") from error
-    await ctx.refresh({spec.key})
+    name = _name(request)
+    key = JobKey(JobKind.CONTINUOUS, name)
+    async with job_lock(request, key):
+        spec = _spec(ctx, JobKind.CONTINUOUS, name)
+        marker = spec.script_dir / "disable.job"
+        try:
+            if disabled:
+                await asyncio.to_thread(write_bytes_atomic, marker, b"", fsync=False)
+            else:
+                await asyncio.to_thread(marker.unlink, True)
+        except FileNotFoundError as error:
+            raise not_found(f"No continuous job named {name!r}.") from error
+        except OSError as error:
+            raise conflict(f"Cannot change {marker.name}: {error.strerror}") from error
+        await ctx.refresh({key})
     return web.Response(status=200)
+
+
+async def stop_continuous(request: web.Request) -> web.StreamResponse:
+    return await _set_disabled(request, True)
 
 
 async def start_continuous(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
-    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
-    try:
-        await asyncio.to_thread((spec.script_dir / "disable.job").unlink, True)
-    except OSError as error:
-        raise conflict(f"Cannot remove disable.job: {error.strerror}") from error
-    await ctx.refresh({spec.key})
-    return web.Response(status=200)
+    return await _set_disabled(request, False)
 
 
 _HOP_BY_HOP = {
@@ -250,45 +270,69 @@ _HOP_BY_HOP = {
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "expect",
     "host",
     "content-length",
 }
 
 
+def _hop_by_hop(headers: Mapping[str, str]) -> set[str]:
+    """The fixed hop-by-hop headers plus those the sender named in `Connection`."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])  # type: ignore[attr-defined]
+        for token in value.split(",")
+    }
+    return _HOP_BY_HOP | named
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Kudu's passthrough: the request, cloned to the job's WEBJOBS_PORT on loopback."""
+    """Kudu's passthrough: the request, cloned to the job's WEBJOBS_PORT on loopback.
+
+    The path and query are forwarded as the client encoded them; the daemon's own
+    `Authorization` is not; the answer streams back with every header it had (repeated
+    `Set-Cookie` included), minus hop-by-hop ones.
+    """
     import aiohttp
+    from yarl import URL
 
     ctx = request.app[CONTEXT]
     spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
     port = ctx.continuous_port(spec.key)
     if port is None:
         raise not_found("The job is not running on this instance.")
-    target = f"http://127.0.0.1:{port}/{request.match_info.get('path', '')}"
-    headers = {
-        k: v
-        for k, v in request.headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() != "authorization"
-    }
-    body = await request.read() if request.method not in ("GET", "HEAD") else None
-    timeout = aiohttp.ClientTimeout(total=120)
+    raw = request.raw_path
+    # Job names are plain ASCII (validated), so the raw path spells the name as it is.
+    marker = f"/{spec.key.name}/passthrough"
+    tail = raw[raw.index(marker) + len(marker) :] if marker in raw else "/"
+    target = URL(
+        f"http://127.0.0.1:{port}{tail if tail.startswith('/') else '/' + tail}", encoded=True
+    )
+    skip = _hop_by_hop(request.headers) | {"authorization"}
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in skip]
+    body = request.content if request.can_read_body else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session,
             session.request(
                 request.method,
                 target,
-                params=request.query,
                 headers=headers,
                 data=body,
                 allow_redirects=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
             ) as upstream,
         ):
-            payload = await upstream.read()
-            response = web.Response(status=upstream.status, body=payload)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            drop = _hop_by_hop(upstream.headers)
             for k, v in upstream.headers.items():
-                if k.lower() not in _HOP_BY_HOP:
-                    response.headers[k] = v
+                if k.lower() not in drop:
+                    response.headers.add(k, v)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
             return response
     except (aiohttp.ClientError, TimeoutError) as error:
         raise not_found(f"The job did not answer on its port: {error}") from error
@@ -301,7 +345,7 @@ async def run_triggered(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     name = _name(request)
     arguments = request.query.get("arguments")
-    trigger = f"External - {request.headers.get('User-Agent', '')}"
+    trigger = f"External - {clean_text(request.headers.get('User-Agent', ''))}"
     try:
         record = await ctx.triggered.request_run(name, arguments=arguments, trigger=trigger)
     except JobNotFound as error:
@@ -358,7 +402,7 @@ async def one_run(request: web.Request) -> web.StreamResponse:
 async def swagger_document(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     names = sorted(k.name for k in ctx.specs() if k.kind is JobKind.TRIGGERED)
-    return web.json_response(swagger(request.host, names))
+    return web.json_response(swagger(names))
 
 
 # -- routing ---------------------------------------------------------------------------------

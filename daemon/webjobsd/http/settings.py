@@ -22,20 +22,25 @@ from aiohttp import web
 
 from webjobsd.config import is_valid_setting
 from webjobsd.http.context import CONTEXT
-from webjobsd.http.errors import bad_request, not_found
+from webjobsd.http.errors import bad_request, conflict, not_found, read_json_body
 from webjobsd.records.atomic import write_bytes_atomic
 
 _WRITE_LOCK = web.AppKey("settings_write_lock", asyncio.Lock)
 
 
 def _read_store(path: Path) -> dict[str, str]:
+    """The store; a corrupt one is refused rather than read as empty (a POST would then
+    overwrite every key)."""
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+    except (OSError, ValueError) as error:
+        message = f"The settings store {path} cannot be read ({error}); fix or remove it."
+        raise conflict(message) from error
+    if not isinstance(loaded, dict):
+        raise conflict(f"The settings store {path} is not a JSON object; fix or remove it.")
+    return {str(k): str(v) for k, v in loaded.items()}
 
 
 def _as_text(key: str, value: Any) -> str | None:
@@ -92,10 +97,7 @@ async def _update(request: web.Request, changes: dict[str, str | None]) -> None:
 
 
 async def post_settings(request: web.Request) -> web.StreamResponse:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError) as error:
-        raise bad_request(f"The body is not valid JSON: {error}") from error
+    body = await read_json_body(request)
     await _update(request, _changes(body))
     return web.Response(status=200)
 

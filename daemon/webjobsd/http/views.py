@@ -52,7 +52,8 @@ def continuous_job(
     name = spec.key.name
     return {
         "status": status,
-        "detailed_status": detailed_status,
+        # Kudu's wire format ends each instance's line with CRLF (the logs use LF, Part A #15).
+        "detailed_status": detailed_status.replace("\n", "\r\n"),
         "log_url": vfs_url(base, f"data/jobs/continuous/{name}/job_log.txt"),
         **common_fields(base, spec, using_sdk),
     }
@@ -114,8 +115,9 @@ def etag_of(values: Iterable[Mapping[str, Any] | Any]) -> str:
     return f'"{digest.hexdigest()[:32]}"'
 
 
-def swagger(base_host: str, names: Iterable[str]) -> dict[str, Any]:
-    """Kudu's Swagger 2.0 document of triggered jobs, keyed by the deprecated run route."""
+def swagger(names: Iterable[str]) -> dict[str, Any]:
+    """Kudu's Swagger 2.0 document of triggered jobs, keyed by the deprecated run route; its
+    `host` is Kudu's literal `placeHolder`, which tools replace with the real host."""
     paths = {
         f"/api/triggeredjobs/{name}/run": {
             "post": {
@@ -143,7 +145,7 @@ def swagger(base_host: str, names: Iterable[str]) -> dict[str, Any]:
     return {
         "swagger": "2.0",
         "info": {"version": "v1", "title": "WebJobs"},
-        "host": base_host,
+        "host": "placeHolder",
         "schemes": ["https"],
         "paths": paths,
     }
