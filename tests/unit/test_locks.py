@@ -14,12 +14,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from tests.helpers import wait_for_sync
 
 from webjobsd.runtime.locks import FileLock
 
@@ -48,14 +48,8 @@ PROBE = textwrap.dedent(
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout_s: float = 15.0) -> T:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+    value: T = wait_for_sync(condition, timeout=timeout_s, interval=0.01, what=what)
+    return value
 
 
 def free_for_another_process(path: Path) -> bool:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TypeVar
 
 import psutil
 import pytest
+from tests.helpers import wait_for_sync
 
 from webjobsd.runtime import proctree
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
@@ -29,14 +29,8 @@ T = TypeVar("T")
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout_s: float = 15.0) -> T:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+    value: T = wait_for_sync(condition, timeout=timeout_s, interval=0.01, what=what)
+    return value
 
 
 def carriers_of(entry: str) -> set[int]:
