@@ -377,7 +377,7 @@ async def test_every_route_needs_auth(site: Site) -> None:
         for route in daemon.http.app.router.routes():
             info = route.resource.get_info() if route.resource else {}
             path = info.get("path") or info.get("formatter") or ""
-            if not path or path == "/healthz":
+            if not path or path in ("/healthz", "/readyz"):
                 continue
             url = base + path.replace("{name}", "x").replace("{run_id}", "1").replace("{key}", "K")
             url = url.replace("{path:.*}", "p").replace("{path}", "p")

@@ -28,7 +28,7 @@ from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
 from webjobsd.http.limits import UploadLimits
-from webjobsd.http.server import HttpServer, build_app
+from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.logs import configure_logging
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.records.runstore import RunRecord, RunStore
@@ -38,6 +38,7 @@ from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
+from webjobsd.runtime.scheduler import MAX_SLEEP_S as SCHEDULER_MAX_SLEEP_S
 from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
 from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs, first_of
@@ -291,6 +292,7 @@ class Daemon:
             continuous_port=self.continuous_port,
             wait_stopped=self.wait_stopped,
             on_file_change=self._file_changed,
+            readiness=self.readiness,
             limits=UploadLimits(
                 max_upload_bytes=config.max_upload_bytes,
                 max_extracted_bytes=config.max_extracted_bytes,
@@ -304,7 +306,8 @@ class Daemon:
             await asyncio.to_thread(self._load_credentials, config)
             middlewares = (
                 basic_auth_middleware(
-                    lambda: self.credentials, exempt=lambda request: request.path == "/healthz"
+                    lambda: self.credentials,
+                    exempt=lambda request: request.path in UNAUTHENTICATED_PATHS,
                 ),
             )
         else:
@@ -338,6 +341,32 @@ class Daemon:
         if self.discovery is not None:
             await self.discovery.refresh(keys, settle=False)
         self.wake()
+
+    def readiness(self) -> dict[str, bool]:
+        """Each core part alive, and its loop seen recently (a wedged loop is not ready)."""
+        now = time.monotonic()
+
+        def alive(name: str) -> bool:
+            task = self._tasks.get(name)
+            return task is not None and not task.done()
+
+        def recent(stamp: float | None, within_s: float) -> bool:
+            return stamp is not None and now - stamp <= within_s
+
+        config = self.config
+        reconciler, discovery, scheduler = self.reconciler, self.discovery, self.scheduler
+        return {
+            "watcher": self.watcher is not None and self.watcher.is_alive(),
+            "discovery": alive("discovery")
+            and discovery is not None
+            and recent(discovery.last_pass_monotonic, 2 * config.rescan_s + 5),
+            "reconciler": alive("reconciler")
+            and reconciler is not None
+            and recent(reconciler.last_pass_monotonic, 3 * config.reconcile_tick_s + 5),
+            "scheduler": alive("scheduler")
+            and scheduler is not None
+            and recent(scheduler.last_pass_monotonic, 2 * SCHEDULER_MAX_SLEEP_S + 5),
+        }
 
     def _file_changed(self, path: Path) -> None:
         """A file written through /api/vfs or /api/zip: a hint, like a watcher event."""

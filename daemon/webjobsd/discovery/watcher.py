@@ -186,6 +186,9 @@ class JobsWatcher:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(entry[1])
 
+    def is_alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
     def stop(self) -> None:
         observer = self._observer
         if observer is None:

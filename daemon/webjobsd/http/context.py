@@ -36,6 +36,7 @@ class ApiContext:
     continuous_port: Callable[[JobKey], int | None]
     wait_stopped: Callable[[JobKey, float], Awaitable[bool]]
     on_file_change: Callable[[Path], None] | None = None
+    readiness: Callable[[], dict[str, bool]] | None = None
     limits: UploadLimits = field(default_factory=UploadLimits)
     upload_dir: Path | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

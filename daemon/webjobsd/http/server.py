@@ -24,7 +24,24 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 
 async def healthz(_request: web.Request) -> web.StreamResponse:
+    """The process answers (liveness)."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Readiness: the watcher, the reconciler and the scheduler are alive and recent."""
+    readiness = request.app[CONTEXT].readiness
+    checks = readiness() if readiness is not None else {}
+    if all(checks.values()):
+        return web.json_response({"ready": True, "checks": checks})
+    failing = sorted(name for name, ok in checks.items() if not ok)
+    return web.json_response(
+        {"ready": False, "checks": checks, "message": f"not ready: {', '.join(failing)}"},
+        status=503,
+    )
+
+
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def build_app(
@@ -38,6 +55,7 @@ def build_app(
     )
     app[CONTEXT] = ctx
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/openapi.yaml", openapi_document)
     add_job_routes(app)
     add_settings_routes(app)
