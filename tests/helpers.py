@@ -178,8 +178,11 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
 class DaemonProcess:
     """The real `webjobsd serve` as a child process (for signal and crash tests)."""
 
-    def __init__(self, site: Site, instance_id: str = "test01", **config: Any) -> None:
+    def __init__(
+        self, site: Site, instance_id: str = "test01", *, auth: bool = False, **config: Any
+    ) -> None:
         self.site = site
+        self.auth = auth
         self.instance_id = instance_id
         config.setdefault("instance_id", instance_id)
         cfg = site.config(**config)
@@ -198,7 +201,7 @@ class DaemonProcess:
                 "serve",
                 "--config",
                 str(self.config_path),
-                "--no-auth",
+                *(() if self.auth else ("--no-auth",)),
             ],
             stdout=log,
             stderr=log,

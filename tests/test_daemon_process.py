@@ -171,3 +171,50 @@ def test_a_second_daemon_with_the_same_instance_id_refuses_to_start(site: Site) 
         assert "another webjobsd with instance id 'test01'" in second.log()
     finally:
         first.stop()
+
+
+def test_sighup_swaps_credentials_without_touching_jobs(site: Site) -> None:
+    """1. a daemon with password one and a running job  2. the config gets password two
+    3. SIGHUP  4. one is refused, two accepted, the job's process is the same."""
+    from webjobsd.http.auth import hash_password
+    from webjobsd.runtime.jobprocess import free_loopback_port
+
+    port = free_loopback_port()
+    site.write_job("continuous", "steady", LOOP)
+    daemon = DaemonProcess(
+        site,
+        auth=True,
+        log_level="info",
+        listen=f"127.0.0.1:{port}",
+        auth_username="ops",
+        auth_password_hash=hash_password("one"),
+    ).start(env={"WEBJOBSD_USERNAME": "", "WEBJOBSD_PASSWORD": ""})
+    try:
+        pid = wait_for_sync(lambda: leaders(site, "steady"), what="job running")[0]
+        url = f"http://127.0.0.1:{port}/api/webjobs"
+        wait_for_sync(lambda: status_with(url, "ops", "one") == 200, what="password one works")
+        text = daemon.config_path.read_text()
+        old_hash = text.split("auth_password_hash: ")[1].split("\n")[0]
+        daemon.config_path.write_text(text.replace(old_hash, hash_password("two")))
+        daemon.signal(signal.SIGHUP)
+        wait_for_sync(lambda: status_with(url, "ops", "two") == 200, what="password two works")
+        assert status_with(url, "ops", "one") == 401
+        assert leaders(site, "steady") == [pid]
+    finally:
+        assert daemon.stop() == 0
+
+
+def status_with(url: str, username: str, password: str) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
