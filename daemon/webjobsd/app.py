@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
@@ -28,6 +29,7 @@ from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
 from webjobsd.http.limits import UploadLimits
+from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.logs import configure_logging
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
@@ -97,6 +99,22 @@ class Daemon:
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
         self.http: HttpServer | None = None
+        self.metrics = build_metrics(
+            MetricsSource(
+                jobs=self._job_rows,
+                restarts=lambda: {
+                    key.name: unit.restarts
+                    for key, unit in (self.supervisor.units.items() if self.supervisor else ())
+                },
+                watcher_events=lambda: self.watcher.events_seen if self.watcher else 0,
+                rescans=lambda: self.discovery.rescans if self.discovery else 0,
+                info=lambda: {
+                    "version": __version__,
+                    "instance_id": self.layout.instance_id,
+                    "site": str(self.layout.site_root),
+                },
+            )
+        )
         self.triggered: TriggeredJobs | None = None
         self.scheduler: Scheduler | None = None
 
@@ -239,7 +257,11 @@ class Daemon:
         self._context = context
         self.supervisor = Supervisor(context)
         triggered = TriggeredJobs(
-            context, self.run_store, specs=lambda: catalog.specs, on_run_finished=self._run_finished
+            context,
+            self.run_store,
+            specs=lambda: catalog.specs,
+            on_run_started=lambda record: self.metrics.run_started(record.job_name),
+            on_run_finished=self._run_finished,
         )
         self.triggered = triggered
         scheduler = Scheduler(
@@ -257,6 +279,7 @@ class Daemon:
             runtime=self.supervisor,
             tick_s=config.reconcile_tick_s,
             on_pass=after_pass,
+            on_latency=self.metrics.observe_reconcile,
         )
         self.discovery = DiscoveryService(
             catalog,
@@ -313,7 +336,9 @@ class Daemon:
         else:
             log.warning("the HTTP API is not authenticated (--no-auth)")
         host, port = parse_listen(config.listen)
-        self.http = HttpServer(build_app(context, extra_middlewares=middlewares))
+        app = build_app(context, extra_middlewares=middlewares)
+        add_metrics_route(app, self.metrics)
+        self.http = HttpServer(app)
         try:
             await self.http.start(host, port)
         except OSError as error:
@@ -341,6 +366,18 @@ class Daemon:
         if self.discovery is not None:
             await self.discovery.refresh(keys, settle=False)
         self.wake()
+
+    def _job_rows(self) -> list[tuple[str, str, str]]:
+        rows = []
+        for key in self.catalog.specs if self.catalog else ():
+            if key.kind is JobKind.CONTINUOUS:
+                unit = self.supervisor.units.get(key) if self.supervisor else None
+                status = unit.status.value if unit and unit.status else "Initializing"
+            else:
+                running = self.triggered is not None and key.name in self.triggered.active
+                status = "Running" if running else "Ready"
+            rows.append((key.kind.value, key.name, status))
+        return rows
 
     def readiness(self) -> dict[str, bool]:
         """Each core part alive, and its loop seen recently (a wedged loop is not ready)."""
@@ -430,8 +467,9 @@ class Daemon:
 
     def _run_finished(self, record: RunRecord) -> None:
         """Seam for webhooks and metrics: every run ends here, whatever its trigger."""
-        log.debug(
-            "run finished", job=record.job_name, run=record.run_id, status=record.status.value
+        end = record.end_time or datetime.now(UTC)
+        self.metrics.run_finished(
+            record.job_name, record.status.value, (end - record.start_time).total_seconds()
         )
 
     async def request_run(

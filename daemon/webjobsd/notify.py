@@ -118,9 +118,7 @@ class SystemdNotifier:
     def reloading(self, status: str = "reloading configuration") -> None:
         """A reload began; call `ready()` when it is done (required by Type=notify-reload)."""
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.send(
-            f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}\nSTATUS={_one_line(status)}"
-        )
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}\nSTATUS={_one_line(status)}")
 
     def watchdog(self) -> None:
         """One keep-alive ping; only meaningful when `watchdog_interval_s` is not None."""
@@ -178,19 +176,21 @@ def _watchdog_usec(environ: Mapping[str, str], pid: int) -> int | None:
 
 def heartbeat_is_recent(
     last: Callable[[], float | None],
-    max_age_s: float,
+    max_age_s: float | Callable[[], float],
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[], bool]:
     """A health callback for `watchdog_loop`: `last()` (a `clock` reading) is within `max_age_s`.
 
-    `last()` returning None (no pass yet) counts as unhealthy: the first pass happens before
-    READY=1, so None after start-up means something is wrong.
+    `max_age_s` may be a callable so that it follows a period changed by a reload (for example
+    `lambda: 3 * reconciler.tick_s`). `last()` returning None (no pass yet) counts as unhealthy:
+    the first pass happens before READY=1, so None after start-up means something is wrong.
     """
 
     def healthy() -> bool:
         stamp = last()
-        return stamp is not None and clock() - stamp <= max_age_s
+        limit = max_age_s() if callable(max_age_s) else max_age_s
+        return stamp is not None and clock() - stamp <= limit
 
     return healthy
 

@@ -99,7 +99,9 @@ class Reconciler:
         runtime: ContinuousRuntime,
         tick_s: float,
         on_pass: Callable[[Mapping[JobKey, JobSpec]], None] | None = None,
+        on_latency: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_latency = on_latency
         self._specs = specs
         self._jobs_stopped = jobs_stopped
         self._runtime = runtime
@@ -113,6 +115,7 @@ class Reconciler:
         self._wake.set()
 
     def reconcile_once(self) -> list[Action]:
+        started = time.monotonic()
         specs = self._specs()
         desired = desired_state(specs, self._jobs_stopped())
         actions = plan(desired, self._runtime.targets())
@@ -129,6 +132,8 @@ class Reconciler:
             self._on_pass(specs)
         self.passes += 1
         self.last_pass_monotonic = time.monotonic()
+        if self._on_latency is not None:
+            self._on_latency(self.last_pass_monotonic - started)
         return actions
 
     def _apply(

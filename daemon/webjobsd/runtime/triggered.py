@@ -133,8 +133,10 @@ class TriggeredJobs:
         *,
         specs: Callable[[], Mapping[JobKey, JobSpec]],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_run_started: Callable[[RunRecord], None] | None = None,
         on_run_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
+        self._on_run_started = on_run_started
         self._context = context
         self._store = store
         self._specs = specs
@@ -218,6 +220,11 @@ class TriggeredJobs:
             return
         active.record = record
         active.recorded.set_result(record)
+        if self._on_run_started is not None:
+            try:
+                self._on_run_started(record)
+            except Exception:
+                log.exception("run-started hook failed", job=name, run=record.run_id)
         await self._execute(active, record, lock, arguments, extra)
 
     async def _execute(
