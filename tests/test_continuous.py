@@ -410,3 +410,14 @@ async def test_a_job_writing_into_its_own_folder_still_obeys_disable(site: Site)
         await wait_for(lambda: leaders(site, "busy"), what="running")
         (job_dir / "disable.job").write_text("")
         await wait_for(lambda: site.status("busy") == "Stopped", timeout=6, what="Stopped")
+
+
+async def test_working_copies_of_deleted_jobs_are_removed_at_start(site: Site) -> None:
+    stale = site.temp / "jobs" / "continuous" / "gone-job" / "abc123"
+    stale.mkdir(parents=True)
+    (stale / "run.sh").write_text("echo old\n")
+    site.write_job("continuous", "kept", LOOP_SH)
+    async with running_daemon(site):
+        await wait_for(lambda: leaders(site, "kept"), what="running")
+        assert not stale.parent.exists()
+        assert (site.temp / "jobs" / "continuous" / "kept").is_dir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import shutil
 import signal
 import time
 from collections.abc import Coroutine, Mapping
@@ -40,6 +41,7 @@ from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
+from webjobsd.runtime.runas import RunAsError, resolve_run_as
 from webjobsd.runtime.scheduler import MAX_SLEEP_S as SCHEDULER_MAX_SLEEP_S
 from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
@@ -247,12 +249,17 @@ class Daemon:
             layout.jobs_root, settle_s=config.debounce_s, settle_cap_s=config.debounce_cap_s
         )
         self.catalog = catalog
+        try:
+            run_as = resolve_run_as(config.run_as_user, config.run_as_group)
+        except RunAsError as error:
+            raise StartupError(str(error)) from error
         context = SupervisorContext(
             layout=layout,
             config=config,
             app_settings=self.app_settings,
             base_environ=self._environ,
             records=records,
+            run_as=run_as,
         )
         self._context = context
         self.supervisor = Supervisor(context)
@@ -294,6 +301,7 @@ class Daemon:
         self.watcher.start()
         self.discovery.initial_scan()
         self._mark_vanished_jobs_stopped(catalog)
+        await asyncio.to_thread(self._remove_stale_working_copies, catalog)
         self.reconciler.reconcile_once()
         self._start_task("discovery", self.discovery.run())
         self._start_task("reconciler", self.reconciler.run())
@@ -479,6 +487,18 @@ class Daemon:
         if self.triggered is None:
             raise RuntimeError("the daemon is not started")
         return await self.triggered.request_run(name, arguments=arguments, trigger=trigger)
+
+    def _remove_stale_working_copies(self, catalog: Catalog) -> None:
+        """Working copies of jobs that no longer exist are removed at start-up (the copies of
+        existing jobs are renewed at their first start)."""
+        for kind in JobKind:
+            folder = self.layout.temp_root / "jobs" / kind.value
+            if not folder.is_dir():
+                continue
+            for copy in folder.iterdir():
+                if JobKey(kind, copy.name) not in catalog.specs:
+                    shutil.rmtree(copy, ignore_errors=True)
+                    log.info("removed the working copy of a deleted job", folder=str(copy))
 
     def _mark_vanished_jobs_stopped(self, catalog: Catalog) -> None:
         """This instance's status of a job that is gone must not keep saying Running."""

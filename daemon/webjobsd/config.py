@@ -106,6 +106,12 @@ class DaemonConfig:
     auth_password_hash: str | None = field(
         default=None, metadata={"doc": "scrypt hash from `webjobsd hash-password`"}
     )
+    run_as_user: str | None = field(
+        default=None, metadata={"doc": "jobs run as this user (the daemon must be root)"}
+    )
+    run_as_group: str | None = field(
+        default=None, metadata={"doc": "jobs run with this group (default: the user's)"}
+    )
 
     def resolved_instance_id(self, environ: Mapping[str, str]) -> str:
         """Kudu: first 6 characters of WEBSITE_INSTANCE_ID, else of the machine name."""
@@ -162,6 +168,8 @@ _FIELD_TYPES: dict[str, type] = {
     "max_archive_entries": int,
     "auth_username": str,
     "auth_password_hash": str,
+    "run_as_user": str,
+    "run_as_group": str,
 }
 
 
@@ -178,6 +186,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> DaemonConfig:
             "temp_dir",
             "auth_username",
             "auth_password_hash",
+            "run_as_user",
+            "run_as_group",
         }:
             continue
         values[name] = _check_type(name, value, _FIELD_TYPES[name], source)

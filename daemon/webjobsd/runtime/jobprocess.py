@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from webjobsd.records.joblog import capture_stream
 from webjobsd.runtime import proctree
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
+from webjobsd.runtime.runas import RunAs
 
 log = structlog.get_logger("webjobsd.process")
 
@@ -107,11 +109,20 @@ class JobProcess:
         on_stdout: LinesCallback,
         on_stderr: LinesCallback,
         max_line_bytes: int,
+        run_as: RunAs | None = None,
     ) -> JobProcess:
         """Start `argv` in a new session. Raises OSError when the program cannot be started."""
         loop = asyncio.get_running_loop()
         full_env = dict(env)
         full_env[TOKEN_VARIABLE] = token
+        identity_kwargs: dict[str, Any] = {}
+        if run_as is not None:
+            full_env.update(run_as.environment())
+            identity_kwargs = {
+                "user": run_as.uid,
+                "group": run_as.gid,
+                "extra_groups": list(run_as.groups),
+            }
         transport, protocol = await loop.subprocess_exec(
             lambda: _ExitAwareProtocol(limit=2**16, loop=loop),
             *argv,
@@ -121,6 +132,7 @@ class JobProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            **identity_kwargs,
         )
         pid = transport.get_pid()
         # With start_new_session the child leads its own group: pgid == pid. The start time is

@@ -45,6 +45,7 @@ from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
+from webjobsd.runtime.runas import RunAs
 from webjobsd.runtime.workcopy import WorkingCopy
 from webjobsd.site import SiteLayout
 
@@ -92,6 +93,16 @@ class SupervisorContext:
     base_environ: Mapping[str, str]
     records: ProcessRecords
     hostname: str = field(default_factory=socket.gethostname)
+    run_as: RunAs | None = None
+
+    def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
+        """Give the job's own folders to the run_as user (blocking: call in a thread)."""
+        if self.run_as is None:
+            return
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.run_as.hand_over(data_dir, recursive=False)
+        if working_root is not None:
+            self.run_as.hand_over(working_root, recursive=True)
 
 
 def _format_seconds(value: float) -> str:
@@ -274,6 +285,11 @@ class ContinuousUnit:
             return
         if self._target is not target:
             return
+        await asyncio.to_thread(
+            self._context.hand_over,
+            None if spec.is_in_place else root,
+            self._context.layout.data_dir(self.key),
+        )
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(
@@ -301,6 +317,7 @@ class ContinuousUnit:
                 on_stdout=lambda lines: self._log.console_lines(LogLevel.INFO, lines),
                 on_stderr=lambda lines: self._log.console_lines(LogLevel.ERR, lines),
                 max_line_bytes=self._context.config.max_line_bytes,
+                run_as=self._context.run_as,
             )
         except Exception as error:
             # Whatever the cause (missing interpreter, bad environment, exec format), the job

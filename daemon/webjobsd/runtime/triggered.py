@@ -252,6 +252,11 @@ class TriggeredJobs:
                 status = RunStatus.STOPPED
                 output.system(LogLevel.INFO, f"WebJob is stopping: {active.stop_reason}")
                 return
+            await asyncio.to_thread(
+                self._context.hand_over,
+                None if spec.is_in_place else root,
+                self._context.layout.data_dir(spec.key),
+            )
             command = spec.command
             env = job_environment(
                 self._context.base_environ,
@@ -275,6 +280,7 @@ class TriggeredJobs:
                 on_stdout=lambda lines: output.console_lines(LogLevel.INFO, lines),
                 on_stderr=lambda lines: output.console_lines(LogLevel.ERR, lines),
                 max_line_bytes=self._context.config.max_line_bytes,
+                run_as=self._context.run_as,
             )
             with contextlib.suppress(OSError):
                 self._context.records.save(slot, process.identity)
