@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Site, wait_for
+from tests.helpers import Site, running_daemon, wait_for
 from tests.test_api_jobs import api
 
 
@@ -59,3 +61,43 @@ async def test_metrics_count_what_happened(site: Site) -> None:
     assert samples[("webjobsd_run_duration_seconds_count", (("job_name", "counted"),))] == 3
     assert any(name == "webjobsd_info" for name, _ in samples)
     assert samples[("webjobsd_reconcile_latency_seconds_count", ())] >= 1
+
+
+async def test_systemd_hears_ready_and_watchdog_pings_stop_with_the_loop(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. a daemon with NOTIFY_SOCKET and WATCHDOG_USEC  2. READY=1 after the first reconcile,
+    then WATCHDOG=1 pings  3. the reconciler's loop dies  4. the pings stop."""
+    address = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(address))
+    sock.setblocking(False)
+    received: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return received
+
+    environ = {"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "200000"}
+    try:
+        async with running_daemon(site, environ=environ, reconcile_tick_s=0.2) as daemon:
+            await wait_for(lambda: any("READY=1" in m for m in drain()), what="READY=1")
+            assert daemon.reconciler is not None and daemon.reconciler.passes >= 1
+            await wait_for(
+                lambda: sum("WATCHDOG=1" in m for m in drain()) >= 3, what="watchdog pings"
+            )
+            reconciler = daemon._tasks["reconciler"]
+            reconciler.cancel()  # fault injection: the loop the pings vouch for is gone
+            await asyncio.gather(reconciler, return_exceptions=True)
+            # Asserting that pings do NOT come needs time to pass: let the heartbeat go stale
+            # (3 ticks), then watch a window of three ping periods.
+            await asyncio.sleep(3 * 0.2 + 0.3)
+            before = sum("WATCHDOG=1" in m for m in drain())
+            await asyncio.sleep(0.6)
+            assert sum("WATCHDOG=1" in m for m in drain()) == before
+        assert any("STOPPING=1" in m for m in drain())
+    finally:
+        sock.close()

@@ -34,6 +34,7 @@ from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metric
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.logs import configure_logging
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
+from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
 from webjobsd.records.runstore import RunRecord, RunStore
 from webjobsd.records.status import read_status_file, write_continuous_status
 from webjobsd.runtime.environment import owner_marker
@@ -119,6 +120,7 @@ class Daemon:
         )
         self.triggered: TriggeredJobs | None = None
         self.scheduler: Scheduler | None = None
+        self.notifier = SystemdNotifier.from_environ(self._environ)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -132,6 +134,14 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file, apply what can change live, rescan."""
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            # READY=1 even when the new file is refused, or systemd stays in "reloading".
+            self.notifier.ready("configuration reloaded")
+
+    def _reload(self) -> None:
         try:
             new = load_config(self._config_path, self._overrides)
         except ConfigError as error:
@@ -306,7 +316,20 @@ class Daemon:
         self._start_task("discovery", self.discovery.run())
         self._start_task("reconciler", self.reconciler.run())
         self._start_task("scheduler", scheduler.run())
+        if self.notifier.watchdog_interval_s is not None:
+            # Pings stop when the reconciler's loop stops passing: systemd then restarts us.
+            reconciler = self.reconciler
+            self._start_task(
+                "watchdog",
+                watchdog_loop(
+                    self.notifier,
+                    heartbeat_is_recent(
+                        lambda: reconciler.last_pass_monotonic, lambda: 3 * reconciler.tick_s
+                    ),
+                ),
+            )
         self.ready.set()
+        self.notifier.ready(f"watching {len(catalog.specs)} jobs")
 
     async def _start_http(self) -> None:
         config = self.config
@@ -527,6 +550,7 @@ class Daemon:
 
     async def _stop(self) -> None:
         self._stopping = True
+        self.notifier.stopping()
         started = time.monotonic()
         if self.triggered is not None:
             # Before anything else, so that no request slips in while the rest shuts down.
@@ -563,6 +587,7 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.close()
         log.info("all jobs stopped", seconds=round(time.monotonic() - started, 3))
+        self.notifier.close()
 
 
 def serve(
