@@ -101,3 +101,18 @@ async def test_systemd_hears_ready_and_watchdog_pings_stop_with_the_loop(
         assert any("STOPPING=1" in m for m in drain())
     finally:
         sock.close()
+
+
+async def test_password_from_systemd_load_credential(site: Site, tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "webjobsd-password").write_text("from-systemd\n")
+    environ = {
+        "CREDENTIALS_DIRECTORY": str(credentials),
+        "WEBJOBSD_USERNAME": "",
+        "WEBJOBSD_PASSWORD": "",
+    }
+    async with running_daemon(site, auth=True, environ=environ, auth_username="ops") as daemon:
+        assert daemon.credentials is not None
+        assert daemon.credentials.check("ops", "from-systemd")
+        assert not daemon.credentials.check("ops", "other")

@@ -48,6 +48,7 @@ from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
 from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs, first_of
 from webjobsd.site import SiteLayout
+from webjobsd.systemd_credentials import PASSWORD_CREDENTIAL, credential_from_systemd
 
 log = structlog.get_logger("webjobsd.app")
 
@@ -376,11 +377,20 @@ class Daemon:
             raise StartupError(f"cannot listen on {config.listen}: {error.strerror}") from error
 
     def _load_credentials(self, config: DaemonConfig) -> None:
+        environ = dict(self._environ)
         try:
+            # systemd's LoadCredential= hands the password over as a file, never in the
+            # environment; it counts like WEBJOBSD_PASSWORD, with the configured user name.
+            password = credential_from_systemd(PASSWORD_CREDENTIAL, environ)
+            if password and not environ.get("WEBJOBSD_PASSWORD"):
+                environ["WEBJOBSD_PASSWORD"] = password
+                environ["WEBJOBSD_USERNAME"] = (
+                    environ.get("WEBJOBSD_USERNAME") or config.auth_username or "webjobsd"
+                )
             credentials, where = load_credentials(
                 config_username=config.auth_username,
                 config_password_hash=config.auth_password_hash,
-                environ=self._environ,
+                environ=environ,
                 state_dir=self.layout.daemon_state_dir,
             )
         except ValueError as error:
