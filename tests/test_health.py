@@ -61,6 +61,7 @@ async def test_metrics_count_what_happened(site: Site) -> None:
     assert samples[("webjobsd_run_duration_seconds_count", (("job_name", "counted"),))] == 3
     assert any(name == "webjobsd_info" for name, _ in samples)
     assert samples[("webjobsd_reconcile_latency_seconds_count", ())] >= 1
+    assert samples[("webjobsd_log_bytes_written_total", (("job_name", "counted"),))] > 0
 
 
 async def test_systemd_hears_ready_and_watchdog_pings_stop_with_the_loop(

@@ -271,6 +271,7 @@ class Daemon:
             base_environ=self._environ,
             records=records,
             run_as=run_as,
+            on_log_bytes=self.metrics.add_log_bytes,
         )
         self._context = context
         self.supervisor = Supervisor(context)

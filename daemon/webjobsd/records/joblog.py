@@ -160,6 +160,7 @@ class JobLogWriter:
         clock: Callable[[], datetime] = _utc_now,
         opener: Opener = _open_append,
         create_folder: bool = True,
+        on_written: Callable[[int], None] | None = None,
     ) -> None:
         if max_bytes < 1 or generations < 0 or (cap_bytes is not None and cap_bytes < 0):
             raise ValueError("max_bytes must be >= 1, generations and cap_bytes >= 0")
@@ -174,6 +175,8 @@ class JobLogWriter:
         self._opener = opener
         # A run's log must not bring back a run folder that retention or a person removed.
         self._create_folder = create_folder
+        # Told how many bytes reached the file (metrics); never given lines that did not.
+        self._on_written = on_written
         self._file: RawIOBase | None = None
         self._identity: tuple[int, int] | None = None
         self._closed = False
@@ -297,6 +300,8 @@ class JobLogWriter:
             return
         self._unreported_drops = 0
         self._torn = False
+        if self._on_written is not None:
+            self._on_written(written)
 
     def _partial_failure(self, payload: bytes, notice_len: int, written: int, exc: OSError) -> None:
         if written >= notice_len:

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,13 @@ class SupervisorContext:
     records: ProcessRecords
     hostname: str = field(default_factory=socket.gethostname)
     run_as: RunAs | None = None
+    on_log_bytes: Callable[[str, int], None] | None = None
+
+    def log_counter(self, job_name: str) -> Callable[[int], None] | None:
+        counter = self.on_log_bytes
+        if counter is None:
+            return None
+        return lambda count: counter(job_name, count)
 
     def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
         """Give the job's own folders to the run_as user (blocking: call in a thread)."""
@@ -124,6 +131,7 @@ class ContinuousUnit:
             instance_id=context.layout.instance_id,
             max_bytes=context.config.log_max_bytes,
             generations=context.config.log_generations,
+            on_written=context.log_counter(self.key.name),
         )
         self._backoff = RestartBackoff()
         self._workcopy = WorkingCopy(

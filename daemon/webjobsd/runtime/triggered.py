@@ -241,6 +241,7 @@ class TriggeredJobs:
             self._context.layout.instance_id,
             cap_bytes=self._context.config.run_log_cap_bytes,
             create_folder=False,
+            on_written=self._context.log_counter(name),
         )
         process: JobProcess | None = None
         slot = f"triggered.{name}"
