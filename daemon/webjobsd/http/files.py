@@ -753,15 +753,7 @@ def _merge(src_fd: int, dest_fd: int, prefix: str) -> int:
         src_is_dir = stat.S_ISDIR(os.stat(item, dir_fd=src_fd, follow_symlinks=False).st_mode)
         existing = _stat_at(dest_fd, item)
         if src_is_dir and existing is not None:
-            child_src = os.open(item, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=src_fd)
-            try:
-                child_dest = _open_child_dir(dest_fd, item, name)
-                try:
-                    moved += _merge(child_src, child_dest, name + "/")
-                finally:
-                    os.close(child_dest)
-            finally:
-                os.close(child_src)
+            moved += _merge_child(src_fd, dest_fd, item, name)
             continue
         try:
             # One rename: a whole new subtree, or a file replacing whatever has its name.
@@ -780,19 +772,24 @@ def _merge(src_fd: int, dest_fd: int, prefix: str) -> int:
         # temp_dir is on another filesystem: copy, then rename within the destination.
         if src_is_dir:
             os.mkdir(item, 0o755, dir_fd=dest_fd)
-            child_src = os.open(item, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=src_fd)
-            try:
-                child_dest = _open_child_dir(dest_fd, item, name)
-                try:
-                    moved += _merge(child_src, child_dest, name + "/")
-                finally:
-                    os.close(child_dest)
-            finally:
-                os.close(child_src)
+            moved += _merge_child(src_fd, dest_fd, item, name)
         else:
             _copy_into(src_fd, dest_fd, item)
             moved += 1
     return moved
+
+
+def _merge_child(src_fd: int, dest_fd: int, item: str, name: str) -> int:
+    """Merge the source sub-folder `item` into the destination's folder of the same name."""
+    child_src = os.open(item, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=src_fd)
+    try:
+        child_dest = _open_child_dir(dest_fd, item, name)
+        try:
+            return _merge(child_src, child_dest, name + "/")
+        finally:
+            os.close(child_dest)
+    finally:
+        os.close(child_src)
 
 
 def _open_child_dir(dest_fd: int, item: str, name: str) -> int:
