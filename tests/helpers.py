@@ -166,9 +166,16 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
         assert daemon.ready.is_set(), "daemon did not become ready"
         # Jobs written just before the start are still settling: wait until discovery has
         # looked at them again, so that tests can use them at once.
-        discovery = daemon.discovery
-        assert discovery is not None
-        await wait_for(lambda: discovery.debouncer.next_due() is None, what="jobs settled")
+        discovery, catalog = daemon.discovery, daemon.catalog
+        assert discovery is not None and catalog is not None
+
+        def settled() -> bool:
+            # Nothing pending, and every folder on disk applied: the debouncer can be empty
+            # while a refresh it handed over is still reading files in its thread.
+            known = set(catalog.specs) | set(catalog.errors)
+            return discovery.debouncer.next_due() is None and catalog.present_keys() <= known
+
+        await wait_for(settled, what="jobs settled")
         yield daemon
     finally:
         daemon.request_shutdown("test finished")
