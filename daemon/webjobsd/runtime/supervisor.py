@@ -366,7 +366,6 @@ class ContinuousUnit:
                     break
                 if not new.retired and new.run and new.spec.fingerprint == target.spec.fingerprint:
                     # Same code and settings, still wanted: nothing to do for this process.
-                    self._target_same_spec(new)
                     target = new
                     continue
                 self._stopped_by_us = process.returncode is None
@@ -388,9 +387,6 @@ class ContinuousUnit:
         self._report_exit(code)
         if self._target is target and not self._forced:
             await self._after_exit(target, uptime)
-
-    def _target_same_spec(self, new: Target) -> None:
-        log.debug("target unchanged for running process", job=str(self.key), run=new.run)
 
     async def _stop(
         self, process: JobProcess, old: Target, new: Target, shutdown_file: Path
@@ -477,8 +473,14 @@ class Supervisor(ContinuousRuntime):
     def units(self) -> Mapping[JobKey, ContinuousUnit]:
         return self._units
 
+    def _stopping_unit(self, key: JobKey) -> tuple[asyncio.Task[None], ContinuousUnit] | None:
+        for task, unit in self._retiring.items():
+            if unit.key == key and not task.done():
+                return task, unit
+        return None
+
     def is_stopping(self, key: JobKey) -> bool:
-        return any(unit.key == key and not task.done() for task, unit in self._retiring.items())
+        return self._stopping_unit(key) is not None
 
     def targets(self) -> Mapping[JobKey, Actual]:
         return {
@@ -487,15 +489,16 @@ class Supervisor(ContinuousRuntime):
         }
 
     def add(self, spec: JobSpec, run: bool) -> None:
-        for task, retiring in self._retiring.items():
-            if retiring.key == spec.key and not task.done():
-                # The job came back while its old unit is still stopping: reuse that unit, so
-                # that one job never has two processes, two copies or two status writers.
-                del self._retiring[task]
-                self._units[spec.key] = retiring
-                self._tasks[spec.key] = task
-                retiring.set_target(Target(spec, run, reason="job added again"))
-                return
+        stopping = self._stopping_unit(spec.key)
+        if stopping is not None:
+            # The job came back while its old unit is still stopping: reuse that unit, so that
+            # one job never has two processes, two copies or two status writers.
+            task, retiring = stopping
+            del self._retiring[task]
+            self._units[spec.key] = retiring
+            self._tasks[spec.key] = task
+            retiring.set_target(Target(spec, run, reason="job added again"))
+            return
         crashed_at = self._crashed.get(spec.key)
         if crashed_at is not None and time.monotonic() - crashed_at < UNIT_CRASH_BACKOFF_S:
             return  # the next reconcile pass tries again
