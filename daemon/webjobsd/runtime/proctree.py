@@ -249,31 +249,45 @@ class _JobScan:
 
 
 def _scan_job(identity: ProcessIdentity) -> _JobScan:
+    """One pass for the token carriers, a second over every stat only while the group lives.
+
+    The order is a cost decision: an environ read is several times cheaper than a stat read, and
+    the commonest scan (right after a leader exits, to catch leftovers) finds no carrier and an
+    untrusted group, so it reads no stat at all beyond the leader's. Trust follows the module
+    docstring: the verified leader, or a token carrier that is still in the group.
+    """
     own_pid = os.getpid()
     # Never our own group: a record whose pgid is ours (corrupt, or a job not started in its own
     # session) must not make killpg take the daemon down with the job.
     group_usable = identity.pgid > 1 and identity.pgid != os.getpgrp()
     entry = identity.token_entry
-    boot_time = psutil.boot_time()
+    carriers: list[_Stat] = []
+    for pid in _pids():
+        if pid == own_pid or not _environ_has(pid, entry):
+            continue
+        stat = _read_stat(pid)
+        if stat is not None and not stat.is_dead:
+            carriers.append(stat)
+    group_trusted = group_usable and any(stat.pgid == identity.pgid for stat in carriers)
+    if group_usable and not group_trusted:
+        leader = _read_stat(identity.pid)
+        group_trusted = (
+            leader is not None
+            and not leader.is_dead
+            and leader.pgid == identity.pgid
+            and _same_start(leader, identity)
+        )
+    if not group_trusted:
+        return _JobScan(group=(), escaped=tuple(carriers))
     group: list[_Stat] = []
-    escaped: list[_Stat] = []
-    group_trusted = False
     for pid in _pids():
         if pid == own_pid:
             continue
         stat = _read_stat(pid)
-        if stat is None or stat.is_dead:
-            continue
-        if group_usable and stat.pgid == identity.pgid:
+        if stat is not None and not stat.is_dead and stat.pgid == identity.pgid:
             group.append(stat)
-            # One proof is enough; after it, group members need no environ read at all.
-            if not group_trusted:
-                group_trusted = (
-                    pid == identity.pid and _same_start(stat, identity, boot_time)
-                ) or _environ_has(pid, entry)
-        elif _environ_has(pid, entry):
-            escaped.append(stat)
-    return _JobScan(group=tuple(group) if group_trusted else (), escaped=tuple(escaped))
+    escaped = tuple(stat for stat in carriers if stat.pgid != identity.pgid)
+    return _JobScan(group=tuple(group), escaped=escaped)
 
 
 def _marker_scan(marker: bytes) -> list[_Stat]:
