@@ -1,0 +1,140 @@
+"""Scenarios 1, 2, 3 and 5: from an action to the managed program's first instruction."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from bench import jobs
+from bench.harness import Harness, JobsFor
+from bench.report import Result, at_most
+from bench.systems import Pm2, System, Webjobsd
+
+PEER_ADD = (
+    "peers have no folder watching; their equivalent is timed: supervisord = program file "
+    "written + what `supervisorctl update` does (reloadConfig + addProcessGroup over XML-RPC), "
+    "pm2 = `pm2 start` through its API"
+)
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def _open_all(h: Harness, jobs_for: JobsFor | None = None) -> dict[str, System]:
+    return {name: h.open(name, jobs_for) for name in h.systems}
+
+
+def drop(h: Harness) -> list[Result]:
+    """1. A job folder renamed into App_Data/jobs/continuous -> its first instruction."""
+    opened = _open_all(h)
+
+    def sample(name: str, index: int) -> list[float]:
+        system = opened[name]
+        job = jobs.sleeper(f"drop{index}", system.stamps_path)
+        before = system.add([job])
+        return [_ms(system.stamps.wait_new(job.name, 0, 60).at - before)]
+
+    try:
+        values = h.alternate(sample)
+    finally:
+        for system in opened.values():
+            h.close(system)
+    limit = h.debounce_s * 1000 + 100
+    notes = [
+        f"debounce (quiet period) {h.debounce_s * 1000:.0f} ms; target = debounce + 100 ms",
+        PEER_ADD,
+    ]
+    return [Result("1 drop -> first instr", "ms", values, target=at_most(limit, "ms"), notes=notes)]
+
+
+def restart(h: Harness) -> list[Result]:
+    """2. A continuous process SIGKILLed -> its replacement's first instruction (delay 0)."""
+    opened = _open_all(h, lambda system: [jobs.sleeper("victim", system.stamps_path)])
+
+    def sample(name: str, _index: int) -> list[float]:
+        system = opened[name]
+        found = []
+        for _ in range(h.sizes.samples_per_round):
+            time.sleep(0.2)  # let the manager settle after the previous restart
+            seen = system.stamps.count("victim")
+            victim = system.stamps.latest("victim")
+            assert victim is not None
+            before = time.time()
+            os.kill(victim.pid, signal.SIGKILL)
+            found.append(_ms(system.stamps.wait_new("victim", seen, 30).at - before))
+        return found
+
+    try:
+        values = h.alternate(sample)
+    finally:
+        for system in opened.values():
+            h.close(system)
+    notes = [
+        "restart delay 0: webjobsd WEBJOBS_RESTART_TIME=0; supervisord autorestart=true, "
+        "startsecs=0; pm2 autorestart, restart_delay 0, max_restarts 1e6"
+    ]
+    return [Result("2 kill -> restarted", "ms", values, target=at_most(5, "ms"), notes=notes)]
+
+
+def burst(h: Harness) -> list[Result]:
+    """3. N job folders dropped at once -> the last one's first instruction."""
+    count = h.sizes.bulk_jobs
+
+    def sample(name: str, _index: int) -> list[float]:
+        system = h.open(name)
+        try:
+            batch = [jobs.sleeper(f"burst{i}", system.stamps_path) for i in range(count)]
+            before = system.add(batch)
+            first = system.stamps.wait_all_started([job.name for job in batch], 120)
+            return [_ms(max(stamp.at for stamp in first.values()) - before)]
+        finally:
+            h.close(system)
+
+    values = h.alternate(sample, rounds=min(h.rounds, h.sizes.heavy_rounds))
+    limit = h.debounce_s * 1000 + 500
+    notes = [
+        f"{count} folders renamed in one after the other; supervisord: one program file with "
+        f"{count} programs + update; pm2: one start call with {count} apps"
+    ]
+    title = f"3 {count} dropped -> all run"
+    return [Result(title, "ms", values, target=at_most(limit, "ms"), notes=notes)]
+
+
+def run(h: Harness) -> list[Result]:
+    """5. A run requested over the API -> the script's first instruction."""
+    opened = _open_all(h, lambda system: [jobs.one_shot("trig", system.stamps_path)])
+    for system in opened.values():
+        _ready_to_trigger(system)
+
+    def sample(name: str, _index: int) -> list[float]:
+        system = opened[name]
+        found = []
+        for _ in range(h.sizes.samples_per_round):
+            seen = system.stamps.count("trig")
+            before = system.trigger("trig")
+            found.append(_ms(system.stamps.wait_new("trig", seen, 30).at - before))
+            system.wait_trigger_done("trig", 30)
+        return found
+
+    try:
+        values = h.alternate(sample)
+    finally:
+        for system in opened.values():
+            h.close(system)
+    notes = [
+        "webjobsd: POST /api/triggeredwebjobs/trig/run (HTTP, no auth); supervisord: "
+        "startProcess of an autostart=false program over XML-RPC (= `supervisorctl start`); "
+        "pm2: restart of a stopped app through its API (= `pm2 restart`)"
+    ]
+    return [Result("5 run request -> instr", "ms", values, target=at_most(20, "ms"), notes=notes)]
+
+
+def _ready_to_trigger(system: System) -> None:
+    """The on-demand job is known and not running (PM2 runs a new app once at `start`)."""
+    if isinstance(system, Webjobsd):
+        system.wait_known(["trig"], 30)
+    elif isinstance(system, Pm2):
+        system.stamps.wait_new("trig", 0, 30)
+        system.wait_trigger_done("trig", 30)

@@ -1,0 +1,89 @@
+"""Scenarios 7 and 8: the manager's own RSS with 0, N and M jobs; its CPU while N jobs idle."""
+
+from __future__ import annotations
+
+import time
+
+from bench import jobs
+from bench.common import cpu_seconds, rss_bytes
+from bench.harness import Harness, JobsFor
+from bench.report import Result, Target, at_most
+from bench.systems import System
+
+MB = 1_000_000
+RSS_TARGETS = {100: 40.0, 1000: 80.0}
+
+
+def _sleepers(count: int) -> JobsFor:
+    def make(system: System) -> list[jobs.Job]:
+        return [jobs.sleeper(f"s{i}", system.stamps_path) for i in range(count)]
+
+    return make
+
+
+def _rss_target(count: int) -> Target | None:
+    limit = RSS_TARGETS.get(count)
+    return at_most(limit, "MB") if limit is not None else None
+
+
+def memory(h: Harness) -> list[Result]:
+    results = []
+    for count in (0, h.sizes.bulk_jobs, h.sizes.big_jobs):
+        big = count == h.sizes.big_jobs
+        rounds = min(h.rounds, h.sizes.big_rounds if big else h.sizes.heavy_rounds)
+        results += _memory_at(h, count, rounds)
+    return results
+
+
+def _memory_at(h: Harness, count: int, rounds: int) -> list[Result]:
+    startup: dict[str, list[float]] = {}
+
+    def sample(name: str, _index: int) -> list[float]:
+        began = time.time()
+        system = h.open(name, _sleepers(count), start_timeout=600)
+        try:
+            startup.setdefault(name, []).append(time.time() - began)
+            time.sleep(h.sizes.settle_s)
+            return [rss_bytes(system.manager_pid) / MB]
+        finally:
+            h.close(system)
+
+    rss = h.alternate(sample, rounds=rounds)
+    notes = []
+    if count == 0:
+        notes.append(
+            "VmRSS of the manager process alone, read after all jobs ran (`exec sleep infinity`);"
+            " pm2: its daemon (God) process, whose children the apps are"
+        )
+    results = [
+        Result(f"7 RSS, {count} jobs", "MB", rss, target=_rss_target(count), notes=notes),
+    ]
+    if count == h.sizes.big_jobs:
+        note = "manager started with the jobs configured -> every job's first instruction"
+        results.append(Result(f"7 start {count} jobs", "s", startup, notes=[note], digits=2))
+    return results
+
+
+def idle_cpu(h: Harness) -> list[Result]:
+    count = h.sizes.bulk_jobs
+    window = h.sizes.idle_window_s
+
+    def sample(name: str, _index: int) -> list[float]:
+        system = h.open(name, _sleepers(count))
+        try:
+            time.sleep(h.sizes.settle_s)
+            pid = system.manager_pid
+            cpu_before, began = cpu_seconds(pid), time.monotonic()
+            time.sleep(window)
+            used = cpu_seconds(pid) - cpu_before
+            return [100.0 * used / (time.monotonic() - began)]
+        finally:
+            h.close(system)
+
+    values = h.alternate(sample, rounds=min(h.rounds, h.sizes.heavy_rounds))
+    notes = [
+        f"utime+stime of the manager process (not its children) over {window:g} s, "
+        f"{h.sizes.settle_s:g} s after all {count} jobs ran; resolution 1 clock tick (10 ms)"
+    ]
+    title = f"8 idle CPU, {count} jobs"
+    return [Result(title, "%", values, target=at_most(0.5, "%"), notes=notes, digits=2)]
