@@ -186,10 +186,18 @@ class DaemonProcess:
     """The real `webjobsd serve` as a child process (for signal and crash tests)."""
 
     def __init__(
-        self, site: Site, instance_id: str = "test01", *, auth: bool = False, **config: Any
+        self,
+        site: Site,
+        instance_id: str = "test01",
+        *,
+        auth: bool = False,
+        preamble: str = "",
+        **config: Any,
     ) -> None:
+        """`preamble`: Python run in the daemon's process before the CLI (e.g. a prctl)."""
         self.site = site
         self.auth = auth
+        self.preamble = preamble
         self.instance_id = instance_id
         config.setdefault("instance_id", instance_id)
         cfg = site.config(**config)
@@ -200,16 +208,19 @@ class DaemonProcess:
 
     def start(self, env: dict[str, str] | None = None) -> DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        arguments = ["serve", "--config", str(self.config_path)]
+        if not self.auth:
+            arguments.append("--no-auth")
+        if self.preamble:
+            launcher = [
+                "-c",
+                f"{self.preamble}\nimport runpy, sys\nsys.argv = ['webjobsd', *{arguments!r}]\n"
+                "runpy.run_module('webjobsd', run_name='__main__', alter_sys=True)",
+            ]
+        else:
+            launcher = ["-m", "webjobsd", *arguments]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "webjobsd",
-                "serve",
-                "--config",
-                str(self.config_path),
-                *(() if self.auth else ("--no-auth",)),
-            ],
+            [sys.executable, *launcher],
             stdout=log,
             stderr=log,
             env={**os.environ, **(env or {})},

@@ -218,3 +218,47 @@ def status_with(url: str, username: str, password: str) -> int:
         return int(error.code)
     except OSError:
         return 0
+
+
+SUBREAPER = "import ctypes\nctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER"
+
+
+def test_a_stop_does_not_wait_for_someone_else_to_reap_a_zombie(site: Site) -> None:
+    """An orphaned child that died with the job stays a zombie in the job's group until its new
+    parent reaps it; init may take a second. Here the daemon itself is that parent (a subreaper
+    that never reaps strangers), so the zombie stays: the stop must still end at once, not after
+    the whole stopping wait with a SIGKILL."""
+    site.write_job(
+        "continuous",
+        "parent",
+        {
+            "run.sh": (
+                "sleep 1000 &\n"
+                # python never reaps the sleep: killed with the group, it stays a zombie and is
+                # handed to the subreaper when python exits.
+                'exec python3 -c "import signal, sys, time\n'
+                'signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n'
+                'print(\\"up\\", flush=True)\n'
+                'time.sleep(1000)"\n'
+            ),
+            "settings.job": '{"stopping_wait_time": 30}',
+        },
+    )
+    daemon = DaemonProcess(site, preamble=SUBREAPER).start()
+    try:
+        wait_for_sync(lambda: "INFO] up" in site.job_log("parent"), timeout=20, what="job up")
+        (site.job_dir("continuous", "parent") / "disable.job").write_text("")
+        wait_for_sync(
+            lambda: site.status("parent") == "Stopped", timeout=20, what="stopped at once"
+        )
+        assert "did not stop within" not in site.job_log("parent")
+        zombies = [
+            child.pid
+            for child in psutil.Process(daemon.pid).children()
+            if child.status() == psutil.STATUS_ZOMBIE
+        ]
+        assert zombies, "the scenario needs a zombie left in the job's group"
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()

@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -344,3 +346,34 @@ def test_tree_cpu_seconds_counts_the_tree(spawn: Spawner) -> None:
     entry = f"{TOKEN_VARIABLE}={job.token}"
     wait_until(partial(no_carriers, entry), "the burner to die")
     assert proctree.tree_cpu_seconds(identity) == 0.0
+
+
+def test_concurrent_callers_share_scans_and_each_sees_the_whole_tree(
+    spawn: Spawner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop wave of many jobs costs a few host scans, not one per job; sharing never hands a
+    caller a scan that began before it asked (each caller still sees every member)."""
+    job = spawn(TREE)
+    recorded = job.recorded(5)
+    identity = job.identity()
+    scans = 0
+    original = proctree._HostScan.__init__
+
+    def counted(self: proctree._HostScan) -> None:
+        nonlocal scans
+        scans += 1
+        original(self)
+
+    monkeypatch.setattr(proctree._HostScan, "__init__", counted)
+    callers = 24
+    barrier = threading.Barrier(callers)
+
+    def one_caller() -> set[int]:
+        barrier.wait()
+        return {process.pid for process in proctree.find_members(identity)}
+
+    with ThreadPoolExecutor(callers) as pool:
+        results = list(pool.map(lambda _: one_caller(), range(callers)))
+
+    assert all(result == {job.pid, *recorded.values()} for result in results)
+    assert scans < callers / 2, scans

@@ -17,8 +17,6 @@ the pipes are drained with a deadline.
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,8 +36,7 @@ log = structlog.get_logger("webjobsd.process")
 # How long pipes may stay open after the leader exited (a descendant holding them) before
 # capture gives up on them.
 _DRAIN_AFTER_EXIT_S = 1.0
-_GROUP_POLL_S = 0.05
-_ESCAPED_POLL_S = 0.2
+_TREE_POLL_S = 0.05
 # proctree's scan is a snapshot: a member may fork between the scan and the signal.
 _KILL_ROUNDS = 10
 
@@ -58,18 +55,6 @@ class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
         super().process_exited()
         if not self.exited.done():
             self.exited.set_result(code if code is not None else -1)
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError as error:
-        return error.errno != errno.ESRCH
-    return True
 
 
 class JobProcess:
@@ -200,16 +185,19 @@ class JobProcess:
 
     async def _wait_tree_gone(self, wait_s: float) -> bool:
         deadline = time.monotonic() + wait_s
-        # The process group first: one cheap syscall per poll instead of a scan of /proc.
-        while _group_exists(self.identity.pgid) or self.returncode is None:
-            if time.monotonic() >= deadline:
+        # The leader's exit is an event: no polling for it.
+        if self.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._protocol.exited), timeout=wait_s)
+            except TimeoutError:
                 return False
-            await asyncio.sleep(_GROUP_POLL_S)
-        # Then descendants that left the group, which only a scan can find.
+        # Then the rest of the tree, group and escaped alike. Not `killpg(pgid, 0)`: it succeeds
+        # while a zombie is still in the group, and an orphaned zombie waits for *its* reaper
+        # (init, which may take a second): the scan counts only processes that can still run.
         while await asyncio.to_thread(proctree.find_members, self.identity):
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(_ESCAPED_POLL_S)
+            await asyncio.sleep(_TREE_POLL_S)
         return True
 
     async def kill(self) -> None:

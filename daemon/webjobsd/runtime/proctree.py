@@ -32,6 +32,7 @@ import errno
 import os
 import secrets
 import signal
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -248,26 +249,97 @@ class _JobScan:
         return self.group + self.escaped
 
 
-def _scan_job(identity: ProcessIdentity) -> _JobScan:
-    """One pass for the token carriers, a second over every stat only while the group lives.
+class _HostScan:
+    """One look at every process of the host, shared by every job that asks at about the same time.
 
-    The order is a cost decision: an environ read is several times cheaper than a stat read, and
-    the commonest scan (right after a leader exits, to catch leftovers) finds no carrier and an
-    untrusted group, so it reads no stat at all beyond the leader's. Trust follows the module
-    docstring: the verified leader, or a token carrier that is still in the group.
+    Token carriers are found at once (an environ read per process, the cheap file); the stat of
+    every process, needed only to list a live group's members, is read on first demand and then
+    kept for the other jobs sharing this scan.
     """
-    own_pid = os.getpid()
+
+    def __init__(self) -> None:
+        self._own_pid = os.getpid()
+        self.carriers: dict[bytes, list[_Stat]] = {}
+        for pid in _pids():
+            if pid == self._own_pid:
+                continue
+            token = _token_of(pid)
+            if token is None:
+                continue
+            stat = _read_stat(pid)
+            if stat is not None and not stat.is_dead:
+                self.carriers.setdefault(token, []).append(stat)
+        self._groups: dict[int, list[_Stat]] | None = None
+        self._groups_lock = threading.Lock()
+
+    def group(self, pgid: int) -> list[_Stat]:
+        with self._groups_lock:
+            if self._groups is None:
+                groups: dict[int, list[_Stat]] = {}
+                for pid in _pids():
+                    if pid == self._own_pid:
+                        continue
+                    stat = _read_stat(pid)
+                    if stat is not None and not stat.is_dead:
+                        groups.setdefault(stat.pgid, []).append(stat)
+                self._groups = groups
+            return self._groups.get(pgid, [])
+
+
+class _SharedScans:
+    """Single flight: a caller gets a scan that *began after it asked*, never an older one.
+
+    When a hundred jobs stop together each of them needs a fresh look at /proc; one scan that
+    starts after all of them asked answers them all, so the cost is per stop wave, not per job
+    times processes. Tickets order "asked" against "began": a scan serves a caller only if its
+    ticket is larger than the caller's.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._ticket = 0
+        self._running = False
+        self._latest: tuple[int, _HostScan] | None = None
+
+    def fresh(self) -> _HostScan:
+        with self._condition:
+            self._ticket += 1
+            asked = self._ticket
+            while True:
+                if self._latest is not None and self._latest[0] > asked:
+                    return self._latest[1]
+                if not self._running:
+                    self._running = True
+                    self._ticket += 1
+                    began = self._ticket
+                    break
+                self._condition.wait()
+        scan: _HostScan | None = None
+        try:
+            scan = _HostScan()
+            return scan
+        finally:
+            with self._condition:
+                self._running = False
+                if scan is not None:
+                    self._latest = (began, scan)
+                self._condition.notify_all()
+
+
+_SHARED_SCANS = _SharedScans()
+
+
+def _scan_job(identity: ProcessIdentity) -> _JobScan:
+    """The job's members from a shared host scan; trust follows the module docstring.
+
+    The commonest call (right after a leader exits, to catch leftovers) finds no carrier and an
+    untrusted group, so it costs one environ read per process and no stat pass at all.
+    """
     # Never our own group: a record whose pgid is ours (corrupt, or a job not started in its own
     # session) must not make killpg take the daemon down with the job.
     group_usable = identity.pgid > 1 and identity.pgid != os.getpgrp()
-    entry = identity.token_entry
-    carriers: list[_Stat] = []
-    for pid in _pids():
-        if pid == own_pid or not _environ_has(pid, entry):
-            continue
-        stat = _read_stat(pid)
-        if stat is not None and not stat.is_dead:
-            carriers.append(stat)
+    scan = _SHARED_SCANS.fresh()
+    carriers = scan.carriers.get(identity.token.encode(), [])
     group_trusted = group_usable and any(stat.pgid == identity.pgid for stat in carriers)
     if group_usable and not group_trusted:
         leader = _read_stat(identity.pid)
@@ -279,15 +351,8 @@ def _scan_job(identity: ProcessIdentity) -> _JobScan:
         )
     if not group_trusted:
         return _JobScan(group=(), escaped=tuple(carriers))
-    group: list[_Stat] = []
-    for pid in _pids():
-        if pid == own_pid:
-            continue
-        stat = _read_stat(pid)
-        if stat is not None and not stat.is_dead and stat.pgid == identity.pgid:
-            group.append(stat)
     escaped = tuple(stat for stat in carriers if stat.pgid != identity.pgid)
-    return _JobScan(group=tuple(group), escaped=escaped)
+    return _JobScan(group=tuple(scan.group(identity.pgid)), escaped=escaped)
 
 
 def _marker_scan(marker: bytes) -> list[_Stat]:
@@ -362,6 +427,24 @@ def _environ_has(pid: int, entry: bytes) -> bool:
     # Whole-entry match: `TOKEN=ab` must not match `TOKEN=abc` nor `XTOKEN=ab`.
     padded = _NUL + data if data.endswith(_NUL) else _NUL + data + _NUL
     return _NUL + entry + _NUL in padded
+
+
+_TOKEN_PREFIX = TOKEN_VARIABLE.encode() + b"="
+
+
+def _token_of(pid: int) -> bytes | None:
+    """The value of the process's token entry, if its environ has one (whole-entry match)."""
+    data = _read_proc_file(pid, "environ")
+    if not data:
+        return None
+    at = data.find(_TOKEN_PREFIX)
+    while at != -1:
+        if at == 0 or data[at - 1] == 0:
+            value_start = at + len(_TOKEN_PREFIX)
+            value_end = data.find(_NUL, value_start)
+            return data[value_start : value_end if value_end != -1 else len(data)]
+        at = data.find(_TOKEN_PREFIX, at + 1)
+    return None
 
 
 def _epoch_start(start_ticks: int, boot_time: float | None = None) -> float:
