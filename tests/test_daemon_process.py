@@ -262,3 +262,23 @@ def test_a_stop_does_not_wait_for_someone_else_to_reap_a_zombie(site: Site) -> N
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.kill()
+
+
+def test_threads_do_not_grow_with_the_number_of_jobs(site: Site) -> None:
+    """No thread per job: not to wait for its process, not to watch its folder."""
+    count = 40
+    for index in range(count):
+        site.write_job("continuous", f"job{index:02d}", {"run.sh": "exec sleep 1000\n"})
+    daemon = DaemonProcess(site).start()
+    try:
+        wait_for_sync(
+            lambda: all(leaders(site, f"job{i:02d}") for i in range(count)),
+            timeout=30,
+            what="every job running",
+        )
+        threads = psutil.Process(daemon.pid).num_threads()
+        assert threads < count / 2, threads
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()

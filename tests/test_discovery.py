@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,29 @@ async def test_a_sub_folder_moved_into_a_job_is_watched(site: Site) -> None:
         await wait_for(lambda: restarts(site, "nested") == 2, what="restart for the new folder")
         (job_dir / "lib" / "deep" / "helper.sh").write_text("echo v2\n")
         await wait_for(lambda: restarts(site, "nested") == 3, what="restart for a nested edit")
+
+
+async def test_many_jobs_are_watched_by_one_watch(site: Site) -> None:
+    """Every job folder is watched, down to nested files, without a watch (and its thread) per
+    job; edits are seen through events alone (the periodic rescan is an hour away)."""
+    count = 160
+    for index in range(count):
+        site.write_job("triggered", f"job{index:03d}", {"run.sh": "echo\n"})
+    async with running_daemon(site, rescan_s=3600.0) as daemon:
+        catalog = daemon.catalog
+        assert catalog is not None
+        key = JobKey(JobKind.TRIGGERED, f"job{count - 1:03d}")
+        before = catalog.specs[key].fingerprint
+        assert threading.active_count() < 40, "a thread per job folder"
+        (site.job_dir("triggered", key.name) / "settings.job").write_text('{"note": 1}')
+        await wait_for(lambda: catalog.specs[key].fingerprint != before, what="edit seen")
+        # A folder dropped in after the start is watched too, down to a nested file.
+        dropped = site.write_job("triggered", "late", {"run.sh": "echo\n", "lib/x.sh": "1\n"})
+        late = JobKey(JobKind.TRIGGERED, "late")
+        await wait_for(lambda: late in catalog.specs, what="dropped job found")
+        first = catalog.specs[late].fingerprint
+        (dropped / "lib" / "x.sh").write_text("2\n")
+        await wait_for(lambda: catalog.specs[late].fingerprint != first, what="nested edit seen")
 
 
 async def test_the_periodic_rescan_finds_what_no_event_announced(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
@@ -617,8 +619,33 @@ def serve(
         overrides=overrides,
         auth_enabled=auth_enabled,
     )
+
+    async def main() -> int:
+        _use_pidfd_child_watcher(asyncio.get_running_loop())
+        return await daemon.run()
+
     try:
-        return asyncio.run(daemon.run())
+        return asyncio.run(main())
     except StartupError as error:
         log.error("cannot start", reason=str(error))
         return 1
+
+
+def _use_pidfd_child_watcher(loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for job processes through pidfds in the event loop, not a thread per child.
+
+    Python 3.11's default child watcher keeps one thread blocked in `waitpid` per child: a
+    thousand jobs, a thousand threads. A pidfd costs one file descriptor and no thread; Python
+    3.12 made it the default where the kernel has it (Linux 5.3+), so only 3.11 needs this. It is
+    set for the `serve` process only: it is process-wide, and an embedding program (the tests)
+    may run other event loops.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)

@@ -201,11 +201,6 @@ class Catalog:
     def job_dir(self, key: JobKey) -> Path:
         return self._jobs_root / key.kind.value / key.name
 
-    def job_dirs(self) -> set[Path]:
-        return {spec.job_dir for spec in self._specs.values()} | {
-            self.job_dir(key) for key in self._errors
-        }
-
     # -- looking -----------------------------------------------------------------------------
 
     def present_keys(self) -> set[JobKey]:

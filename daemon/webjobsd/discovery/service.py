@@ -71,7 +71,7 @@ class DiscoveryService:
         if full:
             self.rescans += 1
         if self.watcher is not None:
-            self.watcher.sync(self.catalog.job_dirs())
+            self.watcher.sync()
         if result.changed:
             self._on_changed(result.changed)
         self.last_pass_monotonic = now

@@ -4,11 +4,14 @@ Events arrive on watchdog's thread and are handed to the event loop with `call_s
 nothing else happens on that thread. A path maps to a `JobKey` (`{kind}/{name}/...`); an event on
 the jobs root or a kind folder itself means "rescan everything" (key None).
 
-Watches (see ARCHITECTURE.md pitfalls): the jobs root and each kind folder non-recursively, plus one
-recursive watch per job folder, re-synced from the catalog after each refresh, so a job folder moved
-in gets its own watch. watchdog 7 adds watches inside a sub-folder moved into a watched job folder
-(tests/test_discovery.py holds it to that). An inotify queue overflow is silent: the periodic
-rescan is what makes that case correct; the watches only make things fast.
+Watches: one recursive watch on the jobs root, re-made whenever the root's inode changes (the
+root replaced). Decision, against ARCHITECTURE.md's older advice of one watch per job folder:
+watchdog runs one emitter thread per scheduled watch, so per-job watches cost a thread per job
+(1000 jobs: 1000 threads, about 30 MB resident and 8 GB of address space for their stacks). The
+advice predates watchdog adding watches inside a folder moved into a recursive watch, which it
+now does (tests/test_discovery.py holds it to that, for a job folder dropped into a kind folder
+and for a sub-folder moved into a job). An inotify queue overflow is silent: the periodic rescan
+is what makes that case correct; the watches only make things fast.
 
 `Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
 `cap_s` has passed since its first event even if writes never stop.
@@ -121,9 +124,8 @@ class JobsWatcher:
         self._on_hint = on_hint
         self._observer: BaseObserver | None = None
         self._handler = _Handler(self._from_thread)
-        # Keyed by path, remembering the inode watched: a folder replaced under the same name
-        # (rm -rf + copy, mv away + mv in) needs a new watch, or it goes unwatched.
-        self._watches: dict[Path, tuple[int, ObservedWatch]] = {}
+        # The inode watched: a root replaced under the same name needs a new watch.
+        self._watch: tuple[int, ObservedWatch] | None = None
         self.events_seen = 0
 
     def _from_thread(self, path: str) -> None:
@@ -138,50 +140,40 @@ class JobsWatcher:
         self.events_seen += 1
         self._on_hint(hint if isinstance(hint, JobKey) else None)
 
-    def _base_dirs(self) -> list[Path]:
-        return [self._jobs_root, *(self._jobs_root / k.value for k in JobKind)]
-
     def start(self) -> None:
         observer = Observer()
         observer.daemon = True
         self._observer = observer
         observer.start()
-        self.sync(set())
+        self.sync()
 
-    def sync(self, job_dirs: set[Path]) -> None:
-        """Make the watches match the base folders and the catalog's job folders.
+    def sync(self) -> None:
+        """Keep the one watch on the jobs root, re-made if the root was replaced.
 
-        Cheap (a stat per folder), so it runs after every refresh.
+        Cheap (one stat), so it runs after every refresh.
         """
         observer = self._observer
         if observer is None:
             return
-        wanted = dict.fromkeys(self._base_dirs(), False)
-        wanted.update(dict.fromkeys(job_dirs, True))
-        for path in list(self._watches):
-            if path not in wanted:
-                self._unschedule(path)
-        for path, recursive in wanted.items():
-            try:
-                inode = path.stat().st_ino
-            except OSError:
-                self._unschedule(path)
-                continue
-            current = self._watches.get(path)
-            if current is not None and current[0] == inode:
-                continue
-            self._unschedule(path)
-            try:
-                watch = observer.schedule(self._handler, str(path), recursive=recursive)
-            except OSError as error:
-                # Folder vanished between the stat and now, or the inotify watch limit is hit:
-                # the periodic rescan still covers it.
-                log.warning("cannot watch folder", folder=str(path), error=str(error))
-                continue
-            self._watches[path] = (inode, watch)
+        try:
+            inode = self._jobs_root.stat().st_ino
+        except OSError:
+            self._unschedule()
+            return
+        if self._watch is not None and self._watch[0] == inode:
+            return
+        self._unschedule()
+        try:
+            watch = observer.schedule(self._handler, str(self._jobs_root), recursive=True)
+        except OSError as error:
+            # Root vanished between the stat and now, or the inotify watch limit is hit: the
+            # periodic rescan still covers it.
+            log.warning("cannot watch folder", folder=str(self._jobs_root), error=str(error))
+            return
+        self._watch = (inode, watch)
 
-    def _unschedule(self, path: Path) -> None:
-        entry = self._watches.pop(path, None)
+    def _unschedule(self) -> None:
+        entry, self._watch = self._watch, None
         if entry is not None and self._observer is not None:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(entry[1])
