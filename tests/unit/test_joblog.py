@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from webjobsd.records import joblog
 from webjobsd.records.joblog import JobLogWriter, LineSplitter, LogLevel, capture_stream
 
 if TYPE_CHECKING:
@@ -119,6 +121,129 @@ def test_binary_garbage_is_written_as_one_line_of_text_each(tmp_path: Path) -> N
     assert lines[3].endswith("] caf\u00e9 \U0001f600 \ufffdnel")
     assert lines[4].endswith("] \ufffd[31mred\ufffd[0m")
     assert lines[5].endswith(": ERR ] single\ufffdwith LF\ufffd\ufffdand CRLF")
+
+
+# -- rendering against a reference ----------------------------------------------------------
+
+PREFIX = b"[02/10/2017 16:10:43 > af2b06: INFO] "
+CONTROLS_BUT_LF = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\xc2[\x80-\x9f]")
+REPLACEMENT = "\ufffd".encode()
+
+# Text that needs no change: printable ASCII, TAB, valid UTF-8 including 0xC2 sequences that
+# are not C1 controls (NBSP, degree sign), U+2028.
+PLAIN = [b"a", b"Z", b"0", b" ", b"~", b"\t", b"x" * 40]
+PLAIN += [char.encode() for char in "\u00e9\u00a0\u00b0\u20ac\U0001f600\u2028"]
+# Every kind of byte that must be replaced, and near misses around the C1 controls.
+TRICKY = [bytes([byte]) for byte in b"\x00\x01\x08\n\x0b\x0c\r\x1b\x1f\x7f\x80\x85\xff"]
+TRICKY += b"\xc2 \xc2\x80 \xc2\x85 \xc2\x9f \xc2\xa0 \xc2\x7f \xc2\xc2".split()
+TRICKY += b"\xe2\x82 \xed\xa0\x80 \xf4\x90\x80\x80 \xc0\xaf".split()  # invalid UTF-8
+
+
+def reference_render(lines: list[bytes]) -> bytes:
+    """The straightforward definition: one regex over every byte, then UTF-8 repair."""
+    if not lines:
+        return b""
+    joined = b"\n".join(lines)
+    if joined.count(b"\n") == len(lines) - 1:
+        joined = CONTROLS_BUT_LF.sub(REPLACEMENT, joined)
+    else:
+        joined = b"\n".join([CONTROLS.sub(REPLACEMENT, line) for line in lines])
+    joined = joined.decode("utf-8", "replace").encode("utf-8")
+    return PREFIX + joined.replace(b"\n", b"\n" + PREFIX) + b"\n"
+
+
+def written(path: Path, batches: list[list[bytes]]) -> bytes:
+    with make_writer(path, max_bytes=1 << 40) as writer:
+        for batch in batches:
+            writer.console_lines(LogLevel.INFO, batch)
+    data = path.read_bytes()
+    data.decode("utf-8")  # strict
+    assert data.count(b"\n") == sum(map(len, batches))
+    return data
+
+
+def random_line(rng: random.Random, tricky: bool) -> bytes:
+    tokens = PLAIN + TRICKY if tricky else PLAIN
+    line = b"".join(rng.choices(tokens, k=rng.choice([0, 1, 2, 5, 12])))
+    if rng.random() < 0.02:  # a long line, with what it holds at either end or inside
+        filler = b"".join(rng.choices(PLAIN, k=3000))
+        cut = rng.randrange(len(filler) + 1)
+        line = rng.choice([line + filler, filler + line, filler[:cut] + line + filler[cut:]])
+    return line
+
+
+def test_random_batches_render_like_the_reference(tmp_path: Path) -> None:
+    rng = random.Random(20240611)
+    batches: list[list[bytes]] = []
+    for _ in range(3000):
+        tricky = rng.random() < 0.5
+        lines = [random_line(rng, tricky) for _ in range(rng.choice([1, 1, 2, 3, 8]))]
+        if tricky and rng.random() < 0.3:  # a control right at an edge of the batch
+            edge = rng.choice(TRICKY)
+            lines[0], lines[-1] = rng.choice(
+                [(edge + lines[0], lines[-1]), (lines[0], lines[-1] + edge)]
+            )
+        batches.append(lines)
+
+    assert written(tmp_path / "log.txt", batches) == b"".join(map(reference_render, batches))
+
+
+def test_edge_cases_render_like_the_reference(tmp_path: Path) -> None:
+    batches = [
+        [b""],
+        [b"", b"", b""],
+        [b"\x00"],
+        [b"\x7f", b"plain"],
+        [b"plain", b"\x1b"],
+        [b"\r"],
+        [b"tab\tonly\t"],
+        [b"ends with lead \xc2", b"\x85 starts with C1 tail"],  # not a C1 control: LF between
+        [b"\xc2\xc2\x85", b"\xc2\xa0nbsp", b"\xc2\x7f"],
+        [b"\xe2\xc2\x85"],
+        [b"line\nwith its own LF", b"plain"],
+        [b"\n"],
+        ["caf\u00e9 20\u00b0C \u2028 \U0001f600".encode()],
+        [b"x" * 200_000 + b"\x01"],
+        [b"\x01" + b"x" * 200_000, b"y" * 70_000],
+        [b"\xff" * 3, b"\xf0\x9f\x98"],
+    ]
+    assert written(tmp_path / "log.txt", batches) == b"".join(map(reference_render, batches))
+
+
+def test_lines_cut_at_max_line_bytes_render_like_the_reference(tmp_path: Path) -> None:
+    # Pieces of a long line may end or start in the middle of a UTF-8 sequence or a C1 control.
+    rng = random.Random(7)
+    batches: list[list[bytes]] = []
+    for _ in range(300):
+        data = b"".join(rng.choices([*PLAIN, *TRICKY, b"\n", b"\r\n"], k=rng.randrange(1, 80)))
+        splitter = LineSplitter(rng.randrange(1, 8))
+        start = 0
+        for end in sorted(rng.sample(range(len(data) + 1), k=min(len(data) + 1, 4))):
+            batches.append(splitter.feed(data[start:end]))
+            start = end
+        batches += [splitter.feed(data[start:]), splitter.flush()]
+    batches = [batch for batch in batches if batch]
+
+    assert written(tmp_path / "log.txt", batches) == b"".join(map(reference_render, batches))
+
+
+def test_plain_text_is_written_without_rewriting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def rewrite(*_args: object) -> bytes:
+        raise AssertionError("a plain batch took the replacing path")
+
+    monkeypatch.setattr(joblog, "_clean", rewrite)
+    lines = [
+        b"tab\tand text",
+        b"",
+        "caf\u00e9 \u00a0 20\u00b0C \U0001f600".encode(),
+        b"x" * 100_000,
+    ]
+    assert written(tmp_path / "log.txt", [lines]) == b"".join(
+        PREFIX + line + b"\n" for line in lines
+    )
 
 
 # -- rotation -------------------------------------------------------------------------------
