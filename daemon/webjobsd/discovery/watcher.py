@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,13 @@ from webjobsd.discovery.ignore import is_ignored_relative_path
 from webjobsd.model import JobKey, JobKind
 
 log = structlog.get_logger("webjobsd.watcher")
+
+# A folder moved inside the watched tree (a deployment's staging folder renamed into place, a job
+# renamed) keeps its inotify watch; watchdog re-registers it under the new path and warns that it
+# replaces its own callback. That is its normal bookkeeping, not a fault; under `-W error` the
+# warning would even end watchdog's thread.
+WATCHDOG_REREGISTER_WARNING = r"Callback with id '\S+' already exists for watch"
+warnings.filterwarnings("ignore", message=WATCHDOG_REREGISTER_WARNING, category=RuntimeWarning)
 
 Hint = JobKey | None  # None: rescan everything
 

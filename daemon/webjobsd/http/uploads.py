@@ -135,6 +135,10 @@ async def receive_to_file(request: web.Request, target: Path, max_bytes: int) ->
 # paths
 
 
+_NAME_MAX = 255
+_PATH_MAX = 4096
+
+
 def safe_child(root: Path, relative: str) -> Path:
     """`root` joined with `relative` (a URL-decoded path), refused if it could leave `root`.
 
@@ -147,7 +151,12 @@ def safe_child(root: Path, relative: str) -> Path:
     parts = [part for part in relative.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise ApiError(400, f"Invalid path '{relative}': '..' segments are not allowed.")
+    # Linux's limits, checked here so that no later stat can fail with ENAMETOOLONG (a 500).
+    if any(len(os.fsencode(part)) > _NAME_MAX for part in parts):
+        raise ApiError(400, f"Invalid path: a name is longer than {_NAME_MAX} bytes.")
     candidate = root.joinpath(*parts)
+    if len(os.fsencode(candidate)) >= _PATH_MAX:
+        raise ApiError(400, f"Invalid path: longer than {_PATH_MAX - 1} bytes.")
     real_root = root.resolve()
     try:
         real = candidate.resolve()
