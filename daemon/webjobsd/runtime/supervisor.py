@@ -123,6 +123,8 @@ class ContinuousUnit:
         self._context = context
         self._changed = asyncio.Event()
         self.status: ContinuousStatus | None = None
+        self._status_written: ContinuousStatus | None = None
+        self._status_flush_scheduled = False
         self.restarts = 0
         self.process: JobProcess | None = None
         self.port: int | None = None
@@ -179,11 +181,26 @@ class ContinuousUnit:
             why=why,
         )
         self.status = status
+        self._log.system(LogLevel.INFO, f"Status changed to {status.value}")
+        # The file is written on the loop's next turn, not here: a restart passes through
+        # PendingRestart, Starting and Running within a millisecond, and writing each one before
+        # the spawn put three file replacements on the restart's critical path. Readers only
+        # ever need the latest; the turn comes at the first await (before or during the spawn).
+        if not self._status_flush_scheduled:
+            self._status_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_status)
+
+    def _flush_status(self) -> None:
+        self._status_flush_scheduled = False
+        status = self.status
+        if status is None or status is self._status_written:
+            return
         try:
             write_continuous_status(self._context.layout, self.key, status)
         except OSError as error:
             log.error("cannot write status file", job=str(self.key), error=str(error))
-        self._log.system(LogLevel.INFO, f"Status changed to {status.value}")
+            return
+        self._status_written = status
 
     def _status_name(self) -> str | None:
         return self.status.value if self.status else None
@@ -200,6 +217,7 @@ class ContinuousUnit:
                     await asyncio.wait_for(self.process.close(), FORCED_STOP_BOUND_S)
                 self._forget_process()
             self._singleton.release()
+            self._flush_status()
             self._log.close()
 
     async def _loop(self) -> None:
