@@ -237,7 +237,7 @@ def test_a_stop_does_not_wait_for_someone_else_to_reap_a_zombie(site: Site) -> N
                 # python never reaps the sleep: killed with the group, it stays a zombie and is
                 # handed to the subreaper when python exits.
                 'exec python3 -c "import signal, sys, time\n'
-                'signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n'
+                "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
                 'print(\\"up\\", flush=True)\n'
                 'time.sleep(1000)"\n'
             ),

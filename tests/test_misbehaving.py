@@ -87,7 +87,6 @@ async def test_hostile_jobs_leave_the_daemon_responsive_and_bounded(site: Site) 
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-
             await wait_for(lambda: ready(port), timeout=20, what="daemon ready")
             await wait_for(
                 lambda: all(job_pids(site, name) for name in ("deaf", "mute", "babbler")),
@@ -149,4 +148,3 @@ async def test_hostile_jobs_leave_the_daemon_responsive_and_bounded(site: Site) 
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.kill()
-

@@ -187,9 +187,7 @@ async def test_concurrent_edits_converge_on_the_final_files(site: Site) -> None:
         counts = await asyncio.to_thread(editor.run_for, DURATION_S)
         assert sum(counts.values()) > 500, counts  # the load really was a stress
         assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
-        await wait_for(
-            lambda: not mismatches(site), timeout=60, interval=0.2, what="convergence"
-        )
+        await wait_for(lambda: not mismatches(site), timeout=60, interval=0.2, what="convergence")
         async with aiohttp.ClientSession() as session:
             for kind, names in (("continuous", CONTINUOUS), ("triggered", TRIGGERED)):
                 on_disk = {n for n in names if site.job_dir(kind, n).exists()}

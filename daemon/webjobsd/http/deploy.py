@@ -27,6 +27,7 @@ from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
 from webjobsd.discovery.scripts import select_command
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.errors import bad_request, clean_text
+from webjobsd.http.readmodel import JOB_LISTS
 from webjobsd.http.uploads import extract_zip, receive_to_file
 from webjobsd.model import JobKey, JobKind, is_valid_job_name
 
@@ -72,7 +73,12 @@ def _swap_into_place(new: Path, target: Path, staging: Path) -> None:
         old = staging / f"old-{secrets.token_hex(6)}"
         os.rename(target, old)
     os.rename(new, target)
-    if old is not None:
+    if old is None:
+        return
+    if old.is_symlink() or not old.is_dir():
+        # rmtree refuses a link (and would never follow it): the link itself is what goes.
+        old.unlink(missing_ok=True)
+    else:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -96,7 +102,7 @@ def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename:
 
 def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        from webjobsd.http.jobs import INVALID_NAME, _Snapshot
+        from webjobsd.http.jobs import INVALID_NAME
 
         ctx = request.app[CONTEXT]
         name = request.match_info["name"]
@@ -118,10 +124,9 @@ def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamRespon
                 spec = ctx.specs().get(key)
                 if spec is None:
                     raise bad_request(NO_RUNNABLE_SCRIPT)
-                snapshot = _Snapshot(ctx)
         finally:
             await asyncio.to_thread(upload.unlink, True)
-        return web.json_response(await asyncio.to_thread(snapshot.job, base_url(request), spec))
+        return web.json_response(await request.app[JOB_LISTS].job(base_url(request), spec))
 
     return handler
 

@@ -1,10 +1,11 @@
 """Kudu's WebJobs routes (Part B §1.1) with their deprecated aliases.
 
-Reads build Kudu's JSON from snapshots (catalog specs, status files, the run store) in a worker
-thread, so a list of a thousand jobs does not stall the event loop. Writes are intents (Part A
-#6): `disable.job` or `settings.job` written atomically, then discovery looks at the job again at
-once and the reconciler acts, so stop and start take effect immediately and a new job has no 404
-window.
+Reads go through `http.readmodel`: lists are served from a rendered body (and its ETag) that is
+rebuilt, in a worker thread, only when this daemon changed something or the disk facts of other
+instances may have moved (see that module for the bounds); single jobs, histories and runs are
+read from disk at every request. Writes are intents (Part A #6): `disable.job` or
+`settings.job` written atomically, then discovery looks at the job again at once and the
+reconciler acts, so stop and start take effect immediately and a new job has no 404 window.
 """
 
 from __future__ import annotations
@@ -13,28 +14,19 @@ import asyncio
 import json
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from webjobsd.http import readmodel
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.deploy import add_deploy_routes, job_lock
 from webjobsd.http.errors import bad_request, clean_text, conflict, not_found, read_json_body
-from webjobsd.http.views import (
-    continuous_job,
-    etag_of,
-    run_json,
-    run_url,
-    swagger,
-    triggered_job,
-)
-from webjobsd.model import JobKey, JobKind, JobSpec, RunStatus, is_valid_job_name
+from webjobsd.http.readmodel import JOB_LISTS
+from webjobsd.http.views import etag_of, run_url, swagger
+from webjobsd.model import JobKey, JobKind, JobSpec, is_valid_job_name
 from webjobsd.records.atomic import write_bytes_atomic
-from webjobsd.records.runstore import RunRecord
-from webjobsd.records.status import aggregate_status
-from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.triggered import InvalidArguments, JobNotFound, RunConflict
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,91 +53,16 @@ def _spec(ctx: ApiContext, kind: JobKind, name: str) -> JobSpec:
     return spec
 
 
+def _not_modified(request: web.Request, tag: str) -> bool:
+    return request.headers.get("If-None-Match", "").split(",")[0].strip() == tag
+
+
 def _with_etag(request: web.Request, body: Any, tag: str) -> web.Response:
-    if request.headers.get("If-None-Match", "").split(",")[0].strip() == tag:
+    if _not_modified(request, tag):
         return web.Response(status=304, headers={"ETag": tag})
     response = web.json_response(body)
     response.headers["ETag"] = tag
     return response
-
-
-class _Snapshot:
-    """What the JSON builders need, captured on the loop and then read in a worker thread."""
-
-    def __init__(self, ctx: ApiContext) -> None:
-        self.ctx = ctx
-        self.specs = dict(ctx.specs())
-        self.active = {
-            name: active.record.run_id
-            for name, active in ctx.triggered.active.items()
-            if active.record is not None
-        }
-        self.now = datetime.now(UTC)
-
-    def shown_status(self, record: RunRecord, latest_id: str | None) -> RunStatus:
-        """Kudu computes Aborted on read: an unfinished run that nobody is running."""
-        if record.status not in (RunStatus.RUNNING, RunStatus.INITIALIZING):
-            return record.status
-        if self.active.get(record.job_name) == record.run_id:
-            return record.status
-        lock = self.ctx.layout.run_lock_path(JobKey(JobKind.TRIGGERED, record.job_name))
-        if record.run_id == latest_id and FileLock.is_locked_by_other(lock):
-            return record.status
-        return RunStatus.ABORTED
-
-    def run(self, base: str, record: RunRecord, latest_id: str | None) -> dict[str, Any]:
-        folder = self.ctx.run_store.output_log_path(record.job_name, record.run_id).parent
-        return run_json(
-            base,
-            record,
-            now=self.now,
-            shown_status=self.shown_status(record, latest_id),
-            has_output=(folder / "output_log.txt").exists(),
-            has_error_log=(folder / "error_log.txt").exists(),
-        )
-
-    def job(self, base: str, spec: JobSpec) -> dict[str, Any]:
-        layout = self.ctx.layout
-        data_dir = layout.data_dir(spec.key)
-        using_sdk = (data_dir / "webjobssdk.marker").exists()
-        if spec.key.kind is JobKind.CONTINUOUS:
-            status, detailed = aggregate_status(layout, spec.key, self.ctx.instance_is_live)
-            return continuous_job(
-                base, spec, status=status, detailed_status=detailed, using_sdk=using_sdk
-            )
-        latest = self.ctx.run_store.latest(spec.key.name)
-        latest_json = self.run(base, latest, latest.run_id) if latest else None
-        return triggered_job(
-            base,
-            spec,
-            latest_run=latest_json,
-            has_scheduler_log=(data_dir / "job_scheduler.log").exists(),
-            using_sdk=using_sdk,
-        )
-
-    def jobs(self, base: str, kinds: tuple[JobKind, ...]) -> list[dict[str, Any]]:
-        # Kudu lists triggered jobs first, then continuous ones.
-        ordered = sorted(
-            (spec for spec in self.specs.values() if spec.key.kind in kinds),
-            key=lambda spec: (spec.key.kind is JobKind.CONTINUOUS, spec.key.name),
-        )
-        return [self.job(base, spec) for spec in ordered]
-
-
-def _list_etag(jobs: list[dict[str, Any]]) -> str:
-    return etag_of(
-        (
-            job["name"],
-            job["run_command"],
-            job["type"],
-            job["error"],
-            (job.get("latest_run") or {}).get("id"),
-            (job.get("latest_run") or {}).get("status"),
-            (job.get("latest_run") or {}).get("duration"),
-            job.get("detailed_status"),
-        )
-        for job in jobs
-    )
 
 
 # -- lists and single jobs -------------------------------------------------------------------
@@ -153,19 +70,22 @@ def _list_etag(jobs: list[dict[str, Any]]) -> str:
 
 def list_jobs(kinds: tuple[JobKind, ...]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        snapshot = _Snapshot(request.app[CONTEXT])
-        jobs = await asyncio.to_thread(snapshot.jobs, base_url(request), kinds)
-        return _with_etag(request, jobs, _list_etag(jobs))
+        rendered = await request.app[JOB_LISTS].body(base_url(request), kinds)
+        headers = {"ETag": rendered.etag}
+        if _not_modified(request, rendered.etag):
+            return web.Response(status=304, headers=headers)
+        # The cached bytes as they are: web.json_response would encode the list again.
+        return web.Response(
+            body=rendered.body, content_type="application/json", charset="utf-8", headers=headers
+        )
 
     return handler
 
 
 def get_job(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        ctx = request.app[CONTEXT]
-        spec = _spec(ctx, kind, _name(request))
-        snapshot = _Snapshot(ctx)
-        return web.json_response(await asyncio.to_thread(snapshot.job, base_url(request), spec))
+        spec = _spec(request.app[CONTEXT], kind, _name(request))
+        return web.json_response(await request.app[JOB_LISTS].job(base_url(request), spec))
 
     return handler
 
@@ -359,18 +279,9 @@ async def run_triggered(request: web.Request) -> web.StreamResponse:
 
 
 async def history(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
     name = _name(request)
-    _spec(ctx, JobKind.TRIGGERED, name)
-    snapshot = _Snapshot(ctx)
-    base = base_url(request)
-
-    def build() -> list[dict[str, Any]]:
-        records = ctx.run_store.list_runs(name)
-        latest_id = records[0].run_id if records else None
-        return [snapshot.run(base, record, latest_id) for record in records]
-
-    runs = await asyncio.to_thread(build)
+    _spec(request.app[CONTEXT], JobKind.TRIGGERED, name)
+    runs = await request.app[JOB_LISTS].history(base_url(request), name)
     newest = runs[0] if runs else None
     tag = etag_of(
         [name, newest["id"], newest["status"], newest["end_time"]] if newest else [name, "EMPTY"]
@@ -379,21 +290,10 @@ async def history(request: web.Request) -> web.StreamResponse:
 
 
 async def one_run(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
     name = _name(request)
     run_id = request.match_info["run_id"]
-    _spec(ctx, JobKind.TRIGGERED, name)
-    snapshot = _Snapshot(ctx)
-    base = base_url(request)
-
-    def build() -> dict[str, Any] | None:
-        record = ctx.run_store.read(name, run_id)
-        if record is None:
-            return None
-        latest = ctx.run_store.latest(name)
-        return snapshot.run(base, record, latest.run_id if latest else None)
-
-    body = await asyncio.to_thread(build)
+    _spec(request.app[CONTEXT], JobKind.TRIGGERED, name)
+    body = await request.app[JOB_LISTS].run(base_url(request), name, run_id)
     if body is None:
         raise not_found(f"No run {run_id!r} of job {name!r}.")
     return web.json_response(body)
@@ -415,6 +315,7 @@ def _prefixes(kind: JobKind) -> list[str]:
 
 
 def add_job_routes(app: web.Application) -> None:
+    readmodel.install(app, app[CONTEXT])
     router = app.router
     for path in ("/api/webjobs", "/api/jobs", "/jobs", "/jobs/", "/api/jobs/"):
         router.add_get(path, list_jobs((JobKind.TRIGGERED, JobKind.CONTINUOUS)))

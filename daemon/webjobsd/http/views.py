@@ -3,6 +3,10 @@
 URLs are absolute, built from a base (`scheme://host[:port]`) that the caller derives from the
 request. VFS URLs use the legacy `/vfs/` prefix and job URLs the current `/api/{type}webjobs/`
 form, as Kudu does. `runCommand` is emitted beside `run_command` (Part A #1).
+
+What a job shows besides its spec comes from its data folder; `ContinuousFacts`,
+`TriggeredFacts` and `RunFacts` are those facts, read elsewhere (`http.readmodel`), so that the
+JSON is a function of `(base, spec, facts, now)` and nothing else.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +22,41 @@ from webjobsd.model import JobKind, JobSpec, RunStatus
 from webjobsd.records.runstore import RunRecord, format_kudu_datetime, format_timespan
 
 DOTNET_DEFAULT_DATE = "0001-01-01T00:00:00"
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    record: RunRecord
+    # Kudu computes Aborted on read, so what is shown may differ from what is stored.
+    shown_status: RunStatus
+    has_output: bool
+    has_error_log: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuousFacts:
+    status: str
+    detailed_status: str
+    using_sdk: bool
+
+    @property
+    def moves_with_time(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class TriggeredFacts:
+    latest: RunFacts | None
+    has_scheduler_log: bool
+    using_sdk: bool
+
+    @property
+    def moves_with_time(self) -> bool:
+        """An unfinished run's duration grows, so its JSON differs from one instant to the next."""
+        return self.latest is not None and self.latest.record.end_time is None
+
+
+JobFacts = ContinuousFacts | TriggeredFacts
 
 
 def job_url(base: str, kind: JobKind, name: str) -> str:
@@ -106,6 +146,37 @@ def triggered_job(
     }
 
 
+def run_facts_json(base: str, facts: RunFacts, now: datetime) -> dict[str, Any]:
+    return run_json(
+        base,
+        facts.record,
+        now=now,
+        shown_status=facts.shown_status,
+        has_output=facts.has_output,
+        has_error_log=facts.has_error_log,
+    )
+
+
+def job_json(base: str, spec: JobSpec, facts: JobFacts, now: datetime) -> dict[str, Any]:
+    """One job as Kudu shows it, in a list or alone."""
+    if isinstance(facts, ContinuousFacts):
+        return continuous_job(
+            base,
+            spec,
+            status=facts.status,
+            detailed_status=facts.detailed_status,
+            using_sdk=facts.using_sdk,
+        )
+    latest = facts.latest
+    return triggered_job(
+        base,
+        spec,
+        latest_run=run_facts_json(base, latest, now) if latest is not None else None,
+        has_scheduler_log=facts.has_scheduler_log,
+        using_sdk=facts.using_sdk,
+    )
+
+
 def etag_of(values: Iterable[Mapping[str, Any] | Any]) -> str:
     """A quoted lowercase hex tag over what a list shows (opaque to clients, stable here)."""
     digest = hashlib.sha256()
@@ -113,6 +184,11 @@ def etag_of(values: Iterable[Mapping[str, Any] | Any]) -> str:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
         digest.update(b"\n")
     return f'"{digest.hexdigest()[:32]}"'
+
+
+def etag_of_body(body: bytes) -> str:
+    """The same form of tag over a rendered body: it changes whenever a byte does."""
+    return f'"{hashlib.sha256(body).hexdigest()[:32]}"'
 
 
 def swagger(names: Iterable[str]) -> dict[str, Any]:

@@ -69,6 +69,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -300,10 +301,26 @@ def _date_field(doc: Mapping[Any, Any], name: str) -> datetime | None:
 
 class RunStore:
     """Triggered run folders under `data/jobs/triggered/`. Stateless: every call reads disk, so
-    several stores (threads, processes, daemons sharing the site) see each other's runs."""
+    several stores (threads, processes, daemons sharing the site) see each other's runs.
+
+    The one thing it keeps is `generation`, a count of the changes made through it (runs
+    created, rewritten, trimmed), so that a reader caching what the folders say knows without
+    touching the disk that this daemon changed a run since it looked.
+    """
 
     def __init__(self, layout: SiteLayout) -> None:
         self._layout = layout
+        self._generation_lock = threading.Lock()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def _changed(self) -> None:
+        # Called after the change is on disk: whoever sees the new count sees the change.
+        with self._generation_lock:
+            self._generation += 1
 
     def _job_dir(self, job_name: str) -> Path:
         if not is_valid_job_name(job_name):
@@ -364,6 +381,8 @@ class RunStore:
                 # An empty folder would count against the history size and hold an id.
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
+            finally:
+                self._changed()
             return record
         raise FileExistsError(
             f"no free run id for {job_name!r} in {_MAX_ID_ATTEMPTS} ticks from {new_run_id(now)}"
@@ -379,7 +398,10 @@ class RunStore:
         run_dir = self._run_dir(record.job_name, record.run_id)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder is gone: {run_dir}")
-        write_json_atomic(run_dir / STATUS_FILE, record.to_status_document())
+        try:
+            write_json_atomic(run_dir / STATUS_FILE, record.to_status_document())
+        finally:
+            self._changed()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -476,6 +498,8 @@ class RunStore:
                 log.warning("cannot delete old run", job=job_name, run_id=run_id, error=str(error))
                 continue
             deleted.append(run_id)
+        if deleted:
+            self._changed()
         return deleted
 
     def _may_be_live(self, job_name: str, run_dir: Path) -> bool:

@@ -18,13 +18,18 @@ Decisions:
   When no file is left to read (none existed, or all were stale) the result is
   `("Initializing", "{this instance} - Initializing")`, without a newline (Kudu returns a null
   status in the second case, which no client can use).
+* Every write bumps a process-wide count (`status_writes`), so that a reader caching what the
+  files say (the HTTP API's job lists) knows without touching the disk that this process changed
+  a status since it looked. It counts writes for any site: several daemons in one process only
+  cost each other a needless re-read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -32,11 +37,37 @@ from webjobsd.model import ContinuousStatus, JobKey
 from webjobsd.records.atomic import write_json_atomic
 from webjobsd.site import SiteLayout
 
-__all__ = ["aggregate_status", "read_status_file", "write_continuous_status"]
+__all__ = [
+    "aggregate_status",
+    "aggregate_status_files",
+    "read_status_file",
+    "status_writes",
+    "write_continuous_status",
+]
 
 STATUS_FILE_PREFIX: Final = "status_"
 # A status file is a few bytes; anything much larger is not ours and is not worth reading.
 _MAX_STATUS_BYTES: Final = 64 * 1024
+
+StatusPath = str | os.PathLike[str]
+
+
+class _WriteCount:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+_WRITES: Final = _WriteCount()
+
+
+def status_writes() -> int:
+    """How many status files this process has written (or tried to) so far."""
+    return _WRITES.value
 
 
 def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousStatus) -> None:
@@ -46,10 +77,14 @@ def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousS
     is rewritten at every transition and every start, and an fsync per transition on the event
     loop costs more than a stale status after a power cut is worth.
     """
-    write_json_atomic(layout.status_path(key), {"Status": status.value}, fsync=False)
+    try:
+        write_json_atomic(layout.status_path(key), {"Status": status.value}, fsync=False)
+    finally:
+        # After the rename: a reader that sees the new count also sees the new file.
+        _WRITES.bump()
 
 
-def read_status_file(path: Path) -> ContinuousStatus | None:
+def read_status_file(path: StatusPath) -> ContinuousStatus | None:
     """The status stored in `path`, or None when there is no usable one."""
     try:
         with open(path, "rb") as file:
@@ -84,13 +119,26 @@ def aggregate_status(
     Deletes the status files of instances that `is_instance_live` says are gone. This
     instance's own file is always read without asking the callback.
     """
+    return aggregate_status_files(
+        layout.instance_id, _status_files(layout.data_dir(key)), is_instance_live
+    )
+
+
+def aggregate_status_files(
+    this_instance: str,
+    files: Iterable[tuple[str, StatusPath]],
+    is_instance_live: Callable[[str], bool],
+    read: Callable[[StatusPath], ContinuousStatus | None] = read_status_file,
+) -> tuple[str, str]:
+    """`aggregate_status` over `(instance id, path)` pairs the caller listed, sorted by name;
+    `read` is how a file is read (a caller may cache reads by file identity)."""
     lines: list[str] = []
     chosen: ContinuousStatus | None = None
-    for instance_id, path in _status_files(layout.data_dir(key)):
-        is_other = instance_id != layout.instance_id
+    for instance_id, path in files:
+        is_other = instance_id != this_instance
         if is_other and not is_instance_live(instance_id) and _delete_stale(path):
             continue
-        status = read_status_file(path)
+        status = read(path)
         if status is None:
             status = ContinuousStatus.INITIALIZING
         lines.append(f"{instance_id} - {status.value}\n")
@@ -98,7 +146,7 @@ def aggregate_status(
             chosen = status
     if chosen is None:
         initializing = ContinuousStatus.INITIALIZING.value
-        return initializing, f"{layout.instance_id} - {initializing}"
+        return initializing, f"{this_instance} - {initializing}"
     return chosen.value, "".join(lines)
 
 
@@ -118,14 +166,14 @@ def _status_files(data_dir: Path) -> list[tuple[str, Path]]:
     return [(name[len(STATUS_FILE_PREFIX) :], data_dir / name) for name in names]
 
 
-def _delete_stale(path: Path) -> bool:
+def _delete_stale(path: StatusPath) -> bool:
     """True when the stale file is gone; False when it could not be deleted.
 
     Kudu reads a status file it cannot delete (it was locked, hence live); keep that rule for
     whatever else stops a delete, so that a permission problem does not hide an instance.
     """
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         return True  # another instance cleaned it up first
     except OSError:
