@@ -108,7 +108,10 @@ async def test_lists_and_jobs_in_kudu_shape_with_etags(site: Site) -> None:
 
 async def test_triggered_run_history_and_conflicts(site: Site) -> None:
     site.write_job("triggered", "args", ARGS)
-    site.write_job("triggered", "slow", {"run.sh": "sleep 30\n"})
+    # A short stopping wait: the run is still going when the test ends the daemon.
+    site.write_job(
+        "triggered", "slow", {"run.sh": "sleep 30\n", "settings.job": '{"stopping_wait_time": 1}'}
+    )
     async with api(site) as (_daemon, session, base):
         history = await get_json(session, f"{base}/api/triggeredwebjobs/args/history")
         assert history == {"runs": []}

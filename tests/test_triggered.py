@@ -115,7 +115,11 @@ async def test_exit_codes_give_success_and_failed(site: Site) -> None:
 
 
 async def test_one_run_at_a_time(site: Site) -> None:
-    site.write_job("triggered", "long", {"run.sh": "echo started\nsleep 30\n"})
+    site.write_job(
+        "triggered",
+        "long",
+        {"run.sh": "echo started\nsleep 30\n", "settings.job": '{"stopping_wait_time": 1}'},
+    )
     async with running_daemon(site) as daemon:
         first = await daemon.request_run("long")
         with pytest.raises(RunConflict) as conflict:
@@ -125,7 +129,9 @@ async def test_one_run_at_a_time(site: Site) -> None:
 
 
 async def test_a_second_daemon_on_the_site_gets_the_conflict_too(site: Site) -> None:
-    site.write_job("triggered", "long", {"run.sh": "sleep 30\n"})
+    site.write_job(
+        "triggered", "long", {"run.sh": "sleep 30\n", "settings.job": '{"stopping_wait_time": 1}'}
+    )
     async with running_daemon(site) as one, running_daemon(site, instance_id="two") as two:
         await one.request_run("long")
         with pytest.raises(RunConflict, match=re.escape(ALREADY_RUNNING)):
@@ -272,7 +278,11 @@ async def test_a_request_racing_the_shutdown_leaves_nothing_running(site: Site) 
 
 
 async def test_start_up_repair_leaves_another_daemons_live_run_alone(site: Site) -> None:
-    site.write_job("triggered", "shared", {"run.sh": "echo started\nsleep 30\n"})
+    site.write_job(
+        "triggered",
+        "shared",
+        {"run.sh": "echo started\nsleep 30\n", "settings.job": '{"stopping_wait_time": 1}'},
+    )
     async with running_daemon(site) as one:
         record = await one.request_run("shared")
         await wait_for(lambda: "started" in output_of(site, "shared", record.run_id), what="run")
