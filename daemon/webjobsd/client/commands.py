@@ -1,0 +1,319 @@
+"""The client verbs: `jobs`, `show`, `run`, `logs`, `history`, `stop`, `start`, `deploy`,
+`delete`, `settings`. Each takes an `ApiClient` and an output stream and returns an exit code;
+failures are `ClientError`s raised from the connection and turned into messages by the caller.
+
+Following a log (`logs -f`, `run --follow`) reads the log file through the API's file routes
+with `Range` requests from the last offset, so it works against any daemon that serves the
+files; a file that got shorter (rotated or truncated) is read again from its start.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import sys
+import time
+import urllib.parse
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from webjobsd.client.connection import ApiClient, ClientError, ExitCode, status_of
+
+KINDS = ("continuous", "triggered")
+FOLLOW_POLL_S = 0.5
+FINISHED = {"Success", "Failed", "Aborted", "Stopped"}
+PROGRESS_MIN_BYTES = 1024 * 1024
+
+
+def find_job(client: ApiClient, name: str, kind: str | None) -> dict[str, Any]:
+    """The job's JSON; without `kind`, the one job of that name (ambiguity is an error)."""
+    quoted = urllib.parse.quote(name, safe="")
+    if kind is not None:
+        job: dict[str, Any] = dict(client.request("GET", f"/api/{kind}webjobs/{quoted}").json())
+        return job
+    found = [job for job in client.request("GET", "/api/webjobs").json() if job["name"] == name]
+    if not found:
+        raise ClientError(f"no job named {name!r}", ExitCode.NOT_FOUND)
+    if len(found) > 1:
+        raise ClientError(
+            f"{name!r} is both a continuous and a triggered job; say which with --type",
+            ExitCode.USAGE,
+        )
+    return dict(found[0])
+
+
+def table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def cmd_jobs(client: ApiClient, out: TextIO, kind: str | None) -> int:
+    path = f"/api/{kind}webjobs" if kind else "/api/webjobs"
+    jobs = client.request("GET", path).json()
+    rows = [["NAME", "TYPE", "STATUS", "LATEST RUN", "SCHEDULE"]]
+    for job in jobs:
+        latest = job.get("latest_run") or {}
+        latest_text = f"{latest.get('status', '')} {latest.get('start_time', '')}".strip()
+        rows.append(
+            [
+                job["name"],
+                job["type"],
+                str(job.get("status") or ""),
+                latest_text or "-",
+                str((job.get("settings") or {}).get("schedule") or "-"),
+            ]
+        )
+    if len(rows) == 1:
+        out.write("no jobs\n")
+    else:
+        table(rows, out)
+    return ExitCode.OK
+
+
+def cmd_show(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int:
+    job = find_job(client, name, kind)
+    for key, value in job.items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        out.write(f"{key}: {text}\n")
+    return ExitCode.OK
+
+
+def cmd_run(
+    client: ApiClient,
+    out: TextIO,
+    name: str,
+    arguments: Sequence[str],
+    *,
+    wait: bool,
+    follow: bool,
+    timeout_s: float | None,
+) -> int:
+    quoted = urllib.parse.quote(name, safe="")
+    query = f"?arguments={urllib.parse.quote(shlex.join(arguments))}" if arguments else ""
+    answer = client.request("POST", f"/api/triggeredwebjobs/{quoted}/run{query}", ok=(202,))
+    location = answer.headers.get("Location")
+    if not location:
+        raise ClientError("the daemon did not say where the run is", ExitCode.REFUSED)
+    if not (wait or follow):
+        out.write(f"{location.rstrip('/').rsplit('/', 1)[-1]}\n")
+        return ExitCode.OK
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    offset = 0
+    while True:
+        run = client.request("GET", location).json()
+        if follow and run.get("output_url"):
+            offset = _print_new(client, run["output_url"], offset, out)
+        if run.get("status") in FINISHED:
+            if follow and run.get("output_url"):
+                _print_new(client, run["output_url"], offset, out)
+            print(f"run {run['id']}: {run['status']} in {run.get('duration')}", file=sys.stderr)
+            return ExitCode.OK if run["status"] == "Success" else ExitCode.RUN_FAILED
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClientError(
+                f"run {run['id']} still {run['status']} at the timeout", ExitCode.RUN_FAILED
+            )
+        time.sleep(FOLLOW_POLL_S)  # polling the API is the wait here
+
+
+def _print_new(client: ApiClient, url: str, offset: int, out: TextIO) -> int:
+    """Print what the file holds past `offset`; returns the new offset."""
+    response = client.open("GET", url, headers={"Range": f"bytes={offset}-"}, ok=(200, 206, 416))
+    with response:
+        data = response.read()
+        if status_of(response) == 416:
+            size = _range_total(response.headers.get("Content-Range"))
+            if size is not None and size < offset:
+                return _print_new(client, url, 0, out)  # rotated or truncated: start again
+            return offset
+        if status_of(response) == 200 and offset:
+            data = data[offset:]  # a server that ignored the range sent the whole file
+    out.write(data.decode(errors="replace"))
+    out.flush()
+    return offset + len(data)
+
+
+def _range_total(header: str | None) -> int | None:
+    if not header or "/" not in header:
+        return None
+    total = header.rsplit("/", 1)[1]
+    return int(total) if total.isdigit() else None
+
+
+def cmd_logs(client: ApiClient, out: TextIO, name: str, kind: str | None, *, follow: bool) -> int:
+    job = find_job(client, name, kind)
+    url = _log_url(job)
+    if url is None:
+        out.write(f"{name} has no log yet\n")
+        if not follow:
+            return ExitCode.OK
+    offset = _print_new(client, url, 0, out) if url else 0
+    while follow:
+        time.sleep(FOLLOW_POLL_S)  # polling the API is the wait here
+        if url is None:
+            url = _log_url(find_job(client, name, job["type"]))
+            continue
+        offset = _print_new(client, url, offset, out)
+    return ExitCode.OK
+
+
+def _log_url(job: dict[str, Any]) -> str | None:
+    if job["type"] == "continuous":
+        return str(job["log_url"])
+    latest = job.get("latest_run") or {}
+    return str(latest["output_url"]) if latest.get("output_url") else None
+
+
+def cmd_history(client: ApiClient, out: TextIO, name: str) -> int:
+    quoted = urllib.parse.quote(name, safe="")
+    runs = client.request("GET", f"/api/triggeredwebjobs/{quoted}/history").json()["runs"]
+    if not runs:
+        out.write("no runs\n")
+        return ExitCode.OK
+    rows = [["ID", "STATUS", "START", "DURATION", "TRIGGER"]]
+    for run in runs:
+        rows.append(
+            [
+                run["id"],
+                run["status"],
+                str(run.get("start_time") or ""),
+                str(run.get("duration") or ""),
+                str(run.get("trigger") or ""),
+            ]
+        )
+    table(rows, out)
+    return ExitCode.OK
+
+
+def cmd_stop_start(client: ApiClient, out: TextIO, verb: str, name: str) -> int:
+    quoted = urllib.parse.quote(name, safe="")
+    client.request("POST", f"/api/continuouswebjobs/{quoted}/{verb}")
+    out.write(f"{name}: {'stopping' if verb == 'stop' else 'starting'}\n")
+    return ExitCode.OK
+
+
+def cmd_delete(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int:
+    job = find_job(client, name, kind)
+    quoted = urllib.parse.quote(name, safe="")
+    client.request("DELETE", f"/api/{job['type']}webjobs/{quoted}")
+    out.write(f"{name}: deleted\n")
+    return ExitCode.OK
+
+
+def cmd_settings(
+    client: ApiClient, out: TextIO, name: str, kind: str | None, pairs: Sequence[str]
+) -> int:
+    job = find_job(client, name, kind)
+    path = f"/api/{job['type']}webjobs/{urllib.parse.quote(name, safe='')}/settings"
+    settings: dict[str, Any] = client.request("GET", path).json()
+    if pairs:
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise ClientError(f"expected KEY=VALUE, got {pair!r}", ExitCode.USAGE)
+            settings[key] = _setting_value(raw)
+        body = json.dumps(settings).encode()
+        client.request("PUT", path, body=body, headers={"Content-Type": "application/json"})
+    out.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return ExitCode.OK
+
+
+def _setting_value(raw: str) -> Any:
+    """JSON when it parses (numbers, booleans, null, objects), the text itself otherwise."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def cmd_deploy(
+    client: ApiClient, out: TextIO, path: Path, kind: str, name: str | None, *, progress: bool
+) -> int:
+    if not path.exists():
+        raise ClientError(f"{path}: no such file or folder", ExitCode.USAGE)
+    job_name = name or path.resolve().name.removesuffix(".zip")
+    if path.is_dir():
+        payload, filename, content_type = zip_folder(path), f"{job_name}.zip", "application/zip"
+    else:
+        payload = path.read_bytes()
+        filename = path.name
+        content_type = (
+            "application/zip" if path.suffix.lower() == ".zip" else "application/octet-stream"
+        )
+    body: IO[bytes] = io.BytesIO(payload)
+    if progress and len(payload) >= PROGRESS_MIN_BYTES:
+        body = ProgressReader(body, len(payload), sys.stderr)  # type: ignore[assignment]
+    answer = client.request(
+        "PUT",
+        f"/api/{kind}webjobs/{urllib.parse.quote(job_name, safe='')}",
+        body=body,
+        headers={
+            "Content-Type": content_type,
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(len(payload)),
+        },
+    )
+    job = answer.json()
+    out.write(f"{job['name']}: deployed as a {job['type']} job, runs {job['run_command']}\n")
+    return ExitCode.OK
+
+
+def zip_folder(folder: Path) -> bytes:
+    """The folder's files (not the folder itself) in a zip; links are stored as their targets'
+    contents would be refused by the daemon, so they are skipped with a note."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(_files(folder)):
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                print(f"skipping symbolic link {relative}", file=sys.stderr)
+                continue
+            archive.write(path, relative)
+    return buffer.getvalue()
+
+
+def _files(folder: Path) -> Iterable[Path]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        for name in files:
+            yield Path(root) / name
+
+
+class ProgressReader(io.RawIOBase):
+    """Counts what the upload reads and draws a bar on the terminal."""
+
+    def __init__(self, inner: IO[bytes], total: int, terminal: TextIO) -> None:
+        super().__init__()
+        self._inner = inner
+        self._total = total
+        self._terminal = terminal
+        self._sent = 0
+        self._drawn = -1
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._sent += len(data)
+        self._draw()
+        return data
+
+    def _draw(self) -> None:
+        percent = self._sent * 100 // max(self._total, 1)
+        if percent == self._drawn:
+            return
+        self._drawn = percent
+        filled = percent // 5
+        self._terminal.write(
+            f"\ruploading [{'#' * filled}{'.' * (20 - filled)}] {percent:3d}% "
+            f"{self._sent / 1048576:.1f}/{self._total / 1048576:.1f} MiB"
+        )
+        if self._sent >= self._total:
+            self._terminal.write("\n")
+        self._terminal.flush()

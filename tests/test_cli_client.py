@@ -1,0 +1,231 @@
+"""The real `webjobsd` client verbs, as a user types them, against a real daemon process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, DaemonProcess, Site, leaders, wait_for_sync
+from tests.test_faults import ready
+from webjobsd.runtime.jobprocess import free_loopback_port
+
+USER, PASSWORD = "operator", "cli-pass-1"
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "webjobsd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def served(site: Site) -> Iterator[tuple[DaemonProcess, dict[str, str]]]:
+    port = free_loopback_port()
+    daemon = DaemonProcess(site, auth=True, listen=f"127.0.0.1:{port}")
+    daemon.start(env={"WEBJOBSD_USERNAME": USER, "WEBJOBSD_PASSWORD": PASSWORD})
+    env = {
+        "WEBJOBSD_URL": f"http://127.0.0.1:{port}",
+        "WEBJOBSD_USERNAME": USER,
+        "WEBJOBSD_PASSWORD": PASSWORD,
+    }
+    try:
+        wait_for_sync(lambda: ready(port), timeout=20, what="daemon ready")
+        yield daemon, env
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()
+
+
+def folder(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
+    root = tmp_path / "src" / name
+    root.mkdir(parents=True)
+    for rel, content in files.items():
+        (root / rel).write_text(content)
+    return root
+
+
+def test_a_continuous_job_from_deploy_to_delete(
+    served: tuple[DaemonProcess, dict[str, str]], site: Site, tmp_path: Path
+) -> None:
+    _daemon, env = served
+    source = folder(tmp_path, "ticker", {"run.sh": "echo tick-$$\nexec sleep 1000\n"})
+    deployed = cli("deploy", str(source), "--type", "continuous", env=env)
+    assert deployed.returncode == 0, deployed.stderr
+    assert "ticker: deployed as a continuous job" in deployed.stdout
+    wait_for_sync(lambda: leaders(site, "ticker"), timeout=20, what="running")
+
+    listed = cli("jobs", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "TYPE", "STATUS"]
+    assert any(row.split()[:2] == ["ticker", "continuous"] for row in rows)
+
+    shown = cli("show", "ticker", env=env)
+    assert "run_command: run.sh" in shown.stdout
+    wait_for_sync(lambda: "tick-" in cli("logs", "ticker", env=env).stdout, what="log line")
+
+    assert cli("stop", "ticker", env=env).returncode == 0
+    wait_for_sync(lambda: not leaders(site, "ticker"), timeout=20, what="stopped")
+    assert cli("start", "ticker", env=env).returncode == 0
+    wait_for_sync(lambda: leaders(site, "ticker"), timeout=20, what="started again")
+
+    changed = cli("settings", "ticker", "stopping_wait_time=2", "note=hello", env=env)
+    assert changed.returncode == 0, changed.stderr
+    assert '"stopping_wait_time": 2' in changed.stdout and '"note": "hello"' in changed.stdout
+    assert '"note": "hello"' in cli("settings", "ticker", env=env).stdout
+
+    assert cli("delete", "ticker", env=env).returncode == 0
+    wait_for_sync(lambda: not leaders(site, "ticker"), timeout=20, what="deleted")
+    missing = cli("show", "ticker", env=env)
+    assert missing.returncode == 5 and "no job named 'ticker'" in missing.stderr
+
+
+def test_run_follow_and_wait_exit_with_the_runs_result(
+    served: tuple[DaemonProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    _daemon, env = served
+    script = tmp_path / "greet.sh"
+    script.write_text('echo "args: $*"\nfor i in 1 2 3; do echo "line $i"; done\n')
+    assert (
+        cli("deploy", str(script), "--type", "triggered", "--name", "greet", env=env).returncode
+        == 0
+    )
+    failing = folder(tmp_path, "broken", {"run.sh": "echo about to fail\nexit 3\n"})
+    assert cli("deploy", str(failing), "--type", "triggered", env=env).returncode == 0
+
+    followed = cli("run", "greet", "--follow", "--", "a", "b c", env=env)
+    assert followed.returncode == 0, followed.stderr
+    assert "args: a b c" in followed.stdout
+    assert "line 3" in followed.stdout
+    assert "Success" in followed.stderr
+
+    failed = cli("run", "broken", "--wait", env=env)
+    assert failed.returncode == 1
+    assert "Failed" in failed.stderr
+
+    history = cli("history", "greet", env=env)
+    assert history.returncode == 0
+    assert history.stdout.splitlines()[0].split() == [
+        "ID",
+        "STATUS",
+        "START",
+        "DURATION",
+        "TRIGGER",
+    ]
+    assert "Success" in history.stdout
+
+
+def test_errors_have_clear_messages_and_exit_codes(
+    served: tuple[DaemonProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    _daemon, env = served
+    long_job = folder(
+        tmp_path, "long", {"run.sh": "sleep 30\n", "settings.job": '{"stopping_wait_time": 1}'}
+    )
+    assert cli("deploy", str(long_job), "--type", "triggered", env=env).returncode == 0
+
+    unreachable = cli(
+        "jobs", env={**env, "WEBJOBSD_URL": f"http://127.0.0.1:{free_loopback_port()}"}
+    )
+    assert unreachable.returncode == 3
+    assert "cannot reach the daemon" in unreachable.stderr
+
+    wrong = cli("jobs", "--password", "nope", env=env)
+    assert wrong.returncode == 4 and "refused the credentials" in wrong.stderr
+
+    unknown = cli("history", "ghost", env=env)
+    assert unknown.returncode == 5
+
+    assert cli("run", "long", env=env).returncode == 0
+    conflict = cli("run", "long", env=env)
+    assert conflict.returncode == 6
+    assert "already running" in conflict.stderr
+    for result in (unreachable, wrong, unknown, conflict):
+        assert "Traceback" not in result.stderr
+
+
+def test_the_config_file_is_enough_on_the_daemons_host(site: Site) -> None:
+    """No flags, no environment: the URL from `listen`, the pair the daemon generated."""
+    port = free_loopback_port()
+    daemon = DaemonProcess(site, auth=True, listen=f"127.0.0.1:{port}").start()
+    try:
+        wait_for_sync(lambda: ready(port), timeout=20, what="daemon ready")
+        clean = {"WEBJOBSD_URL": "", "WEBJOBSD_USERNAME": "", "WEBJOBSD_PASSWORD": ""}
+        listed = cli("jobs", "--config", str(daemon.config_path), env=clean)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout == "no jobs\n"
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()
+
+
+def test_logs_follow_prints_lines_written_after_it_started(
+    served: tuple[DaemonProcess, dict[str, str]], site: Site, tmp_path: Path
+) -> None:
+    _daemon, env = served
+    gate = tmp_path / "gate"
+    source = folder(
+        tmp_path,
+        "chatty",
+        {
+            "run.sh": (
+                f"echo first\nwhile [ ! -e {gate} ]; do sleep 0.1; done\n"
+                "echo second\nexec sleep 1000\n"
+            )
+        },
+    )
+    assert cli("deploy", str(source), "--type", "continuous", env=env).returncode == 0
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "webjobsd", "logs", "chatty", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_for_sync(
+            lambda: any("INFO] first" in line for line in lines), timeout=20, what="first"
+        )
+        gate.write_text("")
+        wait_for_sync(
+            lambda: any("INFO] second" in line for line in lines), timeout=20, what="second"
+        )
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        reader.join(timeout=10)
+        follower.stdout.close()  # type: ignore[union-attr]
+        follower.stderr.close()  # type: ignore[union-attr]
+
+
+def test_progress_bar_counts_to_the_end() -> None:
+    import io
+
+    from webjobsd.client.commands import ProgressReader
+
+    terminal = io.StringIO()
+    payload = bytes(3 * 1024 * 1024)
+    reader = ProgressReader(io.BytesIO(payload), len(payload), terminal)
+    received = b"".join(iter(lambda: reader.read(65536), b""))
+    assert received == payload
+    assert terminal.getvalue().rstrip().endswith("100% 3.0/3.0 MiB")
+    assert terminal.getvalue().count("\r") > 10, "the bar moves as the upload goes"
