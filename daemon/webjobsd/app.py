@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
 import shutil
@@ -31,12 +32,14 @@ from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
+from webjobsd.http.hooks import add_hook_routes
 from webjobsd.http.limits import UploadLimits
 from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.logs import configure_logging
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
+from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunRecord, RunStore
 from webjobsd.records.status import read_status_file, write_continuous_status
 from webjobsd.runtime.environment import owner_marker
@@ -51,6 +54,9 @@ from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, Supervi
 from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs, first_of
 from webjobsd.site import SiteLayout
 from webjobsd.systemd_credentials import PASSWORD_CREDENTIAL, credential_from_systemd
+from webjobsd.webhooks import events as hook_events
+from webjobsd.webhooks.delivery import WebhookDispatcher, fallback_base
+from webjobsd.webhooks.subscriptions import HookStore
 
 log = structlog.get_logger("webjobsd.app")
 
@@ -105,6 +111,9 @@ class Daemon:
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
         self.http: HttpServer | None = None
+        self.webhooks = WebhookDispatcher(HookStore(self.layout.hooks_path))
+        self._webhooks_task: asyncio.Task[None] | None = None
+        self.log_wakeups = LogWakeups()
         self.metrics = build_metrics(
             MetricsSource(
                 jobs=self._job_rows,
@@ -273,7 +282,8 @@ class Daemon:
             base_environ=self._environ,
             records=records,
             run_as=run_as,
-            on_log_bytes=self.metrics.add_log_bytes,
+            on_log_bytes=self._log_written,
+            on_exit=self._continuous_exited,
         )
         self._context = context
         self.supervisor = Supervisor(context)
@@ -310,6 +320,9 @@ class Daemon:
         )
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
+        # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
+        self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
+        self._webhooks_task.add_done_callback(self._task_done)
         self.watcher = JobsWatcher(layout.jobs_root, loop, self.discovery.hint)
         self.discovery.watcher = self.watcher
         self.watcher.start()
@@ -358,6 +371,7 @@ class Daemon:
             ),
             upload_dir=self.layout.temp_root / "uploads",
             trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
+            log_wakeups=self.log_wakeups,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -373,11 +387,13 @@ class Daemon:
         host, port = parse_listen(config.listen)
         app = build_app(context, extra_middlewares=middlewares)
         add_metrics_route(app, self.metrics)
+        add_hook_routes(app, self.webhooks.store, self.webhooks.base_url.remember)
         self.http = HttpServer(app)
         try:
             await self.http.start(host, port)
         except OSError as error:
             raise StartupError(f"cannot listen on {config.listen}: {error.strerror}") from error
+        self.webhooks.base_url.fallback = fallback_base(host, self.http.port or port, self._environ)
 
     def _load_credentials(self, config: DaemonConfig) -> None:
         environ = dict(self._environ)
@@ -404,6 +420,10 @@ class Daemon:
         )
 
     # -- what the API may ask ----------------------------------------------------------------
+
+    def _log_written(self, job: str, count: int) -> None:
+        self.metrics.add_log_bytes(job, count)
+        self.log_wakeups.written(job)
 
     async def refresh_jobs(self, keys: set[JobKey]) -> None:
         """An intent was written for `keys`: look at them now (no quiet period) and act."""
@@ -515,6 +535,25 @@ class Daemon:
         self.metrics.run_finished(
             record.job_name, record.status.value, (end - record.start_time).total_seconds()
         )
+        layout = self.layout
+        self.webhooks.publish(
+            hook_events.TRIGGERED_JOB_FINISHED,
+            lambda base: hook_events.triggered_job_finished(base, layout, record),
+        )
+
+    def _continuous_exited(
+        self, name: str, code: int | None, uptime_s: float, delay_s: float, exits: int
+    ) -> None:
+        """A continuous job went down on its own: its webhook events (enqueued only)."""
+        ended = hook_events.ContinuousExit(
+            name, self.layout.instance_id, code, uptime_s, delay_s, exits, datetime.now(UTC)
+        )
+
+        def body(base: str, event: str) -> dict[str, Any]:
+            return hook_events.continuous_exit_body(base, event, ended)
+
+        for event in hook_events.continuous_exit_events(ended):
+            self.webhooks.publish(event, functools.partial(body, event=event))
 
     async def request_run(
         self, name: str, *, arguments: str | None = None, trigger: str = "External - "
@@ -599,6 +638,12 @@ class Daemon:
                 deadline.cancel()
         if self.scheduler is not None:
             self.scheduler.close()
+        if self._webhooks_task is not None:
+            # After the runs: their events get a short grace, then are dropped (logged).
+            await self.webhooks.drain()
+            self._webhooks_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._webhooks_task
         log.info("all jobs stopped", seconds=round(time.monotonic() - started, 3))
         self.notifier.close()
 

@@ -89,6 +89,10 @@ class SiteLayout:
     def settings_store_path(self) -> Path:
         return self.daemon_state_dir / "settings.json"
 
+    @property
+    def hooks_path(self) -> Path:
+        return self.daemon_state_dir / "hooks.json"
+
     def kind_dir(self, kind: JobKind) -> Path:
         return self.jobs_root / kind.value
 

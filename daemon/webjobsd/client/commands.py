@@ -2,9 +2,9 @@
 `delete`, `settings`. Each takes an `ApiClient` and an output stream and returns an exit code;
 failures are `ClientError`s raised from the connection and turned into messages by the caller.
 
-Following a log (`logs -f`, `run --follow`) reads the log file through the API's file routes
-with `Range` requests from the last offset, so it works against any daemon that serves the
-files; a file that got shorter (rotated or truncated) is read again from its start.
+Following a log (`logs -f`, `run --follow`) reads the daemon's Server-Sent Events stream of
+that log (`.../logstream`): lines arrive as they are written, rotation is the daemon's concern,
+and a run's stream ends with the run's status. `logs` without `-f` reads the file once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from webjobsd.client.connection import ApiClient, ClientError, ExitCode, status_of
+from webjobsd.client.connection import ApiClient, ClientError, ExitCode
 
 KINDS = ("continuous", "triggered")
 FOLLOW_POLL_S = 0.5
@@ -103,70 +103,62 @@ def cmd_run(
     if not (wait or follow):
         out.write(f"{location.rstrip('/').rsplit('/', 1)[-1]}\n")
         return ExitCode.OK
+    run_id = location.rstrip("/").rsplit("/", 1)[-1]
+    if follow:
+        stream = f"/api/triggeredwebjobs/{quoted}/history/{run_id}/logstream?offset=0"
+        follow_stream(client, stream, out, timeout_s=timeout_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    offset = 0
     while True:
         run = client.request("GET", location).json()
-        if follow and run.get("output_url"):
-            offset = _print_new(client, run["output_url"], offset, out)
         if run.get("status") in FINISHED:
-            if follow and run.get("output_url"):
-                _print_new(client, run["output_url"], offset, out)
             print(f"run {run['id']}: {run['status']} in {run.get('duration')}", file=sys.stderr)
             return ExitCode.OK if run["status"] == "Success" else ExitCode.RUN_FAILED
         if deadline is not None and time.monotonic() > deadline:
-            raise ClientError(
-                f"run {run['id']} still {run['status']} at the timeout", ExitCode.RUN_FAILED
-            )
+            message = f"run {run['id']} still {run['status']} at the timeout"
+            raise ClientError(message, ExitCode.RUN_FAILED)
         time.sleep(FOLLOW_POLL_S)  # polling the API is the wait here
 
 
-def _print_new(client: ApiClient, url: str, offset: int, out: TextIO) -> int:
-    """Print what the file holds past `offset`; returns the new offset."""
-    response = client.open("GET", url, headers={"Range": f"bytes={offset}-"}, ok=(200, 206, 416))
+def follow_stream(
+    client: ApiClient, path: str, out: TextIO, *, timeout_s: float | None = None
+) -> str | None:
+    """Print the data lines of an SSE log stream until it ends; returns the `end` event's data."""
+    response = client.open("GET", path, headers={"Accept": "text/event-stream"})
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    event = "message"
     with response:
-        data = response.read()
-        if status_of(response) == 416:
-            size = _range_total(response.headers.get("Content-Range"))
-            if size is not None and size < offset:
-                return _print_new(client, url, 0, out)  # rotated or truncated: start again
-            return offset
-        if status_of(response) == 200 and offset:
-            data = data[offset:]  # a server that ignored the range sent the whole file
-    out.write(data.decode(errors="replace"))
-    out.flush()
-    return offset + len(data)
-
-
-def _range_total(header: str | None) -> int | None:
-    if not header or "/" not in header:
-        return None
-    total = header.rsplit("/", 1)[1]
-    return int(total) if total.isdigit() else None
+        for raw in response:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "message":
+                out.write(line[5:].removeprefix(" ") + "\n")
+            elif line.startswith("data:") and event == "end":
+                out.flush()
+                return line[5:].strip()
+            elif not line:
+                event = "message"
+                out.flush()
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientError("timed out following the output", ExitCode.RUN_FAILED)
+    return None
 
 
 def cmd_logs(client: ApiClient, out: TextIO, name: str, kind: str | None, *, follow: bool) -> int:
     job = find_job(client, name, kind)
-    url = _log_url(job)
-    if url is None:
-        out.write(f"{name} has no log yet\n")
-        if not follow:
+    quoted = urllib.parse.quote(name, safe="")
+    if job["type"] == "triggered":
+        latest = job.get("latest_run") or {}
+        if not latest.get("id"):
+            out.write(f"{name} has no runs yet\n")
             return ExitCode.OK
-    offset = _print_new(client, url, 0, out) if url else 0
-    while follow:
-        time.sleep(FOLLOW_POLL_S)  # polling the API is the wait here
-        if url is None:
-            url = _log_url(find_job(client, name, job["type"]))
-            continue
-        offset = _print_new(client, url, offset, out)
+        path = f"/api/triggeredwebjobs/{quoted}/history/{latest['id']}/logstream?offset=0"
+    else:
+        path = f"/api/continuouswebjobs/{quoted}/logstream?offset=0"
+    if not follow:
+        path += "&follow=false"
+    follow_stream(client, path, out)
     return ExitCode.OK
-
-
-def _log_url(job: dict[str, Any]) -> str | None:
-    if job["type"] == "continuous":
-        return str(job["log_url"])
-    latest = job.get("latest_run") or {}
-    return str(latest["output_url"]) if latest.get("output_url") else None
 
 
 def cmd_history(client: ApiClient, out: TextIO, name: str) -> int:

@@ -18,6 +18,7 @@ from aiohttp import web
 from webjobsd.config import AppSettings
 from webjobsd.http.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
+from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunStore
 from webjobsd.runtime.triggered import TriggeredJobs
 from webjobsd.site import SiteLayout
@@ -40,6 +41,8 @@ class ApiContext:
     limits: UploadLimits = field(default_factory=UploadLimits)
     upload_dir: Path | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Woken by this daemon's log writers, so that log streams need not wait for their poll.
+    log_wakeups: LogWakeups | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)

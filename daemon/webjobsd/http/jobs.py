@@ -23,6 +23,7 @@ from webjobsd.http import readmodel
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.deploy import add_deploy_routes, job_lock
 from webjobsd.http.errors import bad_request, clean_text, conflict, not_found, read_json_body
+from webjobsd.http.logstream import add_logstream_routes
 from webjobsd.http.readmodel import JOB_LISTS
 from webjobsd.http.views import etag_of, run_url, swagger
 from webjobsd.model import JobKey, JobKind, JobSpec, is_valid_job_name
@@ -336,3 +337,4 @@ def add_job_routes(app: web.Application) -> None:
                 router.add_get(prefix + "/{name}/history/{run_id}", one_run)
     router.add_get("/api/triggeredwebjobsswagger", swagger_document)
     add_deploy_routes(app, {kind: _prefixes(kind) for kind in JobKind})
+    add_logstream_routes(app, {kind: _prefixes(kind) for kind in JobKind})

@@ -95,6 +95,9 @@ class SupervisorContext:
     hostname: str = field(default_factory=socket.gethostname)
     run_as: RunAs | None = None
     on_log_bytes: Callable[[str, int], None] | None = None
+    # (job name, exit code or None when it could not start, uptime s, restart delay s,
+    # consecutive quick exits): an unexpected exit, for webhooks. Must not block.
+    on_exit: Callable[[str, int | None, float, float, int], None] | None = None
 
     def log_counter(self, job_name: str) -> Callable[[int], None] | None:
         counter = self.on_log_bytes
@@ -404,7 +407,7 @@ class ContinuousUnit:
         # It exited on its own, maybe at the same moment as a change arrived: say so either way.
         self._report_exit(code)
         if self._target is target and not self._forced:
-            await self._after_exit(target, uptime)
+            await self._after_exit(target, uptime, code)
 
     async def _stop(
         self, process: JobProcess, old: Target, new: Target, shutdown_file: Path
@@ -439,7 +442,7 @@ class ContinuousUnit:
         else:
             self._log.system(LogLevel.ERR, f"Job failed due to {exit_description(code)}")
 
-    async def _after_exit(self, target: Target, uptime_s: float) -> None:
+    async def _after_exit(self, target: Target, uptime_s: float, code: int | None = None) -> None:
         config = self._context.config
         delay = self._backoff.next_delay(
             uptime_s=uptime_s,
@@ -458,6 +461,9 @@ class ContinuousUnit:
             consecutive_exits=self._backoff.consecutive_exits,
             uptime_s=round(uptime_s, 3),
         )
+        if self._context.on_exit is not None:
+            exits = self._backoff.consecutive_exits
+            self._context.on_exit(self.key.name, code, uptime_s, delay, exits)
         self._transition(ContinuousStatus.PENDING_RESTART, f"waiting {delay:g} s")
         if delay > 0:
             await self._wait_changed(delay)
