@@ -255,6 +255,11 @@ class DaemonProcess:
         self.signal(signal.SIGKILL)
         self.wait()
 
+    def kill_if_running(self) -> None:
+        """For a test's `finally`: a daemon the test did not stop is not left behind."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

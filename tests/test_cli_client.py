@@ -46,8 +46,7 @@ def served(site: Site) -> Iterator[tuple[DaemonProcess, dict[str, str]]]:
         yield daemon, env
         assert daemon.stop() == 0
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()
 
 
 def folder(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
@@ -170,8 +169,7 @@ def test_the_config_file_is_enough_on_the_daemons_host(site: Site) -> None:
         assert listed.stdout == "no jobs\n"
         assert daemon.stop() == 0
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()
 
 
 def test_logs_follow_prints_lines_written_after_it_started(

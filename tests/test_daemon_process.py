@@ -260,8 +260,7 @@ def test_a_stop_does_not_wait_for_someone_else_to_reap_a_zombie(site: Site) -> N
         assert zombies, "the scenario needs a zombie left in the job's group"
         assert daemon.stop() == 0
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()
 
 
 def test_threads_do_not_grow_with_the_number_of_jobs(site: Site) -> None:
@@ -280,5 +279,4 @@ def test_threads_do_not_grow_with_the_number_of_jobs(site: Site) -> None:
         assert threads < count / 2, threads
         assert daemon.stop() == 0
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()

@@ -146,5 +146,4 @@ async def test_hostile_jobs_leave_the_daemon_responsive_and_bounded(site: Site) 
         assert daemon.stop() == 0
         assert not processes_with_marker(f"@{site.root}".encode())
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()

@@ -195,5 +195,4 @@ async def test_concurrent_edits_converge_on_the_final_files(site: Site) -> None:
         assert daemon.stop() == 0
         assert not processes_with_marker(f"@{site.root}".encode())
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+        daemon.kill_if_running()
