@@ -34,6 +34,8 @@ def test_the_wheel_carries_the_package_data(tmp_path: Path) -> None:
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
     assert "webjobsd/http/openapi.yaml" in names
+    for static in ("index.html", "app.js", "style.css"):
+        assert f"webjobsd/http/dashboard/{static}" in names
     assert "webjobsd/py.typed" in names
     assert "webjobsd = webjobsd.cli:main" in scripts
 

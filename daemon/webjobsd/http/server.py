@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
+from webjobsd.http.dashboard import add_dashboard_routes
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.files import add_file_routes
 from webjobsd.http.jobs import add_job_routes
@@ -58,6 +59,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/openapi.yaml", openapi_document)
     add_job_routes(app)
+    add_dashboard_routes(app)
     add_settings_routes(app)
     add_file_routes(
         app,

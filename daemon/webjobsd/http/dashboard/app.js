@@ -1,0 +1,440 @@
+// webjobsd dashboard: hash-routed pages over the daemon's own REST API and log streams.
+// Routes: #/ (jobs), #/job/{type}/{name}, #/run/{name}/{id}, #/log/{name}.
+"use strict";
+
+const REFRESH_MS = 3000;
+const view = document.getElementById("view");
+const crumbs = document.getElementById("crumbs");
+let leaving = []; // timers and streams of the page shown now, ended on navigation
+
+// -- small helpers ---------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const svg = ["svg", "rect", "line", "title", "g", "text", "a"].includes(tag) && attrs && attrs.svg;
+  const el = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag)
+                 : document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "svg" || value === null || value === undefined || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (key === "text") el.textContent = value;
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+const s = (tag, attrs, ...children) => h(tag, { ...attrs, svg: true }, ...children);
+const enc = encodeURIComponent;
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: "same-origin", ...options,
+    headers: { Accept: "application/json", ...(options.headers || {}) } });
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try { message = (await response.json()).message || message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+const getJson = async (path) => (await api(path)).json();
+
+function every(ms, fn) {
+  let stopped = false;
+  let timer = null;
+  const tick = async () => {
+    try { await fn(); } catch (error) { showError(error); }
+    if (!stopped) timer = setTimeout(tick, ms);
+  };
+  tick();
+  leaving.push(() => { stopped = true; clearTimeout(timer); });
+}
+
+function showError(error) {
+  const box = document.getElementById("page-error");
+  if (box) box.textContent = error ? `Could not load: ${error.message}` : "";
+}
+
+const STATUS_CLASS = {
+  Running: "ok", Success: "ok", Failed: "bad", Aborted: "bad", Stopped: "idle",
+  Disabled: "idle", "Never run": "idle", Initializing: "warn", Starting: "warn",
+  PendingRestart: "warn", Stopping: "warn",
+};
+const statusKind = (status) => STATUS_CLASS[status] || "info";
+const badge = (status) => h("span", { class: `badge s-${statusKind(status)}`, text: status });
+
+function parseDuration(text) { // .NET TimeSpan "c": [-][d.]hh:mm:ss[.fffffff]
+  const m = /^(-)?(?:(\d+)\.)?(\d+):(\d+):(\d+)(\.\d+)?$/.exec(text || "");
+  if (!m) return 0;
+  const seconds = (+(m[2] || 0)) * 86400 + (+m[3]) * 3600 + (+m[4]) * 60 + (+m[5]) + (+(m[6] || 0));
+  return m[1] ? -seconds : seconds;
+}
+
+function formatSeconds(seconds) {
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ${Math.round(seconds % 3600 / 60)} min`;
+  return `${Math.floor(seconds / 86400)} d ${Math.round(seconds % 86400 / 3600)} h`;
+}
+
+function ago(iso) {
+  const t = Date.parse(iso);
+  if (!Number.isFinite(t)) return "";
+  const seconds = Math.max(0, (Date.now() - t) / 1000);
+  if (seconds < 10) return "just now";
+  if (seconds < 60) return `${Math.round(seconds)} s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.round(seconds / 3600)} h ago`;
+  return `${Math.round(seconds / 86400)} d ago`;
+}
+
+const jobStatus = (job) => job.type === "continuous"
+  ? job.status : (job.latest_run ? job.latest_run.status : "Never run");
+
+function setPage(title, trail, ...content) {
+  document.title = `${title} · webjobsd`;
+  crumbs.replaceChildren(...trail.flatMap((item) => [" / ", item]));
+  view.replaceChildren(h("h1", { text: title }), h("p", { id: "page-error", class: "error",
+    role: "alert" }), ...content);
+}
+
+function settingsSection(url) {
+  const pre = h("pre", { class: "settings", "aria-label": "Settings" }, "Loading…");
+  getJson(url).then((settings) => {
+    pre.textContent = Object.keys(settings).length ? JSON.stringify(settings, null, 2)
+      : "No settings.job: the defaults apply.";
+  }, showError);
+  return h("section", { "aria-labelledby": "settings-h" },
+    h("h2", { id: "settings-h", text: "Settings" }), pre);
+}
+
+// -- the jobs page ---------------------------------------------------------------------------
+
+function jobsPage() {
+  const typeSelect = h("select", { id: "filter-type" },
+    h("option", { value: "", text: "All types" }),
+    h("option", { value: "triggered", text: "Triggered" }),
+    h("option", { value: "continuous", text: "Continuous" }));
+  const statusSelect = h("select", { id: "filter-status" },
+    h("option", { value: "", text: "All statuses" }));
+  const body = h("tbody");
+  const summary = h("p", { class: "muted", "aria-live": "polite" });
+  let jobs = [];
+
+  function render() {
+    const type = typeSelect.value;
+    const status = statusSelect.value;
+    const statuses = [...new Set(jobs.map(jobStatus))].sort();
+    if (status && !statuses.includes(status)) statuses.push(status);
+    statusSelect.replaceChildren(h("option", { value: "", text: "All statuses" }),
+      ...statuses.map((st) => h("option", { value: st, text: st, selected: st === status })));
+    const shown = jobs.filter((j) => (!type || j.type === type) && (!status || jobStatus(j) === status));
+    summary.textContent = `${shown.length} of ${jobs.length} jobs`;
+    body.replaceChildren(...shown.map((job) => {
+      const run = job.latest_run;
+      const schedule = job.settings && job.settings.schedule;
+      return h("tr", { class: "job", "data-name": job.name },
+        h("td", { "data-label": "Name" },
+          h("a", { href: `#/job/${job.type}/${enc(job.name)}`, text: job.name })),
+        h("td", { "data-label": "Type", text: job.type }),
+        h("td", { "data-label": "Status" }, badge(jobStatus(job))),
+        h("td", { "data-label": "Command" }, h("code", { text: job.run_command })),
+        h("td", { "data-label": "Schedule" },
+          schedule ? h("code", { text: schedule }) : h("span", { class: "muted", text: "—" })),
+        h("td", { "data-label": "Latest run" }, run
+          ? [h("a", { href: `#/run/${enc(job.name)}/${enc(run.id)}` }, badge(run.status)), " ",
+             h("time", { datetime: run.start_time, title: run.start_time, text: ago(run.start_time) })]
+          : job.type === "continuous"
+            ? h("a", { href: `#/log/${enc(job.name)}`, text: "live log" })
+            : h("span", { class: "muted", text: "—" })));
+    }));
+  }
+
+  typeSelect.addEventListener("change", render);
+  statusSelect.addEventListener("change", render);
+  setPage("Jobs", [],
+    h("div", { class: "filters", role: "search" },
+      h("label", { for: "filter-type" }, "Type", typeSelect),
+      h("label", { for: "filter-status" }, "Status", statusSelect)),
+    summary,
+    h("table", { class: "jobs" },
+      h("caption", { class: "muted", style: "text-align:left", text: "Every job on this site" }),
+      h("thead", {}, h("tr", {}, ["Name", "Type", "Status", "Command", "Schedule", "Latest run"]
+        .map((t) => h("th", { scope: "col", text: t })))),
+      body));
+  every(REFRESH_MS, async () => {
+    jobs = await getJson("/api/webjobs");
+    showError(null);
+    render();
+  });
+}
+
+// -- the job pages ---------------------------------------------------------------------------
+
+function runChart(name, runs) {
+  const ordered = [...runs].reverse(); // oldest first, left to right
+  const width = 600;
+  const height = 160;
+  const top = 8;
+  const bottom = 18;
+  const longest = Math.max(0.001, ...ordered.map((r) => parseDuration(r.duration)));
+  const slot = ordered.length ? width / ordered.length : width;
+  const bars = ordered.map((run, i) => {
+    const seconds = parseDuration(run.duration);
+    const barHeight = Math.max(2, (height - top - bottom) * seconds / longest);
+    const label = `Run ${run.id}: ${run.status}, started ${run.start_time}, took ${formatSeconds(seconds)}`;
+    return s("a", { href: `#/run/${enc(name)}/${enc(run.id)}`, "aria-label": label },
+      s("rect", { class: `bar f-${statusKind(run.status)}`, "data-run-id": run.id,
+        x: (i * slot + slot * 0.1).toFixed(2), width: Math.max(1, slot * 0.8).toFixed(2),
+        y: (height - bottom - barHeight).toFixed(2), height: barHeight.toFixed(2) },
+        s("title", { text: `${run.id} · ${run.status}\nstart ${run.start_time}\n` +
+          `duration ${run.duration} (${formatSeconds(seconds)})` })));
+  });
+  return s("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none",
+    role: "img", "aria-label": `Duration of the last ${ordered.length} runs, oldest first` },
+    s("line", { class: "axis", x1: 0, x2: width, y1: height - bottom, y2: height - bottom }),
+    s("text", { x: 2, y: height - 4, text: ordered.length ? "oldest" : "no runs yet" }),
+    s("text", { x: width - 2, y: height - 4, "text-anchor": "end", text: `longest ${formatSeconds(longest)}` }),
+    bars);
+}
+
+function median(values) {
+  if (!values.length) return NaN;
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+function stat(label, value, id) {
+  return h("div", {}, h("dt", { text: label }), h("dd", { id, text: value }));
+}
+
+function triggeredPage(name) {
+  const base = `/api/triggeredwebjobs/${enc(name)}`;
+  const chartBox = h("div", { id: "chart" });
+  const stats = h("dl", { class: "stats" });
+  const argsInput = h("input", { id: "run-arguments", type: "text", name: "arguments",
+    placeholder: "e.g. --full \"two words\"", autocomplete: "off" });
+  const runButton = h("button", { type: "submit", id: "run-button", text: "Run" });
+  const runMessage = h("p", { class: "muted", role: "status" });
+  const recent = h("ul", { id: "recent-runs" });
+
+  async function refresh() {
+    const { runs } = await getJson(`${base}/history`);
+    showError(null);
+    const finished = runs.filter((r) => r.status === "Success" || r.status === "Failed");
+    const ok = finished.filter((r) => r.status === "Success").length;
+    const durations = finished.map((r) => parseDuration(r.duration));
+    stats.replaceChildren(
+      stat("Runs", String(runs.length), "stat-runs"),
+      stat("Success rate", finished.length ? `${Math.round(100 * ok / finished.length)} %` : "—",
+        "stat-success"),
+      stat("Median duration", durations.length ? formatSeconds(median(durations)) : "—",
+        "stat-median"));
+    chartBox.replaceChildren(runChart(name, runs));
+    recent.replaceChildren(...runs.slice(0, 10).map((run) => h("li", {},
+      h("a", { href: `#/run/${enc(name)}/${enc(run.id)}`, text: `Run ${run.id}` }), " ",
+      badge(run.status), " ",
+      h("time", { datetime: run.start_time, title: run.start_time, text: ago(run.start_time) }),
+      h("span", { class: "muted", text: ` · ${formatSeconds(parseDuration(run.duration))}` }))));
+  }
+
+  async function run(event) {
+    event.preventDefault();
+    runButton.disabled = true;
+    try {
+      const query = argsInput.value.trim() ? `?arguments=${enc(argsInput.value)}` : "";
+      const response = await api(`${base}/run${query}`, { method: "POST" });
+      const id = (response.headers.get("Location") || "").split("/").pop();
+      runMessage.replaceChildren("Started ", h("a", { href: `#/run/${enc(name)}/${enc(id)}`,
+        text: `run ${id}` }), ".");
+      await refresh();
+    } catch (error) {
+      runMessage.textContent = `Not started: ${error.message}`;
+    } finally {
+      runButton.disabled = false;
+    }
+  }
+
+  setPage(name, [h("span", { text: "triggered" })],
+    h("section", { "aria-labelledby": "run-h" }, h("h2", { id: "run-h", text: "Run now" }),
+      h("form", { class: "row", onsubmit: run },
+        h("label", { for: "run-arguments" }, "Arguments", argsInput), runButton),
+      runMessage),
+    h("section", { "aria-labelledby": "history-h" },
+      h("h2", { id: "history-h", text: "Run history" }), stats, chartBox,
+      h("h3", { text: "Latest runs" }), recent),
+    settingsSection(`${base}/settings`));
+  every(REFRESH_MS, refresh);
+}
+
+const STATUS_LINE = /^\[(\d\d)\/(\d\d)\/(\d{4}) (\d\d):(\d\d):(\d\d) > [^\]]*\] Status changed to (\w+)/;
+
+async function statusChanges(name) {
+  // The backlog of the job log (the stream ends once it is sent), read as plain SSE text.
+  const text = await (await api(`/api/continuouswebjobs/${enc(name)}/logstream?follow=false`,
+    { headers: { Accept: "text/event-stream" } })).text();
+  const changes = [];
+  for (const raw of text.split("\n")) {
+    if (!raw.startsWith("data: ")) continue;
+    const m = STATUS_LINE.exec(raw.slice(6));
+    if (m) changes.push({ at: Date.UTC(+m[3], m[1] - 1, +m[2], +m[4], +m[5], +m[6]), status: m[7] });
+  }
+  return changes;
+}
+
+function startsChart(starts) {
+  const width = 600;
+  const height = 50;
+  if (!starts.length) return h("p", { class: "muted", text: "No start in the recent log." });
+  const first = starts[0];
+  const span = Math.max(1, Date.now() - first);
+  return s("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, style: "height:50px",
+    preserveAspectRatio: "none", role: "img",
+    "aria-label": `${starts.length} starts since ${new Date(first).toISOString()}` },
+    s("line", { class: "axis", x1: 0, x2: width, y1: 30, y2: 30 }),
+    starts.map((t) => {
+      const x = (width - 4) * (t - first) / span + 2;
+      return s("line", { class: "tick", x1: x, x2: x, y1: 14, y2: 30 },
+        s("title", { text: `Running since ${new Date(t).toISOString()}` }));
+    }),
+    s("text", { x: 2, y: 44, text: new Date(first).toISOString().replace("T", " ").slice(0, 19) }),
+    s("text", { x: width - 2, y: 44, "text-anchor": "end", text: "now" }));
+}
+
+function continuousPage(name) {
+  const base = `/api/continuouswebjobs/${enc(name)}`;
+  const statusBox = h("span", { id: "job-status", "aria-live": "polite" });
+  const stopButton = h("button", { type: "button", id: "stop-button", class: "secondary",
+    text: "Stop", onclick: () => act("stop") });
+  const startButton = h("button", { type: "button", id: "start-button", text: "Start",
+    onclick: () => act("start") });
+  const stats = h("dl", { class: "stats" });
+  const starts = h("div", { id: "starts" });
+  let lastLogRead = 0;
+  let lastStatus = null;
+
+  async function refresh() {
+    const job = await getJson(base);
+    showError(null);
+    statusBox.replaceChildren(badge(job.status));
+    stopButton.disabled = job.status === "Stopped";
+    startButton.disabled = job.status !== "Stopped";
+    // The log is read again when the status moved (a start or stop wrote its line) and now
+    // and then for the uptime; not at every poll, as the backlog may be 64 KiB.
+    if (job.status !== lastStatus || Date.now() - lastLogRead > 5 * REFRESH_MS) {
+      lastStatus = job.status;
+      lastLogRead = Date.now();
+      const changes = await statusChanges(name);
+      const running = changes.filter((c) => c.status === "Running").map((c) => c.at);
+      const last = changes[changes.length - 1];
+      const up = job.status === "Running" && last && last.status === "Running"
+        ? formatSeconds((Date.now() - last.at) / 1000) : "—";
+      stats.replaceChildren(stat("Uptime", up, "stat-uptime"),
+        stat("Starts in the recent log", String(running.length), "stat-starts"),
+        stat("Restarts", String(Math.max(0, running.length - 1)), "stat-restarts"));
+      starts.replaceChildren(startsChart(running));
+    }
+  }
+
+  async function act(what) {
+    stopButton.disabled = startButton.disabled = true;
+    try {
+      await api(`${base}/${what}`, { method: "POST" });
+      await refresh();
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  setPage(name, [h("span", { text: "continuous" })],
+    h("section", { "aria-labelledby": "state-h" }, h("h2", { id: "state-h", text: "State" }),
+      h("p", { class: "row" }, "Status: ", statusBox, stopButton, startButton,
+        h("a", { href: `#/log/${enc(name)}`, text: "Live log" })),
+      stats, h("h3", { text: "Starts over time" }), starts),
+    settingsSection(`${base}/settings`));
+  every(REFRESH_MS, refresh);
+}
+
+// -- live logs -------------------------------------------------------------------------------
+
+const ERR_LINE = /: (SYS )?ERR\s*\]/;
+
+function logViewer(url, onEnd) {
+  const box = h("div", { class: "log", id: "log", role: "log", tabindex: "0",
+    "aria-label": "Log lines" });
+  const state = h("span", { class: "muted", id: "follow-state", text: "Following the end." });
+  const jump = h("button", { type: "button", class: "secondary", hidden: true, text: "Jump to end",
+    onclick: () => { box.scrollTop = box.scrollHeight; } });
+  let follow = true;
+  box.addEventListener("scroll", () => {
+    follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
+    state.textContent = follow ? "Following the end." : "Paused: scroll to the bottom to follow.";
+    jump.hidden = follow;
+  });
+  function add(text, kind) {
+    box.append(h("div", { class: `line${kind ? ` ${kind}` : ""}`, text }));
+    if (follow) box.scrollTop = box.scrollHeight;
+  }
+  const stream = new EventSource(url);
+  stream.onmessage = (event) => {
+    for (const line of event.data.split("\n")) add(line, ERR_LINE.test(line) ? "err" : "");
+  };
+  for (const kind of ["rotated", "truncated"]) {
+    stream.addEventListener(kind, () => add(`— the log was ${kind}; going on from its start —`, "note"));
+  }
+  stream.addEventListener("end", (event) => {
+    stream.close();
+    let detail = {};
+    try { detail = JSON.parse(event.data); } catch (_) { /* keep {} */ }
+    add(`— end of stream (${detail.reason || "closed"}) —`, "note");
+    state.textContent = "The stream has ended.";
+    if (onEnd) onEnd(detail);
+  });
+  stream.onerror = () => {
+    if (stream.readyState === EventSource.CONNECTING) state.textContent = "Reconnecting…";
+  };
+  stream.onopen = () => { state.textContent = follow ? "Following the end." : state.textContent; };
+  leaving.push(() => stream.close());
+  return [h("div", { class: "follow" }, state, jump), box];
+}
+
+function runPage(name, id) {
+  const statusBox = h("span", { id: "run-status" });
+  const facts = h("p", { class: "muted" });
+  const url = `/api/triggeredwebjobs/${enc(name)}/history/${enc(id)}`;
+  async function refresh() {
+    const run = await getJson(url);
+    statusBox.replaceChildren(badge(run.status));
+    facts.textContent = `Started ${run.start_time} (${ago(run.start_time)}), ` +
+      `duration ${formatSeconds(parseDuration(run.duration))}, trigger: ${run.trigger}`;
+  }
+  setPage(`Run ${id}`, [h("a", { href: `#/job/triggered/${enc(name)}`, text: name })],
+    h("p", {}, "Status: ", statusBox), facts,
+    ...logViewer(`${url}/logstream`, () => refresh().catch(showError)));
+  refresh().catch(showError);
+}
+
+function logPage(name) {
+  setPage(`Log of ${name}`, [h("a", { href: `#/job/continuous/${enc(name)}`, text: name })],
+    ...logViewer(`/api/continuouswebjobs/${enc(name)}/logstream`));
+}
+
+// -- routing ---------------------------------------------------------------------------------
+
+function route() {
+  for (const end of leaving) end();
+  leaving = [];
+  const parts = (location.hash.replace(/^#\/?/, "") || "").split("/").map(decodeURIComponent);
+  if (parts[0] === "job" && parts[1] === "triggered" && parts[2]) triggeredPage(parts[2]);
+  else if (parts[0] === "job" && parts[1] === "continuous" && parts[2]) continuousPage(parts[2]);
+  else if (parts[0] === "run" && parts[1] && parts[2]) runPage(parts[1], parts[2]);
+  else if (parts[0] === "log" && parts[1]) logPage(parts[1]);
+  else jobsPage();
+  view.focus({ preventScroll: true });
+}
+
+window.addEventListener("hashchange", route);
+route();

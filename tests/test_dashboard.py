@@ -1,0 +1,186 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by playwright) against a
+real daemon with Basic auth: the jobs page, a triggered job's run chart and Run button, a
+continuous job's Stop/Start buttons, and a live log that shows a line written after it opened.
+
+Playwright's async API (its sync API wants its own loop, and pytest-asyncio's is running); the
+browser gets the credentials the way a person's browser caches them (`http_credentials`).
+Screenshots of each page go to the test's `screenshots` folder, whose path is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.helpers import Site, wait_for
+from tests.test_api_jobs import CREDENTIALS, api, get_json, poll
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+WAIT_MS = 15_000
+LOOP = {"run.sh": "echo up\nwhile true; do sleep 0.2; done\n"}
+FINISHED = ("Success", "Failed")
+
+
+@contextlib.asynccontextmanager
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@contextlib.asynccontextmanager
+async def dashboard(base: str, shots: Path) -> AsyncIterator[Page]:
+    """A page with the cached credentials; fails the test on a script error or on a request
+    that leaves this daemon."""
+    shots.mkdir(exist_ok=True)
+    print(f"dashboard screenshots: {shots}")
+    errors: list[str] = []
+    foreign: list[str] = []
+    async with browser() as chromium:
+        context = await chromium.new_context(
+            http_credentials={
+                "username": CREDENTIALS["WEBJOBSD_USERNAME"],
+                "password": CREDENTIALS["WEBJOBSD_PASSWORD"],
+            },
+            viewport={"width": 1100, "height": 800},
+        )
+        try:
+            page = await context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on(
+                "request",
+                lambda request: (
+                    None if request.url.startswith(base) else foreign.append(request.url)
+                ),
+            )
+            yield page
+        finally:
+            await context.close()
+    assert errors == [], errors
+    assert foreign == [], foreign
+
+
+async def finished_runs(session: aiohttp.ClientSession, base: str, name: str) -> list[Any]:
+    body = await get_json(session, f"{base}/api/triggeredwebjobs/{name}/history")
+    return [run for run in body["runs"] if run["status"] in FINISHED]
+
+
+async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None:
+    site.write_job("triggered", "report", {"run.sh": "echo report line\necho oops >&2\n"})
+    site.write_job(
+        "triggered",
+        "nightly",
+        {"run.sh": "exit 0\n", "settings.job": '{"schedule": "0 30 2 * * *"}'},
+    )
+    site.write_job("continuous", "worker", LOOP)
+    shots = tmp_path / "screenshots"
+    async with api(site) as (_daemon, session, base):
+        for count in (1, 2, 3):
+            async with session.post(f"{base}/api/triggeredwebjobs/report/run") as response:
+                assert response.status == 202, await response.text()
+            await poll(
+                lambda: finished_runs(session, base, "report"),
+                lambda runs, count=count: len(runs) == count,
+                what=f"run {count} finished",
+            )
+        async with dashboard(base, shots) as page:
+            # `/` sends the browser to the dashboard; the jobs page lists every job.
+            await page.goto(base + "/")
+            assert page.url == base + "/dashboard/"
+            rows = page.locator("tr.job")
+            await expect(rows).to_have_count(3, timeout=WAIT_MS)
+            await expect(page.locator('tr[data-name="nightly"]')).to_contain_text("0 30 2 * * *")
+            await expect(page.locator('tr[data-name="report"]')).to_contain_text("Success")
+            await expect(page.locator('tr[data-name="worker"]')).to_contain_text("Running")
+            await page.screenshot(path=shots / "jobs.png", full_page=True)
+            await page.get_by_label("Type").select_option("continuous")
+            await expect(rows).to_have_count(1)
+            await expect(rows.first).to_have_attribute("data-name", "worker")
+            await page.get_by_label("Type").select_option("")
+            await page.get_by_label("Status").select_option("Success")
+            await expect(rows).to_have_count(1)
+            await expect(rows.first).to_have_attribute("data-name", "report")
+
+            # The job page: one bar per run, then the Run button adds one.
+            await page.get_by_role("link", name="report").click()
+            await expect(page).to_have_url(re.compile(r"#/job/triggered/report$"))
+            bars = page.locator("#chart rect.bar")
+            await expect(bars).to_have_count(3, timeout=WAIT_MS)
+            await expect(page.locator("#stat-success")).to_have_text("100 %")
+            await expect(page.locator("#chart title").first).to_contain_text("Success")
+            await page.screenshot(path=shots / "triggered-job.png", full_page=True)
+            await page.get_by_label("Arguments").fill('one "two words"')
+            await page.get_by_role("button", name="Run").click()
+            await expect(bars).to_have_count(4, timeout=WAIT_MS)
+            await poll(
+                lambda: finished_runs(session, base, "report"),
+                lambda runs: len(runs) == 4,
+                what="the dashboard's run finished",
+            )
+            runs = (await get_json(session, f"{base}/api/triggeredwebjobs/report/history"))["runs"]
+            assert runs[0]["trigger"].startswith("External - Mozilla/")
+
+            # A bar opens its run; the run's log, its stderr line marked.
+            await page.locator("#chart a").last.click()
+            await expect(page).to_have_url(re.compile(rf"#/run/report/{runs[0]['id']}$"))
+            log = page.locator("#log")
+            await expect(log).to_contain_text("report line", timeout=WAIT_MS)
+            await expect(log.locator(".line.err")).to_contain_text("oops")
+            await expect(log).to_contain_text("end of stream (finished)")
+            await expect(page.locator("#run-status")).to_have_text("Success")
+            await page.screenshot(path=shots / "run.png", full_page=True)
+
+            # On a phone: the table becomes one card per job.
+            await page.set_viewport_size({"width": 390, "height": 844})
+            await page.get_by_role("link", name="webjobsd").click()
+            await expect(rows).to_have_count(3, timeout=WAIT_MS)
+            await page.screenshot(path=shots / "jobs-phone.png", full_page=True)
+
+
+async def test_continuous_job_live_log_and_stop_start(site: Site, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    site.write_job(
+        "continuous",
+        "chatty",
+        {
+            "run.sh": (
+                f"echo first\nwhile [ ! -e {gate} ]; do sleep 0.1; done\n"
+                "echo second\necho trouble >&2\nexec sleep 1000\n"
+            )
+        },
+    )
+    shots = tmp_path / "screenshots"
+    async with api(site) as (_daemon, _session, base), dashboard(base, shots) as page:
+        await wait_for(lambda: "INFO] first" in site.job_log("chatty"), what="first line")
+        # The live log: a line the job prints once the page is open shows up.
+        await page.goto(base + "/dashboard/#/log/chatty")
+        log = page.locator("#log")
+        await expect(log).to_contain_text("INFO] first", timeout=WAIT_MS)
+        gate.write_text("")
+        await expect(log).to_contain_text("INFO] second", timeout=WAIT_MS)
+        await expect(log.locator(".line.err")).to_contain_text("trouble", timeout=WAIT_MS)
+        await expect(log.locator(".line.err")).to_have_count(1)
+        await page.screenshot(path=shots / "live-log.png", full_page=True)
+
+        # The job page: Stop and Start change the status; the restart is counted.
+        await page.get_by_role("link", name="chatty").click()
+        status = page.locator("#job-status")
+        await expect(status).to_have_text("Running", timeout=WAIT_MS)
+        await expect(page.locator("#stat-starts")).to_have_text("1", timeout=WAIT_MS)
+        await page.get_by_role("button", name="Stop").click()
+        await expect(status).to_have_text("Stopped", timeout=WAIT_MS)
+        await expect(page.get_by_role("button", name="Start")).to_be_enabled()
+        await page.get_by_role("button", name="Start").click()
+        await expect(status).to_have_text("Running", timeout=WAIT_MS)
+        await expect(page.locator("#stat-restarts")).to_have_text("1", timeout=WAIT_MS)
+        await page.screenshot(path=shots / "continuous-job.png", full_page=True)
