@@ -32,6 +32,7 @@ from yarl import URL
 
 from tests.helpers import Site, leaders, wait_for
 from tests.test_api_jobs import CREDENTIALS, api, basic
+from tests.test_http_files import duplicate_zip
 
 LIMITS = {
     "max_upload_bytes": 2 * 1024 * 1024,
@@ -205,15 +206,6 @@ def symlink_entry(name: str, target: str) -> bytes:
     return zip_with_info(info, target.encode())
 
 
-def duplicate() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("run.sh", b"echo benign\n")
-        with pytest.warns(UserWarning, match="Duplicate name"):
-            archive.writestr("run.sh", b"echo evil\n")
-    return buffer.getvalue()
-
-
 def overlapping(copies: int = 20) -> bytes:
     """CVE-2024-0450's shape: many central records sharing one local entry's data."""
     data = make_zip({"e00.bin": bytes(150 * 1024)})
@@ -247,7 +239,7 @@ ARCHIVES = [
     ),
     pytest.param(lambda: special_entry(stat.S_IFIFO), 400, "FIFO", id="fifo"),
     pytest.param(lambda: special_entry(stat.S_IFCHR), 400, "device", id="char-device"),
-    pytest.param(duplicate, 400, "more than once", id="duplicate-run-sh"),
+    pytest.param(duplicate_zip, 400, "more than once", id="duplicate-run-sh"),
     pytest.param(lambda: make_zip({**RUN, "x" * 256: b"x"}), 400, "longer", id="long-name"),
     pytest.param(lambda: make_zip({"readme.txt": b"no script"}), 400, "runnable", id="no-script"),
 ]
