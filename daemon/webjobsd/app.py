@@ -372,6 +372,7 @@ class Daemon:
             upload_dir=self.layout.temp_root / "uploads",
             trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
             log_wakeups=self.log_wakeups,
+            schedules=lambda: self.scheduler.schedules if self.scheduler else {},
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:

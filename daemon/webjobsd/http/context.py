@@ -20,6 +20,7 @@ from webjobsd.http.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
 from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunStore
+from webjobsd.runtime.scheduler import JobSchedule
 from webjobsd.runtime.triggered import TriggeredJobs
 from webjobsd.site import SiteLayout
 
@@ -43,6 +44,8 @@ class ApiContext:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Woken by this daemon's log writers, so that log streams need not wait for their poll.
     log_wakeups: LogWakeups | None = None
+    # This daemon's scheduler timers by job name, for `GET /api/schedules`.
+    schedules: Callable[[], Mapping[str, JobSchedule]] | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)

@@ -28,6 +28,7 @@ from webjobsd.http.readmodel import JOB_LISTS
 from webjobsd.http.views import etag_of, run_url, swagger
 from webjobsd.model import JobKey, JobKind, JobSpec, is_valid_job_name
 from webjobsd.records.atomic import write_bytes_atomic
+from webjobsd.records.starts import read_start_history
 from webjobsd.runtime.triggered import InvalidArguments, JobNotFound, RunConflict
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -172,6 +173,23 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
             raise conflict(f"Cannot change {marker.name}: {error.strerror}") from error
         await ctx.refresh({key})
     return web.Response(status=200)
+
+
+async def continuous_starts(request: web.Request) -> web.StreamResponse:
+    """Ours: the job's process starts on every instance (`records.starts`), oldest first."""
+    ctx = request.app[CONTEXT]
+    key = _spec(ctx, JobKind.CONTINUOUS, _name(request)).key
+    history = await asyncio.to_thread(read_start_history, ctx.layout.data_dir(key))
+    starts: list[dict[str, Any]] = []
+    restarts = 0
+    previous_end: dict[str, bool] = {}
+    for instance, entry in history:
+        # A restart is a start that follows an end the job was not asked for, on its instance.
+        restart = previous_end.get(instance, False)
+        previous_end[instance] = entry.unexpected_end
+        restarts += restart
+        starts.append({"instance_id": instance, **entry.to_json(), "restart": restart})
+    return web.json_response({"starts": starts, "restarts": restarts})
 
 
 async def stop_continuous(request: web.Request) -> web.StreamResponse:
@@ -330,6 +348,7 @@ def add_job_routes(app: web.Application) -> None:
             if kind is JobKind.CONTINUOUS:
                 router.add_post(prefix + "/{name}/stop", stop_continuous)
                 router.add_post(prefix + "/{name}/start", start_continuous)
+                router.add_get(prefix + "/{name}/starts", continuous_starts)
                 router.add_route("*", prefix + "/{name}/passthrough/{path:.*}", passthrough)
             else:
                 router.add_post(prefix + "/{name}/run", run_triggered)

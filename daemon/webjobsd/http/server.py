@@ -17,6 +17,7 @@ from webjobsd.http.dashboard import add_dashboard_routes
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.files import add_file_routes
 from webjobsd.http.jobs import add_job_routes
+from webjobsd.http.schedules import add_schedule_routes
 from webjobsd.http.settings import add_settings_routes
 
 log = structlog.get_logger("webjobsd.http")
@@ -60,6 +61,7 @@ def build_app(
     app.router.add_get("/api/openapi.yaml", openapi_document)
     add_job_routes(app)
     add_dashboard_routes(app)
+    add_schedule_routes(app)
     add_settings_routes(app)
     add_file_routes(
         app,

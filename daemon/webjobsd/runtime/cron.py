@@ -110,7 +110,9 @@ from datetime import MAXYEAR, UTC, date, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 __all__ = [
+    "DAY_NAMES",
     "MISSED_GRACE",
+    "MONTH_NAMES",
     "CronError",
     "CronSchedule",
     "NextRun",
@@ -123,7 +125,7 @@ __all__ = [
 MISSED_GRACE = timedelta(minutes=10)
 
 # NCrontab's names, in value order. Hard-coded: `calendar.month_name` follows LC_TIME.
-_MONTH_NAMES = (
+MONTH_NAMES = (
     "January",
     "February",
     "March",
@@ -137,7 +139,7 @@ _MONTH_NAMES = (
     "November",
     "December",
 )
-_DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 
 # Each month's longest length (February counts its leap day): a (month, day) pair beyond it
 # never exists.
@@ -168,8 +170,8 @@ _FIELDS = (
     _Field("minute", 0, 59),
     _Field("hour", 0, 23),
     _Field("day-of-month", 1, 31),
-    _Field("month", 1, 12, _MONTH_NAMES),
-    _Field("day-of-week", 0, 6, _DAY_NAMES),
+    _Field("month", 1, 12, MONTH_NAMES),
+    _Field("day-of-week", 0, 6, DAY_NAMES),
 )
 
 

@@ -33,6 +33,7 @@ import structlog
 from webjobsd.config import AppSettings, DaemonConfig
 from webjobsd.model import ContinuousStatus, JobKey, JobSpec
 from webjobsd.records.joblog import JobLogWriter, LogLevel
+from webjobsd.records.starts import StartHistory, starts_path
 from webjobsd.records.status import write_continuous_status
 from webjobsd.runtime import proctree
 from webjobsd.runtime.environment import JobLaunch, job_environment
@@ -138,6 +139,9 @@ class ContinuousUnit:
             generations=context.config.log_generations,
             on_written=context.log_counter(self.key.name),
         )
+        self._starts = StartHistory(
+            starts_path(context.layout.data_dir(self.key), context.layout.instance_id)
+        )
         self._backoff = RestartBackoff()
         self._workcopy = WorkingCopy(
             target.spec.job_dir, context.layout.working_copies_dir(self.key)
@@ -218,9 +222,11 @@ class ContinuousUnit:
                 # Bounded: a process stuck in the kernel must not keep the daemon from exiting.
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(self.process.close(), FORCED_STOP_BOUND_S)
+                self._starts.ended("stopped", self.process.returncode)
                 self._forget_process()
             self._singleton.release()
             self._flush_status()
+            self._starts.flush()
             self._log.close()
 
     async def _loop(self) -> None:
@@ -352,9 +358,12 @@ class ContinuousUnit:
             # Whatever the cause (missing interpreter, bad environment, exec format), the job
             # backs off like a process that exited at once; it never takes the unit down.
             self._log.system(LogLevel.ERR, f"Failed to start process: {error}")
+            self._starts.started(None)
+            self._starts.ended("failed to start")
             log.warning("cannot start job process", job=str(self.key), error=repr(error))
             await self._after_exit(target, uptime_s=0.0)
             return
+        self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
         await self._supervise(target, self.process, shutdown_file)
 
@@ -402,8 +411,10 @@ class ContinuousUnit:
         self.process = None
         self._forget_process()
         if code is None or self._stopped_by_us:
+            self._starts.ended("stopped", code)
             self._stopped_by_us = False
             return
+        self._starts.ended("exited", code)
         # It exited on its own, maybe at the same moment as a change arrived: say so either way.
         self._report_exit(code)
         if self._target is target and not self._forced:
