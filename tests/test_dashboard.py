@@ -10,8 +10,10 @@ Screenshots of each page go to the test's `screenshots` folder, whose path is pr
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import aiohttp
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.helpers import Site, wait_for
+from tests.helpers import Site, leaders, wait_for
 from tests.test_api_jobs import CREDENTIALS, api, get_json, poll
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -99,7 +101,14 @@ async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None
             assert page.url == base + "/dashboard/"
             rows = page.locator("tr.job")
             await expect(rows).to_have_count(3, timeout=WAIT_MS)
-            await expect(page.locator('tr[data-name="nightly"]')).to_contain_text("0 30 2 * * *")
+            nightly = page.locator('tr[data-name="nightly"]')
+            await expect(nightly).to_contain_text("0 30 2 * * *")
+            await expect(nightly.locator(".words")).to_have_text("At 02:30 every day")
+            next_run = nightly.locator(".next-run time")
+            await expect(next_run).to_contain_text(re.compile(r"in \d+ (min|h)"))
+            (schedule,) = await get_json(session, f"{base}/api/schedules")
+            assert await next_run.get_attribute("datetime") == schedule["next_run"]
+            await expect(page.locator('tr[data-name="report"] .next-run')).to_have_count(0)
             await expect(page.locator('tr[data-name="report"]')).to_contain_text("Success")
             await expect(page.locator('tr[data-name="worker"]')).to_contain_text("Running")
             await page.screenshot(path=shots / "jobs.png", full_page=True)
@@ -117,6 +126,7 @@ async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None
             bars = page.locator("#chart rect.bar")
             await expect(bars).to_have_count(3, timeout=WAIT_MS)
             await expect(page.locator("#stat-success")).to_have_text("100 %")
+            await expect(page.locator("#job-schedule")).to_contain_text("No schedule")
             await expect(page.locator("#chart title").first).to_contain_text("Success")
             await page.screenshot(path=shots / "triggered-job.png", full_page=True)
             await page.get_by_label("Arguments").fill('one "two words"')
@@ -172,15 +182,79 @@ async def test_continuous_job_live_log_and_stop_start(site: Site, tmp_path: Path
         await expect(log.locator(".line.err")).to_have_count(1)
         await page.screenshot(path=shots / "live-log.png", full_page=True)
 
-        # The job page: Stop and Start change the status; the restart is counted.
+        # The job page: Stop and Start change the status and make a start, not a restart.
         await page.get_by_role("link", name="chatty").click()
         status = page.locator("#job-status")
         await expect(status).to_have_text("Running", timeout=WAIT_MS)
         await expect(page.locator("#stat-starts")).to_have_text("1", timeout=WAIT_MS)
+        await expect(page.locator("#stat-uptime")).not_to_have_text("—")
         await page.get_by_role("button", name="Stop").click()
         await expect(status).to_have_text("Stopped", timeout=WAIT_MS)
         await expect(page.get_by_role("button", name="Start")).to_be_enabled()
         await page.get_by_role("button", name="Start").click()
         await expect(status).to_have_text("Running", timeout=WAIT_MS)
+        await expect(page.locator("#stat-starts")).to_have_text("2", timeout=WAIT_MS)
+        await expect(page.locator("#stat-restarts")).to_have_text("0")
+        await expect(page.locator("#last-end")).to_contain_text("was stopped")
+
+        # A process killed from outside is restarted, and that one is a restart.
+        await wait_for(lambda: len(leaders(site, "chatty")) == 1, what="one process")
+        os.kill(leaders(site, "chatty")[0], signal.SIGKILL)
         await expect(page.locator("#stat-restarts")).to_have_text("1", timeout=WAIT_MS)
+        await expect(page.locator("#stat-starts")).to_have_text("3")
+        await expect(page.locator("#last-end")).to_contain_text("exited (signal 9)")
+        await expect(page.locator("#starts line.tick.restart")).to_have_count(1)
+        await expect(page.locator("#starts line.tick")).to_have_count(3)
         await page.screenshot(path=shots / "continuous-job.png", full_page=True)
+
+
+async def test_the_live_log_stops_following_when_the_reader_scrolls_up(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. Opened at the end of a long log, the view follows new lines.
+    2. Scrolled up, it says so, offers a jump, and new lines do not move it.
+    3. The jump returns to the end, and new lines are followed again."""
+    gate = tmp_path / "gate"
+    site.write_job(
+        "continuous",
+        "stream",
+        {
+            "run.sh": (
+                'for i in $(seq 200); do echo "start line $i"; done\n'
+                "batch=0\n"
+                "while true; do\n"
+                f"  if [ -e {gate} ]; then rm {gate}; batch=$((batch+1))\n"
+                '    for i in $(seq 50); do echo "batch $batch line $i"; done\n'
+                "  fi\n"
+                "  sleep 0.05\n"
+                "done\n"
+            )
+        },
+    )
+    shots = tmp_path / "screenshots"
+    at_end = "(box) => box.scrollTop + box.clientHeight >= box.scrollHeight - 8"
+    async with api(site) as (_daemon, _session, base), dashboard(base, shots) as page:
+        await page.goto(base + "/dashboard/#/log/stream")
+        log = page.locator("#log")
+        follow_state = page.locator("#follow-state")
+        jump = page.get_by_role("button", name="Jump to end")
+        await expect(log).to_contain_text("start line 200", timeout=WAIT_MS)
+        assert await log.evaluate(at_end)
+        await expect(follow_state).to_have_text("Following the end.")
+        await expect(jump).to_be_hidden()
+
+        await log.evaluate("(box) => { box.scrollTop = 0; }")
+        await expect(follow_state).to_contain_text("Paused")
+        await expect(jump).to_be_visible()
+        gate.write_text("")
+        await expect(log).to_contain_text("batch 1 line 50", timeout=WAIT_MS)
+        assert await log.evaluate("(box) => box.scrollTop") == 0
+        assert not await log.evaluate(at_end)
+        await page.screenshot(path=shots / "live-log-paused.png", full_page=True)
+
+        await jump.click()
+        await expect(follow_state).to_have_text("Following the end.")
+        await expect(jump).to_be_hidden()
+        gate.write_text("")
+        await expect(log).to_contain_text("batch 2 line 50", timeout=WAIT_MS)
+        assert await log.evaluate(at_end)

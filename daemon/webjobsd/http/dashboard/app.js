@@ -90,6 +90,40 @@ function ago(iso) {
   return `${Math.round(seconds / 86400)} d ago`;
 }
 
+function until(iso) {
+  const t = Date.parse(iso);
+  if (!Number.isFinite(t)) return "";
+  const seconds = (t - Date.now()) / 1000;
+  if (seconds < 1) return "now";
+  if (seconds < 60) return `in ${Math.round(seconds)} s`;
+  if (seconds < 3600) return `in ${Math.round(seconds / 60)} min`;
+  if (seconds < 86400) return `in ${Math.round(seconds / 3600)} h`;
+  return `in ${Math.round(seconds / 86400)} d`;
+}
+
+const localTime = (iso) => new Date(iso).toLocaleString([], { month: "short", day: "numeric",
+  hour: "2-digit", minute: "2-digit", timeZoneName: "short" });
+
+// A schedule from /api/schedules: the words, the expression, and when it fires next.
+function scheduleInfo(entry) {
+  const words = entry.description || entry.schedule;
+  const zone = entry.time_zone && entry.time_zone !== "UTC" ? ` (${entry.time_zone})` : "";
+  let next;
+  if (entry.status === "scheduled") {
+    next = h("span", { class: "next-run" }, "next ",
+      h("time", { datetime: entry.next_run, title: `${entry.next_run} (UTC)`,
+        text: `${until(entry.next_run)} · ${localTime(entry.next_run)}` }));
+  } else {
+    const why = { never: "never fires again", invalid: `invalid: ${entry.error}`,
+      disabled: "schedules are disabled (WEBJOBS_DISABLE_SCHEDULE)", pending: "not registered yet" };
+    next = h("span", { class: entry.status === "invalid" ? "next-run error" : "next-run muted",
+      text: why[entry.status] || entry.status });
+  }
+  return h("div", { class: "schedule" },
+    h("span", { class: "words", text: `${words}${zone}` }), " ",
+    h("code", { class: "muted", text: entry.schedule }), h("br"), next);
+}
+
 const jobStatus = (job) => job.type === "continuous"
   ? job.status : (job.latest_run ? job.latest_run.status : "Never run");
 
@@ -122,6 +156,7 @@ function jobsPage() {
   const body = h("tbody");
   const summary = h("p", { class: "muted", "aria-live": "polite" });
   let jobs = [];
+  let schedules = new Map();
 
   function render() {
     const type = typeSelect.value;
@@ -134,7 +169,7 @@ function jobsPage() {
     summary.textContent = `${shown.length} of ${jobs.length} jobs`;
     body.replaceChildren(...shown.map((job) => {
       const run = job.latest_run;
-      const schedule = job.settings && job.settings.schedule;
+      const schedule = job.type === "triggered" && schedules.get(job.name);
       return h("tr", { class: "job", "data-name": job.name },
         h("td", { "data-label": "Name" },
           h("a", { href: `#/job/${job.type}/${enc(job.name)}`, text: job.name })),
@@ -142,7 +177,7 @@ function jobsPage() {
         h("td", { "data-label": "Status" }, badge(jobStatus(job))),
         h("td", { "data-label": "Command" }, h("code", { text: job.run_command })),
         h("td", { "data-label": "Schedule" },
-          schedule ? h("code", { text: schedule }) : h("span", { class: "muted", text: "—" })),
+          schedule ? scheduleInfo(schedule) : h("span", { class: "muted", text: "—" })),
         h("td", { "data-label": "Latest run" }, run
           ? [h("a", { href: `#/run/${enc(job.name)}/${enc(run.id)}` }, badge(run.status)), " ",
              h("time", { datetime: run.start_time, title: run.start_time, text: ago(run.start_time) })]
@@ -165,7 +200,9 @@ function jobsPage() {
         .map((t) => h("th", { scope: "col", text: t })))),
       body));
   every(REFRESH_MS, async () => {
-    jobs = await getJson("/api/webjobs");
+    const [all, scheduled] = await Promise.all([getJson("/api/webjobs"), getJson("/api/schedules")]);
+    jobs = all;
+    schedules = new Map(scheduled.map((entry) => [entry.name, entry]));
     showError(null);
     render();
   });
@@ -220,10 +257,15 @@ function triggeredPage(name) {
   const runButton = h("button", { type: "submit", id: "run-button", text: "Run" });
   const runMessage = h("p", { class: "muted", role: "status" });
   const recent = h("ul", { id: "recent-runs" });
+  const scheduleBox = h("div", { id: "job-schedule" });
 
   async function refresh() {
-    const { runs } = await getJson(`${base}/history`);
+    const [{ runs }, scheduled] = await Promise.all([getJson(`${base}/history`),
+      getJson("/api/schedules")]);
     showError(null);
+    const entry = scheduled.find((e) => e.name === name);
+    scheduleBox.replaceChildren(entry ? scheduleInfo(entry)
+      : h("span", { class: "muted", text: "No schedule: runs only when asked." }));
     const finished = runs.filter((r) => r.status === "Success" || r.status === "Failed");
     const ok = finished.filter((r) => r.status === "Success").length;
     const durations = finished.map((r) => parseDuration(r.duration));
@@ -259,6 +301,8 @@ function triggeredPage(name) {
   }
 
   setPage(name, [h("span", { text: "triggered" })],
+    h("section", { "aria-labelledby": "schedule-h" },
+      h("h2", { id: "schedule-h", text: "Schedule" }), scheduleBox),
     h("section", { "aria-labelledby": "run-h" }, h("h2", { id: "run-h", text: "Run now" }),
       h("form", { class: "row", onsubmit: run },
         h("label", { for: "run-arguments" }, "Arguments", argsInput), runButton),
@@ -270,37 +314,33 @@ function triggeredPage(name) {
   every(REFRESH_MS, refresh);
 }
 
-const STATUS_LINE = /^\[(\d\d)\/(\d\d)\/(\d{4}) (\d\d):(\d\d):(\d\d) > [^\]]*\] Status changed to (\w+)/;
+const ENDED = { exited: "exited", stopped: "was stopped", "failed to start": "could not start",
+  lost: "was lost (the daemon stopped)" };
 
-async function statusChanges(name) {
-  // The backlog of the job log (the stream ends once it is sent), read as plain SSE text.
-  const text = await (await api(`/api/continuouswebjobs/${enc(name)}/logstream?follow=false`,
-    { headers: { Accept: "text/event-stream" } })).text();
-  const changes = [];
-  for (const raw of text.split("\n")) {
-    if (!raw.startsWith("data: ")) continue;
-    const m = STATUS_LINE.exec(raw.slice(6));
-    if (m) changes.push({ at: Date.UTC(+m[3], m[1] - 1, +m[2], +m[4], +m[5], +m[6]), status: m[7] });
-  }
-  return changes;
+function exitText(entry) {
+  if (entry.exit_code === null || entry.exit_code === undefined) return "";
+  return entry.exit_code < 0 ? ` (signal ${-entry.exit_code})` : ` (code ${entry.exit_code})`;
 }
 
 function startsChart(starts) {
   const width = 600;
   const height = 50;
-  if (!starts.length) return h("p", { class: "muted", text: "No start in the recent log." });
-  const first = starts[0];
+  if (!starts.length) return h("p", { class: "muted", text: "Not started yet." });
+  const first = Date.parse(starts[0].start_time);
   const span = Math.max(1, Date.now() - first);
   return s("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, style: "height:50px",
     preserveAspectRatio: "none", role: "img",
-    "aria-label": `${starts.length} starts since ${new Date(first).toISOString()}` },
+    "aria-label": `${starts.length} starts since ${starts[0].start_time}` },
     s("line", { class: "axis", x1: 0, x2: width, y1: 30, y2: 30 }),
-    starts.map((t) => {
-      const x = (width - 4) * (t - first) / span + 2;
-      return s("line", { class: "tick", x1: x, x2: x, y1: 14, y2: 30 },
-        s("title", { text: `Running since ${new Date(t).toISOString()}` }));
+    starts.map((entry) => {
+      const x = (width - 4) * (Date.parse(entry.start_time) - first) / span + 2;
+      const ended = entry.ended ? `, ${ENDED[entry.ended] || entry.ended}${exitText(entry)}` +
+        (entry.end_time ? ` at ${entry.end_time}` : "") : ", running";
+      return s("line", { class: entry.restart ? "tick restart" : "tick", x1: x, x2: x, y1: 14, y2: 30 },
+        s("title", { text: `${entry.restart ? "Restarted" : "Started"} ${entry.start_time} on ` +
+          `${entry.instance_id}, pid ${entry.pid ?? "—"}${ended}` }));
     }),
-    s("text", { x: 2, y: 44, text: new Date(first).toISOString().replace("T", " ").slice(0, 19) }),
+    s("text", { x: 2, y: 44, text: starts[0].start_time.replace("T", " ").slice(0, 19) }),
     s("text", { x: width - 2, y: 44, "text-anchor": "end", text: "now" }));
 }
 
@@ -313,8 +353,7 @@ function continuousPage(name) {
     onclick: () => act("start") });
   const stats = h("dl", { class: "stats" });
   const starts = h("div", { id: "starts" });
-  let lastLogRead = 0;
-  let lastStatus = null;
+  const lastEnd = h("p", { class: "muted", id: "last-end" });
 
   async function refresh() {
     const job = await getJson(base);
@@ -322,21 +361,19 @@ function continuousPage(name) {
     statusBox.replaceChildren(badge(job.status));
     stopButton.disabled = job.status === "Stopped";
     startButton.disabled = job.status !== "Stopped";
-    // The log is read again when the status moved (a start or stop wrote its line) and now
-    // and then for the uptime; not at every poll, as the backlog may be 64 KiB.
-    if (job.status !== lastStatus || Date.now() - lastLogRead > 5 * REFRESH_MS) {
-      lastStatus = job.status;
-      lastLogRead = Date.now();
-      const changes = await statusChanges(name);
-      const running = changes.filter((c) => c.status === "Running").map((c) => c.at);
-      const last = changes[changes.length - 1];
-      const up = job.status === "Running" && last && last.status === "Running"
-        ? formatSeconds((Date.now() - last.at) / 1000) : "—";
-      stats.replaceChildren(stat("Uptime", up, "stat-uptime"),
-        stat("Starts in the recent log", String(running.length), "stat-starts"),
-        stat("Restarts", String(Math.max(0, running.length - 1)), "stat-restarts"));
-      starts.replaceChildren(startsChart(running));
-    }
+    const { starts: entries, restarts } = await getJson(`${base}/starts`);
+    const open = entries.filter((e) => e.ended === null);
+    const current = open[open.length - 1];
+    const up = job.status === "Running" && current
+      ? formatSeconds((Date.now() - Date.parse(current.start_time)) / 1000) : "—";
+    stats.replaceChildren(stat("Uptime", up, "stat-uptime"),
+      stat("Starts", String(entries.length), "stat-starts"),
+      stat("Restarts after an exit", String(restarts), "stat-restarts"));
+    const ended = entries.filter((e) => e.ended);
+    const last = ended[ended.length - 1];
+    lastEnd.textContent = last ? `Last end: ${ENDED[last.ended] || last.ended}${exitText(last)}, ` +
+      `${ago(last.end_time || last.start_time)}.` : "";
+    starts.replaceChildren(startsChart(entries));
   }
 
   async function act(what) {
@@ -353,7 +390,7 @@ function continuousPage(name) {
     h("section", { "aria-labelledby": "state-h" }, h("h2", { id: "state-h", text: "State" }),
       h("p", { class: "row" }, "Status: ", statusBox, stopButton, startButton,
         h("a", { href: `#/log/${enc(name)}`, text: "Live log" })),
-      stats, h("h3", { text: "Starts over time" }), starts),
+      stats, lastEnd, h("h3", { text: "Starts over time" }), starts),
     settingsSection(`${base}/settings`));
   every(REFRESH_MS, refresh);
 }
