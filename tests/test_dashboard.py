@@ -72,6 +72,30 @@ async def dashboard(base: str, shots: Path) -> AsyncIterator[Page]:
     assert foreign == [], foreign
 
 
+INTERACTIVE_ROLES = {"button", "link", "textbox", "combobox", "checkbox", "searchbox", "slider"}
+
+
+async def assert_every_control_is_named(page: Page) -> None:
+    """Chromium's own accessibility tree: each control a screen reader announces has a name."""
+    cdp = await page.context.new_cdp_session(page)
+    try:
+        tree = await cdp.send("Accessibility.getFullAXTree")
+    finally:
+        await cdp.detach()
+    controls = [
+        node
+        for node in tree["nodes"]
+        if not node.get("ignored") and node.get("role", {}).get("value") in INTERACTIVE_ROLES
+    ]
+    assert controls, "no controls found"
+    unnamed = [
+        (node["role"]["value"], node.get("backendDOMNodeId"))
+        for node in controls
+        if not node.get("name", {}).get("value", "").strip()
+    ]
+    assert unnamed == [], unnamed
+
+
 async def finished_runs(session: aiohttp.ClientSession, base: str, name: str) -> list[Any]:
     body = await get_json(session, f"{base}/api/triggeredwebjobs/{name}/history")
     return [run for run in body["runs"] if run["status"] in FINISHED]
@@ -112,6 +136,7 @@ async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None
             await expect(page.locator('tr[data-name="report"]')).to_contain_text("Success")
             await expect(page.locator('tr[data-name="worker"]')).to_contain_text("Running")
             await page.screenshot(path=shots / "jobs.png", full_page=True)
+            await assert_every_control_is_named(page)
             await page.get_by_label("Type").select_option("continuous")
             await expect(rows).to_have_count(1)
             await expect(rows.first).to_have_attribute("data-name", "worker")
@@ -129,6 +154,7 @@ async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None
             await expect(page.locator("#job-schedule")).to_contain_text("No schedule")
             await expect(page.locator("#chart title").first).to_contain_text("Success")
             await page.screenshot(path=shots / "triggered-job.png", full_page=True)
+            await assert_every_control_is_named(page)
             await page.get_by_label("Arguments").fill('one "two words"')
             await page.get_by_role("button", name="Run").click()
             await expect(bars).to_have_count(4, timeout=WAIT_MS)
@@ -149,12 +175,18 @@ async def test_jobs_page_and_a_triggered_job(site: Site, tmp_path: Path) -> None
             await expect(log).to_contain_text("end of stream (finished)")
             await expect(page.locator("#run-status")).to_have_text("Success")
             await page.screenshot(path=shots / "run.png", full_page=True)
+            await assert_every_control_is_named(page)
 
             # On a phone: the table becomes one card per job.
             await page.set_viewport_size({"width": 390, "height": 844})
             await page.get_by_role("link", name="webjobsd").click()
             await expect(rows).to_have_count(3, timeout=WAIT_MS)
             await page.screenshot(path=shots / "jobs-phone.png", full_page=True)
+
+            # The page refreshes itself: a job dropped in meanwhile appears without a reload.
+            site.write_job("triggered", "late", {"run.sh": "exit 0\n"})
+            await expect(rows).to_have_count(4, timeout=WAIT_MS)
+            await expect(page.locator('tr[data-name="late"]')).to_contain_text("Never run")
 
 
 async def test_continuous_job_live_log_and_stop_start(site: Site, tmp_path: Path) -> None:
@@ -206,6 +238,7 @@ async def test_continuous_job_live_log_and_stop_start(site: Site, tmp_path: Path
         await expect(page.locator("#starts line.tick.restart")).to_have_count(1)
         await expect(page.locator("#starts line.tick")).to_have_count(3)
         await page.screenshot(path=shots / "continuous-job.png", full_page=True)
+        await assert_every_control_is_named(page)
 
 
 async def test_the_live_log_stops_following_when_the_reader_scrolls_up(
