@@ -75,6 +75,8 @@ def test_a_continuous_job_from_deploy_to_delete(
 
     shown = cli("show", "ticker", env=env)
     assert "run_command: run.sh" in shown.stdout
+    assert "starts: 1, restarts after an exit: 0" in shown.stdout
+    assert f"(pid {leaders(site, 'ticker')[0]})" in shown.stdout
     wait_for_sync(lambda: "tick-" in cli("logs", "ticker", env=env).stdout, what="log line")
 
     assert cli("stop", "ticker", env=env).returncode == 0
@@ -115,6 +117,20 @@ def test_run_follow_and_wait_exit_with_the_runs_result(
     failed = cli("run", "broken", "--wait", env=env)
     assert failed.returncode == 1
     assert "Failed" in failed.stderr
+
+    nightly = folder(
+        tmp_path,
+        "nightly",
+        {"run.sh": "exit 0\n", "settings.job": '{"schedule": "0 30 2 * * 1-5"}'},
+    )
+    assert cli("deploy", str(nightly), "--type", "triggered", env=env).returncode == 0
+    wait_for_sync(
+        lambda: "next run: 20" in cli("show", "nightly", env=env).stdout, what="scheduled"
+    )
+    assert (
+        "schedule in words: At 02:30, Monday to Friday (UTC)"
+        in cli("show", "nightly", env=env).stdout
+    )
 
     history = cli("history", "greet", env=env)
     assert history.returncode == 0

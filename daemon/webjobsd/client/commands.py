@@ -81,6 +81,22 @@ def cmd_show(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int
     for key, value in job.items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
         out.write(f"{key}: {text}\n")
+    quoted = urllib.parse.quote(name, safe="")
+    if job.get("type") == "triggered":
+        for entry in client.request("GET", "/api/schedules").json():
+            if entry["name"] == name:
+                out.write(f"schedule in words: {entry['description'] or '-'}")
+                out.write(f" ({entry['time_zone']})\n" if entry["time_zone"] else "\n")
+                out.write(f"next run: {entry['next_run'] or entry['status']}")
+                out.write(f" ({entry['error']})\n" if entry["error"] else "\n")
+    elif job.get("type") == "continuous":
+        starts = client.request("GET", f"/api/continuouswebjobs/{quoted}/starts").json()
+        out.write(
+            f"starts: {len(starts['starts'])}, restarts after an exit: {starts['restarts']}\n"
+        )
+        running = [entry for entry in starts["starts"] if entry["ended"] is None]
+        if running:
+            out.write(f"running since: {running[-1]['start_time']} (pid {running[-1]['pid']})\n")
     return ExitCode.OK
 
 
