@@ -3,8 +3,9 @@
 The store is one JSON object in `data/webjobsd/settings.json`, written atomically with mode 0600
 (it holds secrets jobs receive as environment variables). `AppSettings` reads it at the moment of
 use, so a change applies without a restart; after a write the reconciler is woken so that
-`WEBJOBS_STOPPED` acts at once. Writes are serialized so that two concurrent POSTs cannot lose
-each other's keys.
+`WEBJOBS_STOPPED` acts at once. Writes are serialized, within the daemon by an asyncio lock and
+across daemons sharing the site by the file's lock (`records.atomic.serialized`), so that two
+concurrent POSTs cannot lose each other's keys.
 
 Body forms accepted by POST, as Kudu's: `{"KEY": "value", ...}` or the legacy
 `{"key": "KEY", "value": "value"}`. Numbers and booleans are stored as their text; `null` removes
@@ -23,7 +24,7 @@ from aiohttp import web
 from webjobsd.config import is_valid_setting
 from webjobsd.http.context import CONTEXT
 from webjobsd.http.errors import bad_request, conflict, not_found, read_json_body
-from webjobsd.records.atomic import write_bytes_atomic
+from webjobsd.records.atomic import serialized, write_bytes_atomic
 
 _WRITE_LOCK = web.AppKey("settings_write_lock", asyncio.Lock)
 
@@ -85,15 +86,21 @@ async def _update(request: web.Request, changes: dict[str, str | None]) -> None:
     ctx = request.app[CONTEXT]
     path = ctx.layout.settings_store_path
     async with request.app[_WRITE_LOCK]:
-        store = await asyncio.to_thread(_read_store, path)
+        await asyncio.to_thread(_apply, path, changes)
+    ctx.wake()
+
+
+def _apply(path: Path, changes: dict[str, str | None]) -> None:
+    """Read, change, write, under the file's lock: another daemon's write is never lost."""
+    with serialized(path):
+        store = _read_store(path)
         for key, value in changes.items():
             if value is None:
                 store.pop(key, None)
             else:
                 store[key] = value
         data = json.dumps(store, indent=2, sort_keys=True).encode()
-        await asyncio.to_thread(write_bytes_atomic, path, data, mode=0o600)
-    ctx.wake()
+        write_bytes_atomic(path, data, mode=0o600)
 
 
 async def post_settings(request: web.Request) -> web.StreamResponse:

@@ -6,8 +6,8 @@ Decisions:
   `data/webjobsd/hooks.json`, written with write-then-rename so that a crash leaves the old list
   or the new one. The file is re-read when it changed on disk (identity: inode, size, mtime), so
   daemons sharing a site see each other's subscriptions, as Kudu's re-read at every use does.
-  Writers on different daemons are not serialised: two subscriptions made at the same instant on
-  two daemons may lose one; subscriptions are rare and the loss is visible in GET.
+  Every read-modify-write holds the file's sidecar lock (`records.atomic.serialized`), so two
+  daemons subscribing, unsubscribing or recording a delivery at the same instant both count.
 * Kudu identifies a subscription by its address (case-insensitive): the same URL with the same
   event returns the existing hook, with another event it is a conflict (409). We keep that rule.
 * Kudu accepts any event name and any absolute URI; we accept only the events this daemon emits
@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from yarl import URL
 
-from webjobsd.records.atomic import write_json_atomic
+from webjobsd.records.atomic import serialized, write_json_atomic
 from webjobsd.webhooks.events import EVENTS
 
 log = structlog.get_logger("webjobsd.webhooks")
@@ -172,7 +172,7 @@ class HookStore:
 
     def add(self, request: HookRequest) -> tuple[WebHook, bool]:
         """(hook, created): an existing hook for the same URL and event is returned as is."""
-        with self._lock:
+        with self._lock, serialized(self.path):
             hooks = self._load()
             existing = next((h for h in hooks if h.url.lower() == request.url.lower()), None)
             if existing is not None:
@@ -194,7 +194,7 @@ class HookStore:
             return hook, True
 
     def remove(self, hook_id: str) -> WebHook | None:
-        with self._lock:
+        with self._lock, serialized(self.path):
             hooks = self._load()
             found = next((h for h in hooks if h.id == hook_id), None)
             if found is not None:
@@ -203,7 +203,7 @@ class HookStore:
 
     def record(self, hook_id: str, *, status: str, reason: str | None, when: str) -> None:
         """The outcome of a delivery; nothing happens when the hook was removed meanwhile."""
-        with self._lock:
+        with self._lock, serialized(self.path):
             hooks = self._load()
             if not any(h.id == hook_id for h in hooks):
                 return
