@@ -37,6 +37,7 @@ from webjobsd.http.limits import UploadLimits
 from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.logs import configure_logging
+from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
 from webjobsd.records.logtail import LogWakeups
@@ -658,6 +659,7 @@ def serve(
     auth_enabled: bool = True,
 ) -> int:
     configure_logging(config.log_format, config.log_level)
+    tune_malloc()
     daemon = Daemon(
         config,
         environ=environ,

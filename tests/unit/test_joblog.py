@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from webjobsd.records import joblog
-from webjobsd.records.joblog import JobLogWriter, LineSplitter, LogLevel, capture_stream
+from webjobsd.records.joblog import JobLogWriter, LineSplitter, LogLevel, OutputCapture
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -187,6 +187,23 @@ def test_random_batches_render_like_the_reference(tmp_path: Path) -> None:
         batches.append(lines)
 
     assert written(tmp_path / "log.txt", batches) == b"".join(map(reference_render, batches))
+
+
+def test_blocks_render_like_the_reference(tmp_path: Path) -> None:
+    """`console_block`, the capture path: its LFs are the separators, the rest as lines."""
+    rng = random.Random(20261128)
+    batches: list[list[bytes]] = []
+    for _ in range(3000):
+        tricky = rng.random() < 0.5
+        count = rng.choice([1, 1, 2, 3, 8, 200])
+        batches.append([random_line(rng, tricky).replace(b"\n", b"") for _ in range(count)])
+    batches += [[b""], [b"", b""], [b"\xc2"], [b"\x85"], [b"a\xc2", b"\x85b"], [b"\r"]]
+    log = tmp_path / "log.txt"
+    with make_writer(log, max_bytes=1 << 40) as writer:
+        for batch in batches:
+            writer.console_block(LogLevel.INFO, b"".join(line + b"\n" for line in batch))
+        writer.console_block(LogLevel.INFO, b"")
+    assert log.read_bytes() == b"".join(map(reference_render, batches))
 
 
 def test_edge_cases_render_like_the_reference(tmp_path: Path) -> None:
@@ -559,7 +576,7 @@ def test_writer_renders_a_flood_in_few_writes(tmp_path: Path) -> None:
     assert lines[-1] == "[02/10/2017 16:10:43 > af2b06: INFO] line 199999"
 
 
-# -- capture_stream -------------------------------------------------------------------------
+# -- OutputCapture ---------------------------------------------------------------------------
 
 CHILD = r"""
 import sys
@@ -576,7 +593,7 @@ sys.stderr.write("err line\n")
 
 
 async def run_child(
-    on_lines: Callable[[list[bytes]], None], on_activity: Callable[[], None] | None = None
+    on_block: Callable[[bytes], None], on_activity: Callable[[], None] | None = None
 ) -> tuple[int, list[bytes]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -587,15 +604,22 @@ async def run_child(
     )
     assert process.stdout is not None and process.stderr is not None
     errors: list[bytes] = []
+
+    async def pump(reader: asyncio.StreamReader, capture: OutputCapture) -> None:
+        while chunk := await reader.read(4096):
+            capture.feed(chunk)
+        capture.close()
+        capture.close()  # a second EOF changes nothing
+
     await asyncio.gather(
-        capture_stream(process.stdout, on_lines, on_activity=on_activity, chunk_size=4096),
-        capture_stream(process.stderr, errors.extend),
+        pump(process.stdout, OutputCapture(on_block, on_activity=on_activity)),
+        pump(process.stderr, OutputCapture(errors.append)),
     )
     return await process.wait(), errors
 
 
-async def test_capture_stream_from_a_real_subprocess() -> None:
-    batches: list[list[bytes]] = []
+async def test_capture_from_a_real_subprocess() -> None:
+    batches: list[bytes] = []
     activity = 0
 
     def on_activity() -> None:
@@ -604,19 +628,21 @@ async def test_capture_stream_from_a_real_subprocess() -> None:
 
     code, errors = await run_child(batches.append, on_activity)
 
-    lines = [line for batch in batches for line in batch]
+    # Every block is whole lines: ending in LF, and split back exactly into the lines.
+    assert all(batch.endswith(b"\n") for batch in batches)
+    lines = b"".join(batches).split(b"\n")[:-1]
     assert code == 0
-    assert errors == [b"err line"]
+    assert errors == [b"err line\n"]
     assert lines[:1000] == [b"line %d" % n for n in range(1000)]
     assert lines[1000:] == [b"x" * 200000, b"windows", b"\xff\x00bin", b"unterminated"]
     assert all(batches)
     assert activity >= len(batches) - 1  # the final flush batch needs no read
 
 
-async def test_capture_stream_into_the_writer(tmp_path: Path) -> None:
+async def test_capture_into_the_writer(tmp_path: Path) -> None:
     log = tmp_path / "job_log.txt"
     with make_writer(log) as writer:
-        code, _ = await run_child(lambda lines: writer.console_lines(LogLevel.INFO, lines))
+        code, _ = await run_child(lambda block: writer.console_block(LogLevel.INFO, block))
 
     lines = read_lines(log)
     assert code == 0

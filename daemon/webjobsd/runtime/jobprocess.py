@@ -11,12 +11,17 @@ any escaped descendant, wait up to `stopping_wait_time`, then SIGKILL whatever i
 Why a protocol of our own: on Python 3.11 `asyncio.subprocess.Process.wait()` returns only once
 the child's stdout and stderr are closed, so a job whose background child keeps the pipes open
 would look alive forever after it exited. The exit is taken from `process_exited()` instead, and
-the pipes are drained with a deadline.
+the pipes are drained with a deadline. The protocol also hands each chunk read from a pipe
+straight to its `OutputCapture` (no StreamReader and no reading task in between: every byte of
+output is copied once by the read, and a chunk costs no extra loop turn), and the pipes get
+`PIPE_BYTES` of buffer, so a job that writes fast blocks less often and each read takes more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from webjobsd.records.joblog import capture_stream
+from webjobsd.records.joblog import OutputCapture
 from webjobsd.runtime import proctree
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 from webjobsd.runtime.runas import RunAs
@@ -39,40 +44,108 @@ _DRAIN_AFTER_EXIT_S = 1.0
 _TREE_POLL_S = 0.05
 # proctree's scan is a snapshot: a member may fork between the scan and the signal.
 _KILL_ROUNDS = 10
+# The capacity asked for each output pipe (F_SETPIPE_SZ; 64 KiB by default). Linux caps it at
+# /proc/sys/fs/pipe-max-size (1 MiB by default) and, for an unprivileged daemon with many
+# pipes, at its pipe-user-pages limits: then the pipe keeps its default, which only costs speed.
+PIPE_BYTES = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
-LinesCallback = Callable[[list[bytes]], None]
+# Complete lines of output as one block of bytes (`LineSplitter.feed_block`).
+BlockCallback = Callable[[bytes], None]
 
 
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=limit, loop=loop)
+class _Activity:
+    """When the job last wrote anything: set by its captures, read for idle timeouts."""
+
+    def __init__(self, now: float) -> None:
+        self.last_monotonic = now
+
+    def touch(self) -> None:
+        self.last_monotonic = time.monotonic()
+
+
+class _JobProtocol(asyncio.SubprocessProtocol):
+    """The child's exit and its output pipes, as they happen."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, captures: dict[int, OutputCapture]) -> None:
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._captures = captures
         self.exited: asyncio.Future[int] = loop.create_future()
+        # Completed when the pipe of that fd reaches EOF (or is closed by us).
+        self.pipes_done: dict[int, asyncio.Future[None]] = {
+            fd: loop.create_future() for fd in captures
+        }
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+        for fd in self._captures:
+            pipe = transport.get_pipe_transport(fd)
+            if pipe is None:
+                continue
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.get_extra_info("pipe").fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        capture = self._captures.get(fd)
+        if capture is None:
+            return
+        try:
+            capture.feed(bytes(data))
+        except Exception:
+            # A log that cannot take the output must not stop the reading: the job would
+            # block on a full pipe. The writer already counts and reports its own I/O errors.
+            log.exception("output capture failed", fd=fd)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        capture = self._captures.get(fd)
+        if capture is not None:
+            try:
+                capture.close()
+            except Exception:
+                log.exception("output capture failed", fd=fd)
+        done = self.pipes_done.get(fd)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def process_exited(self) -> None:
-        # Read the code first: the base class may close the transport and drop it.
-        transport = self._transport  # type: ignore[attr-defined]
+        transport = self._transport
         code = transport.get_returncode() if transport is not None else None
-        super().process_exited()
         if not self.exited.done():
             self.exited.set_result(code if code is not None else -1)
+
+    def close_pipes(self) -> None:
+        """Stop reading output (a descendant keeps a pipe open after the job ended)."""
+        transport = self._transport
+        for fd in self.pipes_done:
+            pipe = transport.get_pipe_transport(fd) if transport is not None else None
+            if pipe is not None:
+                pipe.close()  # calls pipe_connection_lost on the next loop turn
+            elif not self.pipes_done[fd].done():
+                self.pipes_done[fd].set_result(None)
 
 
 class JobProcess:
     def __init__(
         self,
         transport: asyncio.SubprocessTransport,
-        protocol: _ExitAwareProtocol,
+        protocol: _JobProtocol,
         identity: ProcessIdentity,
         argv: Sequence[str],
+        activity: _Activity,
     ) -> None:
         self.argv = tuple(argv)
         self._transport = transport
         self._protocol = protocol
         self.identity = identity
-        self._captures: list[asyncio.Task[None]] = []
+        self._activity = activity
         self._finished: asyncio.Task[int] | None = None
-        self.started_monotonic = time.monotonic()
-        self.last_activity_monotonic = self.started_monotonic
+        self.started_monotonic = activity.last_monotonic
+
+    @property
+    def last_activity_monotonic(self) -> float:
+        """When the job last wrote output (or started), for idle timeouts."""
+        return self._activity.last_monotonic
 
     @property
     def pid(self) -> int:
@@ -91,8 +164,8 @@ class JobProcess:
         cwd: Path,
         env: Mapping[str, str],
         token: str,
-        on_stdout: LinesCallback,
-        on_stderr: LinesCallback,
+        on_stdout: BlockCallback,
+        on_stderr: BlockCallback,
         max_line_bytes: int,
         run_as: RunAs | None = None,
     ) -> JobProcess:
@@ -108,8 +181,13 @@ class JobProcess:
                 "group": run_as.gid,
                 "extra_groups": list(run_as.groups),
             }
+        activity = _Activity(time.monotonic())
+        captures = {
+            fd: OutputCapture(callback, max_line_bytes=max_line_bytes, on_activity=activity.touch)
+            for fd, callback in ((1, on_stdout), (2, on_stderr))
+        }
         transport, protocol = await loop.subprocess_exec(
-            lambda: _ExitAwareProtocol(limit=2**16, loop=loop),
+            lambda: _JobProtocol(loop, captures),
             *argv,
             cwd=str(cwd),
             env=full_env,
@@ -125,24 +203,7 @@ class JobProcess:
         identity = proctree.identity_of(pid, token) or ProcessIdentity(
             pid=pid, pgid=pid, create_time=0.0, token=token
         )
-        job = cls(transport, protocol, identity, argv)
-        assert protocol.stdout is not None and protocol.stderr is not None
-        for reader, callback, label in (
-            (protocol.stdout, on_stdout, "stdout"),
-            (protocol.stderr, on_stderr, "stderr"),
-        ):
-            job._captures.append(
-                asyncio.create_task(
-                    capture_stream(
-                        reader, callback, max_line_bytes=max_line_bytes, on_activity=job._touch
-                    ),
-                    name=f"capture-{label}-{pid}",
-                )
-            )
-        return job
-
-    def _touch(self) -> None:
-        self.last_activity_monotonic = time.monotonic()
+        return cls(transport, protocol, identity, argv, activity)
 
     async def wait(self) -> int:
         """Wait for the leader to exit, then end its leftovers and drain its output.
@@ -157,10 +218,11 @@ class JobProcess:
         code = await self._protocol.exited
         # The job is over: anything of its tree still running is an orphan-to-be.
         await asyncio.to_thread(self._kill_all)
-        _, pending = await asyncio.wait(self._captures, timeout=_DRAIN_AFTER_EXIT_S)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._captures, return_exceptions=True)
+        pipes = list(self._protocol.pipes_done.values())
+        _, pending = await asyncio.wait(pipes, timeout=_DRAIN_AFTER_EXIT_S)
+        if pending:
+            self._protocol.close_pipes()
+            await asyncio.wait(pending)
         self._transport.close()
         return code
 

@@ -349,8 +349,8 @@ class ContinuousUnit:
                 cwd=cwd,
                 env=env,
                 token=new_token(),
-                on_stdout=lambda lines: self._log.console_lines(LogLevel.INFO, lines),
-                on_stderr=lambda lines: self._log.console_lines(LogLevel.ERR, lines),
+                on_stdout=lambda block: self._log.console_block(LogLevel.INFO, block),
+                on_stderr=lambda block: self._log.console_block(LogLevel.ERR, block),
                 max_line_bytes=self._context.config.max_line_bytes,
                 run_as=self._context.run_as,
             )

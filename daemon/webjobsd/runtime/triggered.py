@@ -278,8 +278,8 @@ class TriggeredJobs:
                 cwd=root / command.script_dir if command.script_dir else root,
                 env=env,
                 token=new_token(),
-                on_stdout=lambda lines: output.console_lines(LogLevel.INFO, lines),
-                on_stderr=lambda lines: output.console_lines(LogLevel.ERR, lines),
+                on_stdout=lambda block: output.console_block(LogLevel.INFO, block),
+                on_stderr=lambda block: output.console_block(LogLevel.ERR, block),
                 max_line_bytes=self._context.config.max_line_bytes,
                 run_as=self._context.run_as,
             )
