@@ -103,6 +103,9 @@ def test_an_entry_left_open_by_a_dead_daemon_reads_as_lost(tmp_path: Path) -> No
         b'{"starts": [{"pid": 1, "start_time": "2026-11-28T12:00:00Z", "ended": "eaten"}]}',
         b'{"starts": [{"pid": 1, "start_time": "2026-11-28T12:00:00Z", "exit_code": "1"}]}',
         b'{"starts": [{"pid": 1, "start_time": "yesterday"}]}',
+        b'{"starts": [{"pid": 1, "start_time": "2026-11-28T12:00:00Z", "ended": []}]}',
+        b'{"starts": [{"pid": 1, "start_time": "2026-11-28T12:00:00Z", "ended": {}}]}',
+        b'{"starts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     ],
 )
 def test_a_malformed_file_is_logged_and_replaced(tmp_path: Path, content: bytes) -> None:
@@ -129,12 +132,42 @@ def test_every_instance_is_read_and_merged_in_time_order(tmp_path: Path) -> None
     (tmp_path / "status_a").write_text('{"Status":"Running"}')
     (tmp_path / "starts_c.json").write_text("garbage")
     merged = read_start_history(tmp_path)
-    assert [(instance, entry.pid) for instance, entry in merged] == [
-        ("a", 1),
-        ("b", 2),
-        ("a", 3),
+    assert [(item.instance_id, item.start.pid, item.restart) for item in merged] == [
+        ("a", 1, False),
+        ("b", 2, False),
+        ("a", 3, True),
     ]
     assert read_start_history(tmp_path / "missing") == []
+
+
+def test_restarts_follow_each_file_even_when_the_clock_stepped_back(tmp_path: Path) -> None:
+    clock = Clock()
+    first = StartHistory(starts_path(tmp_path, "a"), clock=clock)
+    second = StartHistory(starts_path(tmp_path, "b"), clock=clock)
+    first.started(1)
+    first.ended("exited", 1)
+    second.started(2)
+    second.ended("stopped", 0)
+    clock.now -= timedelta(hours=1)  # NTP stepped the clock back
+    first.started(3)
+    merged = read_start_history(tmp_path)
+    assert [(item.start.pid, item.restart) for item in merged] == [
+        (3, True),
+        (1, False),
+        (2, False),
+    ]
+
+
+def test_an_open_start_of_an_instance_that_is_gone_reads_as_lost(tmp_path: Path) -> None:
+    clock = Clock()
+    for instance, pid in (("alive", 1), ("gone", 2)):
+        StartHistory(starts_path(tmp_path, instance), clock=clock).started(pid)
+    merged = read_start_history(tmp_path, is_live=lambda instance: instance == "alive")
+    assert [(item.instance_id, item.start.ended) for item in merged] == [
+        ("alive", None),
+        ("gone", "lost"),
+    ]
+    assert [item.start.ended for item in read_start_history(tmp_path)] == [None, None]
 
 
 def test_an_entry_round_trips_through_json() -> None:

@@ -95,6 +95,8 @@ def cmd_show(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int
             f"starts: {len(starts['starts'])}, restarts after an exit: {starts['restarts']}\n"
         )
         running = [entry for entry in starts["starts"] if entry["ended"] is None]
+        here = [entry for entry in running if entry["instance_id"] == starts.get("instance_id")]
+        running = here or running
         if running:
             out.write(f"running since: {running[-1]['start_time']} (pid {running[-1]['pid']})\n")
     return ExitCode.OK

@@ -179,17 +179,17 @@ async def continuous_starts(request: web.Request) -> web.StreamResponse:
     """Ours: the job's process starts on every instance (`records.starts`), oldest first."""
     ctx = request.app[CONTEXT]
     key = _spec(ctx, JobKind.CONTINUOUS, _name(request)).key
-    history = await asyncio.to_thread(read_start_history, ctx.layout.data_dir(key))
-    starts: list[dict[str, Any]] = []
-    restarts = 0
-    previous_end: dict[str, bool] = {}
-    for instance, entry in history:
-        # A restart is a start that follows an end the job was not asked for, on its instance.
-        restart = previous_end.get(instance, False)
-        previous_end[instance] = entry.unexpected_end
-        restarts += restart
-        starts.append({"instance_id": instance, **entry.to_json(), "restart": restart})
-    return web.json_response({"starts": starts, "restarts": restarts})
+    history = await asyncio.to_thread(
+        read_start_history, ctx.layout.data_dir(key), ctx.instance_is_live
+    )
+    starts = [
+        {"instance_id": item.instance_id, **item.start.to_json(), "restart": item.restart}
+        for item in history
+    ]
+    restarts = sum(item.restart for item in history)
+    return web.json_response(
+        {"instance_id": ctx.layout.instance_id, "starts": starts, "restarts": restarts}
+    )
 
 
 async def stop_continuous(request: web.Request) -> web.StreamResponse:

@@ -69,7 +69,10 @@ def schedule_entry(
         entry.update(status="invalid", error=zone_error)
     elif disabled:
         entry["status"] = "disabled"
-    elif registered is not None and registered.expression == expression:
+    elif registered is not None and (registered.expression, registered.time_zone) == (
+        expression,
+        time_zone_setting,
+    ):
         if registered.due_at is not None:
             entry.update(status="scheduled", next_run=format_kudu_datetime(registered.due_at))
         elif registered.schedule is not None:

@@ -33,14 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import structlog
 
 from webjobsd.records.atomic import write_json_atomic
 from webjobsd.records.runstore import format_kudu_datetime, parse_kudu_datetime
 
-__all__ = ["MAX_STARTS", "ProcessStart", "StartHistory", "read_start_history", "starts_path"]
+__all__ = [
+    "MAX_STARTS",
+    "InstanceStart",
+    "ProcessStart",
+    "StartHistory",
+    "read_start_history",
+    "starts_path",
+]
 
 log = structlog.get_logger("webjobsd.starts")
 
@@ -91,13 +98,13 @@ class ProcessStart:
             raise ValueError("pid is not a number")
         if code is not None and not isinstance(code, int):
             raise ValueError("exit_code is not a number")
-        if ended is not None and ended not in _ENDINGS:
+        if ended is not None and (not isinstance(ended, str) or ended not in _ENDINGS):
             raise ValueError(f"unknown ending {ended!r}")
         return cls(
             pid=pid,
             start_time=parse_kudu_datetime(start_text),
             end_time=parse_kudu_datetime(end_text) if end_text is not None else None,
-            ended=ended,
+            ended=cast(Ending | None, ended),
             exit_code=code,
         )
 
@@ -118,23 +125,46 @@ def _load(path: Path) -> list[ProcessStart]:
         if not isinstance(document, dict) or not isinstance(document.get("starts"), list):
             raise ValueError('no "starts" list')
         return [ProcessStart.from_json(entry) for entry in document["starts"]]
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         log.warning("start history is malformed; starting afresh", file=str(path), error=str(error))
         return []
 
 
-def read_start_history(data_dir: Path) -> list[tuple[str, ProcessStart]]:
-    """Every instance's starts of one job, as (instance id, start), oldest first (blocking)."""
+@dataclass(frozen=True, slots=True)
+class InstanceStart:
+    instance_id: str
+    start: ProcessStart
+    # It followed an end its job was not asked for (`unexpected_end`) on the same instance.
+    restart: bool
+
+
+def read_start_history(
+    data_dir: Path, is_live: Callable[[str], bool] | None = None
+) -> list[InstanceStart]:
+    """Every instance's starts of one job, oldest first (blocking).
+
+    `restart` is decided per instance in the order of its file, before the instances are merged
+    by start time: a clock stepped back must not pair a start with another's end. With
+    `is_live`, a start still open on an instance that is gone reads as `lost`: no daemon of
+    that instance is left to close it.
+    """
     try:
         names = os.listdir(data_dir)
     except OSError:
         return []
-    merged: list[tuple[str, ProcessStart]] = []
+    merged: list[InstanceStart] = []
     for name in sorted(names):
-        if name.startswith(STARTS_FILE_PREFIX) and name.endswith(".json"):
-            instance = name[len(STARTS_FILE_PREFIX) : -len(".json")]
-            merged.extend((instance, entry) for entry in _load(data_dir / name))
-    merged.sort(key=lambda item: item[1].start_time)
+        if not (name.startswith(STARTS_FILE_PREFIX) and name.endswith(".json")):
+            continue
+        instance = name[len(STARTS_FILE_PREFIX) : -len(".json")]
+        entries = _load(data_dir / name)
+        if is_live is not None and entries and entries[-1].ended is None and not is_live(instance):
+            entries[-1] = replace(entries[-1], ended="lost")
+        previous_unexpected = False
+        for entry in entries:
+            merged.append(InstanceStart(instance, entry, previous_unexpected))
+            previous_unexpected = entry.unexpected_end
+    merged.sort(key=lambda item: item.start.start_time)
     return merged
 
 

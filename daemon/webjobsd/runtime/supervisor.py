@@ -409,12 +409,14 @@ class ContinuousUnit:
         code = process.returncode
         uptime = time.monotonic() - process.started_monotonic
         self.process = None
-        self._forget_process()
+        # The end goes on record before anything that may raise.
         if code is None or self._stopped_by_us:
             self._starts.ended("stopped", code)
+            self._forget_process()
             self._stopped_by_us = False
             return
         self._starts.ended("exited", code)
+        self._forget_process()
         # It exited on its own, maybe at the same moment as a change arrived: say so either way.
         self._report_exit(code)
         if self._target is target and not self._forced:

@@ -16,7 +16,9 @@ Decisions:
   later subscription must not silently erase the evidence.
 
 Blocking file I/O: call the methods of `HookStore` from a worker thread. A threading lock makes
-each read-modify-write atomic within the daemon.
+each read-modify-write atomic within the daemon. Writers take the file lock *before* the
+threading lock: a reader on the event loop (`subscribed`) takes only the threading lock, and
+must never wait behind another daemon's write.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ class HookStore:
 
     def add(self, request: HookRequest) -> tuple[WebHook, bool]:
         """(hook, created): an existing hook for the same URL and event is returned as is."""
-        with self._lock, serialized(self.path):
+        with serialized(self.path), self._lock:
             hooks = self._load()
             existing = next((h for h in hooks if h.url.lower() == request.url.lower()), None)
             if existing is not None:
@@ -194,7 +196,7 @@ class HookStore:
             return hook, True
 
     def remove(self, hook_id: str) -> WebHook | None:
-        with self._lock, serialized(self.path):
+        with serialized(self.path), self._lock:
             hooks = self._load()
             found = next((h for h in hooks if h.id == hook_id), None)
             if found is not None:
@@ -203,7 +205,7 @@ class HookStore:
 
     def record(self, hook_id: str, *, status: str, reason: str | None, when: str) -> None:
         """The outcome of a delivery; nothing happens when the hook was removed meanwhile."""
-        with self._lock, serialized(self.path):
+        with serialized(self.path), self._lock:
             hooks = self._load()
             if not any(h.id == hook_id for h in hooks):
                 return

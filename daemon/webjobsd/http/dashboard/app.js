@@ -361,9 +361,11 @@ function continuousPage(name) {
     statusBox.replaceChildren(badge(job.status));
     stopButton.disabled = job.status === "Stopped";
     startButton.disabled = job.status !== "Stopped";
-    const { starts: entries, restarts } = await getJson(`${base}/starts`);
+    const { starts: entries, restarts, instance_id: here } = await getJson(`${base}/starts`);
+    // The process of the instance that answered; another live instance's if it has none.
     const open = entries.filter((e) => e.ended === null);
-    const current = open[open.length - 1];
+    const mine = open.filter((e) => e.instance_id === here);
+    const current = (mine.length ? mine : open)[(mine.length ? mine : open).length - 1];
     const up = job.status === "Running" && current
       ? formatSeconds((Date.now() - Date.parse(current.start_time)) / 1000) : "—";
     stats.replaceChildren(stat("Uptime", up, "stat-uptime"),
