@@ -203,7 +203,8 @@ def test_blocks_render_like_the_reference(tmp_path: Path) -> None:
         for batch in batches:
             writer.console_block(LogLevel.INFO, b"".join(line + b"\n" for line in batch))
         writer.console_block(LogLevel.INFO, b"")
-    assert log.read_bytes() == b"".join(map(reference_render, batches))
+        writer.console_block(LogLevel.INFO, b"no LF at the end")
+    assert log.read_bytes() == b"".join(map(reference_render, [*batches, [b"no LF at the end"]]))
 
 
 def test_edge_cases_render_like_the_reference(tmp_path: Path) -> None:

@@ -283,6 +283,8 @@ class JobLogWriter:
 
     def console_block(self, level: LogLevel, block: bytes) -> None:
         """The job's output as `LineSplitter.feed_block` gives it (complete lines), one write."""
+        if block and not block.endswith(b"\n"):
+            block += b"\n"  # the last line is a line too, not something to lose
         if block:
             self._append(_render_block(self._prefix(level, system=False), block), console=True)
 

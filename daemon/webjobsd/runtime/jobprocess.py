@@ -13,15 +13,14 @@ the child's stdout and stderr are closed, so a job whose background child keeps 
 would look alive forever after it exited. The exit is taken from `process_exited()` instead, and
 the pipes are drained with a deadline. The protocol also hands each chunk read from a pipe
 straight to its `OutputCapture` (no StreamReader and no reading task in between: every byte of
-output is copied once by the read, and a chunk costs no extra loop turn), and the pipes get
-`PIPE_BYTES` of buffer, so a job that writes fast blocks less often and each read takes more.
+output is copied once by the read, and a chunk costs one loop turn less), and a pipe that
+carries a lot is enlarged (`pipesize`), so a job that writes fast blocks less often and each
+read takes more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 import structlog
 
 from webjobsd.records.joblog import OutputCapture
-from webjobsd.runtime import proctree
+from webjobsd.runtime import pipesize, proctree
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 from webjobsd.runtime.runas import RunAs
 
@@ -41,14 +40,11 @@ log = structlog.get_logger("webjobsd.process")
 # How long pipes may stay open after the leader exited (a descendant holding them) before
 # capture gives up on them.
 _DRAIN_AFTER_EXIT_S = 1.0
+# Pipes still open this long after the leftovers were killed: kill again (and at the deadline).
+_SECOND_LOOK_S = 0.1
 _TREE_POLL_S = 0.05
 # proctree's scan is a snapshot: a member may fork between the scan and the signal.
 _KILL_ROUNDS = 10
-# The capacity asked for each output pipe (F_SETPIPE_SZ; 64 KiB by default). Linux caps it at
-# /proc/sys/fs/pipe-max-size (1 MiB by default) and, for an unprivileged daemon with many
-# pipes, at its pipe-user-pages limits: then the pipe keeps its default, which only costs speed.
-PIPE_BYTES = 1024 * 1024
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 # Complete lines of output as one block of bytes (`LineSplitter.feed_block`).
 BlockCallback = Callable[[bytes], None]
@@ -75,21 +71,25 @@ class _JobProtocol(asyncio.SubprocessProtocol):
         self.pipes_done: dict[int, asyncio.Future[None]] = {
             fd: loop.create_future() for fd in captures
         }
+        # Bytes each pipe carried until it was enlarged (or could not be); see `pipesize`.
+        self._carried = dict.fromkeys(captures, 0)
+        self._enlarged: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.SubprocessTransport)
         self._transport = transport
-        for fd in self._captures:
-            pipe = transport.get_pipe_transport(fd)
-            if pipe is None:
-                continue
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe.get_extra_info("pipe").fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
         capture = self._captures.get(fd)
         if capture is None:
             return
+        carried = self._carried.get(fd)
+        if carried is not None:
+            carried += len(data)
+            self._carried[fd] = carried
+            if carried >= pipesize.ENLARGE_AFTER_BYTES:
+                del self._carried[fd]  # one try per pipe
+                self._enlarge(fd)
         try:
             capture.feed(bytes(data))
         except Exception:
@@ -97,7 +97,15 @@ class _JobProtocol(asyncio.SubprocessProtocol):
             # block on a full pipe. The writer already counts and reports its own I/O errors.
             log.exception("output capture failed", fd=fd)
 
+    def _enlarge(self, fd: int) -> None:
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if pipe is not None and pipesize.budget().enlarge(pipe.get_extra_info("pipe").fileno()):
+            self._enlarged.add(fd)
+
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self._enlarged:
+            self._enlarged.discard(fd)
+            pipesize.budget().give_back()
         capture = self._captures.get(fd)
         if capture is not None:
             try:
@@ -218,8 +226,16 @@ class JobProcess:
         code = await self._protocol.exited
         # The job is over: anything of its tree still running is an orphan-to-be.
         await asyncio.to_thread(self._kill_all)
-        pipes = list(self._protocol.pipes_done.values())
-        _, pending = await asyncio.wait(pipes, timeout=_DRAIN_AFTER_EXIT_S)
+        pending = set(self._protocol.pipes_done.values())
+        for wait_s in (_SECOND_LOOK_S, _DRAIN_AFTER_EXIT_S - _SECOND_LOOK_S):
+            _, pending = await asyncio.wait(pending, timeout=wait_s)
+            if not pending:
+                break
+            # Something still holds the output. A scan can miss a descendant caught between
+            # fork and exec (its environ reads empty for that instant): look again.
+            await asyncio.to_thread(self._kill_all)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=_SECOND_LOOK_S)
         if pending:
             self._protocol.close_pipes()
             await asyncio.wait(pending)
