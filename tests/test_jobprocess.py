@@ -136,10 +136,11 @@ async def test_a_descendant_missed_by_the_first_scan_is_ended_by_the_next(
         "while [ ! -s hidden ]; do sleep 0.005; done\n"
     )
     process, _out, _err = await spawn(tmp_path, ["bash", "-c", script])
-    hidden = int((tmp_path / "hidden").read_text()) if (tmp_path / "hidden").exists() else None
+    hidden_file = tmp_path / "hidden"
+    hidden: int | None = None
     try:
         assert await process.wait() == 0
-        hidden = int((tmp_path / "hidden").read_text())
+        hidden = int(hidden_file.read_text())  # written before the leader exited
         await wait_for(
             lambda: (
                 not psutil.pid_exists(hidden)
@@ -149,6 +150,8 @@ async def test_a_descendant_missed_by_the_first_scan_is_ended_by_the_next(
             what="the hidden descendant ended",
         )
     finally:
+        if hidden is None and hidden_file.exists():
+            hidden = int(hidden_file.read_text() or 0) or None
         if hidden is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hidden, signal.SIGKILL)

@@ -39,8 +39,7 @@ def drop(h: Harness) -> list[Result]:
     try:
         values = h.alternate(sample)
     finally:
-        for system in opened.values():
-            h.close(system)
+        h.close_all()
     limit = h.debounce_s * 1000 + 100
     notes = [
         f"debounce (quiet period) {h.debounce_s * 1000:.0f} ms; target = debounce + 100 ms",
@@ -69,8 +68,7 @@ def restart(h: Harness) -> list[Result]:
     try:
         values = h.alternate(sample)
     finally:
-        for system in opened.values():
-            h.close(system)
+        h.close_all()
     notes = [
         "restart delay 0: webjobsd WEBJOBS_RESTART_TIME=0; supervisord autorestart=true, "
         "startsecs=0; pm2 autorestart, restart_delay 0, max_restarts 1e6"
@@ -121,8 +119,7 @@ def run(h: Harness) -> list[Result]:
     try:
         values = h.alternate(sample)
     finally:
-        for system in opened.values():
-            h.close(system)
+        h.close_all()
     notes = [
         "webjobsd: POST /api/triggeredwebjobs/trig/run (HTTP, no auth); supervisord: "
         "startProcess of an autostart=false program over XML-RPC (= `supervisorctl start`); "

@@ -123,6 +123,19 @@ def test_binary_garbage_is_written_as_one_line_of_text_each(tmp_path: Path) -> N
     assert lines[5].endswith(": ERR ] single\ufffdwith LF\ufffd\ufffdand CRLF")
 
 
+def lines_of(block: bytes) -> list[bytes]:
+    """The lines of a block from `LineSplitter` (each ends with LF)."""
+    return block.split(b"\n")[:-1]
+
+
+def feed(splitter: LineSplitter, chunk: bytes) -> list[bytes]:
+    return lines_of(splitter.feed_block(chunk))
+
+
+def flush(splitter: LineSplitter) -> list[bytes]:
+    return lines_of(splitter.flush_block())
+
+
 # -- rendering against a reference ----------------------------------------------------------
 
 PREFIX = b"[02/10/2017 16:10:43 > af2b06: INFO] "
@@ -238,9 +251,9 @@ def test_lines_cut_at_max_line_bytes_render_like_the_reference(tmp_path: Path) -
         splitter = LineSplitter(rng.randrange(1, 8))
         start = 0
         for end in sorted(rng.sample(range(len(data) + 1), k=min(len(data) + 1, 4))):
-            batches.append(splitter.feed(data[start:end]))
+            batches.append(feed(splitter, data[start:end]))
             start = end
-        batches += [splitter.feed(data[start:]), splitter.flush()]
+        batches += [feed(splitter, data[start:]), flush(splitter)]
     batches = [batch for batch in batches if batch]
 
     assert written(tmp_path / "log.txt", batches) == b"".join(map(reference_render, batches))
@@ -486,8 +499,8 @@ def split_all(data: bytes, cuts: list[int], max_line_bytes: int = MiB) -> list[b
     lines: list[bytes] = []
     bounds = [0, *cuts, len(data)]
     for start, end in itertools.pairwise(bounds):
-        lines += splitter.feed(data[start:end])
-    return lines + splitter.flush()
+        lines += feed(splitter, data[start:end])
+    return lines + flush(splitter)
 
 
 def reference_split(data: bytes, max_line_bytes: int) -> list[bytes]:
@@ -512,10 +525,10 @@ def test_every_chunk_boundary_gives_the_same_lines() -> None:
 
 def test_crlf_split_across_chunks_leaves_no_cr() -> None:
     splitter = LineSplitter()
-    assert splitter.feed(b"hello\r") == []
-    assert splitter.feed(b"\nworld\r") == [b"hello"]
-    assert splitter.flush() == [b"world"]
-    assert splitter.flush() == []
+    assert feed(splitter, b"hello\r") == []
+    assert feed(splitter, b"\nworld\r") == [b"hello"]
+    assert flush(splitter) == [b"world"]
+    assert flush(splitter) == []
 
 
 def test_random_chunking_matches_reference_with_small_max() -> None:
@@ -548,9 +561,9 @@ def test_splitter_memory_stays_bounded_without_newlines() -> None:
     splitter = LineSplitter(1000)
     emitted = 0
     for _ in range(100):
-        emitted += sum(map(len, splitter.feed(b"x" * 777)))
+        emitted += sum(map(len, feed(splitter, b"x" * 777)))
         assert len(splitter._partial) <= 1001
-    assert emitted + sum(map(len, splitter.flush())) == 77700
+    assert emitted + sum(map(len, flush(splitter))) == 77700
 
 
 def test_writer_renders_a_flood_in_few_writes(tmp_path: Path) -> None:
@@ -569,7 +582,7 @@ def test_writer_renders_a_flood_in_few_writes(tmp_path: Path) -> None:
         log, opener=lambda path: CountingFile(path, "ab"), max_bytes=1 << 40
     ) as writer:
         for start in range(0, len(data), 65536):
-            writer.console_lines(LogLevel.INFO, splitter.feed(data[start : start + 65536]))
+            writer.console_lines(LogLevel.INFO, feed(splitter, data[start : start + 65536]))
 
     assert len(writes) <= len(data) // 65536 + 1
     lines = read_lines(log)
@@ -631,7 +644,7 @@ async def test_capture_from_a_real_subprocess() -> None:
 
     # Every block is whole lines: ending in LF, and split back exactly into the lines.
     assert all(batch.endswith(b"\n") for batch in batches)
-    lines = b"".join(batches).split(b"\n")[:-1]
+    lines = lines_of(b"".join(batches))
     assert code == 0
     assert errors == [b"err line\n"]
     assert lines[:1000] == [b"line %d" % n for n in range(1000)]

@@ -20,6 +20,7 @@ the catch-up and missed-run rules of the scheduler.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,18 +28,26 @@ from aiohttp import web
 from webjobsd.http.context import CONTEXT
 from webjobsd.model import JobKind
 from webjobsd.records.runstore import format_kudu_datetime
-from webjobsd.runtime.cron import CronError, CronSchedule, UnknownTimeZoneError, resolve_timezone
+from webjobsd.runtime.cron import CronError, CronSchedule, resolve_timezone
 from webjobsd.runtime.cronwords import describe
 from webjobsd.runtime.scheduler import JobSchedule
 
 
-def _zone_name(value: str | None) -> tuple[str | None, str | None]:
-    """(zone name, error) for a `WEBSITE_TIME_ZONE` value."""
-    try:
-        tz = resolve_timezone(value)
-    except (UnknownTimeZoneError, ValueError) as error:
-        return None, str(error)
-    return getattr(tz, "key", None) or str(tz), None
+@dataclass(frozen=True, slots=True)
+class SiteZone:
+    """The site's `WEBSITE_TIME_ZONE`, resolved once per request."""
+
+    setting: str | None
+    name: str | None
+    error: str | None
+
+    @classmethod
+    def resolve(cls, setting: str | None) -> SiteZone:
+        try:
+            tz = resolve_timezone(setting)
+        except ValueError as error:  # UnknownTimeZoneError among others
+            return cls(setting, None, str(error))
+        return cls(setting, getattr(tz, "key", None) or str(tz), None)
 
 
 def schedule_entry(
@@ -47,7 +56,7 @@ def schedule_entry(
     registered: JobSchedule | None,
     *,
     disabled: bool,
-    time_zone_setting: str | None,
+    zone: SiteZone,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": name,
@@ -64,14 +73,14 @@ def schedule_entry(
         entry.update(status="invalid", error=str(error))
         return entry
     entry["description"] = describe(parsed)
-    entry["time_zone"], zone_error = _zone_name(time_zone_setting)
-    if zone_error is not None:
-        entry.update(status="invalid", error=zone_error)
+    entry["time_zone"] = zone.name
+    if zone.error is not None:
+        entry.update(status="invalid", error=zone.error)
     elif disabled:
         entry["status"] = "disabled"
     elif registered is not None and (registered.expression, registered.time_zone) == (
         expression,
-        time_zone_setting,
+        zone.setting,
     ):
         if registered.due_at is not None:
             entry.update(status="scheduled", next_run=format_kudu_datetime(registered.due_at))
@@ -84,14 +93,14 @@ async def list_schedules(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     registered: Mapping[str, JobSchedule] = ctx.schedules() if ctx.schedules else {}
     disabled = ctx.app_settings.flag("WEBJOBS_DISABLE_SCHEDULE")
-    zone = ctx.app_settings.get("WEBSITE_TIME_ZONE")
+    zone = SiteZone.resolve(ctx.app_settings.get("WEBSITE_TIME_ZONE"))
     entries = [
         schedule_entry(
             key.name,
             spec.settings.schedule,
             registered.get(key.name),
             disabled=disabled,
-            time_zone_setting=zone,
+            zone=zone,
         )
         for key, spec in sorted(ctx.specs().items(), key=lambda item: item[0].name)
         if key.kind is JobKind.TRIGGERED and isinstance(spec.settings.schedule, str)

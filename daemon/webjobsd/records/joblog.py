@@ -468,14 +468,6 @@ class LineSplitter:
         self._max = max_line_bytes
         self._partial = bytearray()
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """The complete lines the chunk ends, as a list (`feed_block` without the block)."""
-        return _lines_of(self.feed_block(chunk))
-
-    def flush(self) -> list[bytes]:
-        """The unterminated rest at EOF (nothing if it is empty or only a CR)."""
-        return _lines_of(self.flush_block())
-
     def feed_block(self, chunk: bytes) -> bytes:
         """The complete lines the chunk ends, as one block: each line ends with LF, CR-LF is
         LF, no line is longer than `max_line_bytes`. Empty when no line ended."""
@@ -496,7 +488,7 @@ class LineSplitter:
         return block + self._drain_partial() if len(self._partial) > self._max else block
 
     def flush_block(self) -> bytes:
-        """`flush` as a block."""
+        """The unterminated rest at EOF as a block (empty if it is empty or only a CR)."""
         rest, self._partial = bytes(self._partial), bytearray()
         if rest.endswith(b"\r"):
             rest = rest[:-1]
@@ -526,12 +518,6 @@ class LineSplitter:
             pieces.append(b"\n")
             del partial[: self._max]
         return b"".join(pieces)
-
-
-def _lines_of(block: bytes) -> list[bytes]:
-    lines = block.split(b"\n")
-    lines.pop()  # the empty string after the final LF
-    return lines
 
 
 class OutputCapture:

@@ -365,7 +365,8 @@ function continuousPage(name) {
     // The process of the instance that answered; another live instance's if it has none.
     const open = entries.filter((e) => e.ended === null);
     const mine = open.filter((e) => e.instance_id === here);
-    const current = (mine.length ? mine : open)[(mine.length ? mine : open).length - 1];
+    const candidates = mine.length ? mine : open;
+    const current = candidates[candidates.length - 1];
     const up = job.status === "Running" && current
       ? formatSeconds((Date.now() - Date.parse(current.start_time)) / 1000) : "—";
     stats.replaceChildren(stat("Uptime", up, "stat-uptime"),
