@@ -491,6 +491,33 @@ async def test_zip_put_adds_and_overwrites_without_clearing(env: Env) -> None:
     assert status == 400 and "packageUri" in message
 
 
+async def test_zip_put_ignores_the_content_type_like_kudu(env: Env) -> None:
+    """The GitHub deploy action's library (azure-actions-appservice-rest, Kudu.extractZIP)
+    sends its zip labelled `application/json; charset=utf-8`: the body is what counts."""
+    json_label = {"Content-Type": "application/json; charset=utf-8"}
+    archive = make_zip({"App_Data/jobs/triggered/deployed/run.sh": b"echo deployed\n"})
+    status, headers, body = await request(
+        env, "PUT", "/api/zip/site/wwwroot/", data=archive, headers=json_label
+    )
+    assert (status, body) == (200, b""), body
+    deployed = env.site / "site" / "wwwroot" / "App_Data" / "jobs" / "triggered" / "deployed"
+    assert (deployed / "run.sh").read_bytes() == b"echo deployed\n"
+
+    # Not a zip, whatever the label: still a 400 with a JSON message, and nothing written.
+    for body_bytes, hint in (
+        (b'{"packageUri": "https://example.invalid/a.zip"}', True),
+        (b"plain text, not a zip", False),
+    ):
+        for label in (json_label, {"Content-Type": "application/zip"}):
+            status, message = await json_error(
+                env, "PUT", "/api/zip/other/", data=body_bytes, headers=label
+            )
+            assert status == 400 and message.startswith("Not a valid zip archive."), message
+            assert ("packageUri" in message) == hint, message
+    assert not (env.site / "other").exists()
+    assert env.temp_leftovers() == []
+
+
 async def test_zip_put_conflicts_with_destination_move_nothing(env: Env) -> None:
     folder = env.site / "job"
     folder.mkdir()

@@ -52,7 +52,10 @@ Behaviour follows Kudu's `VfsControllerBase`, `VfsController` and `ZipController
   into place: whole new subtrees by one rename, files one by one by rename (copy to a `.tmp`
   name and rename when `temp_dir` is on another filesystem). A missing destination is created
   only when the path ends with `/` (Kudu: 404 otherwise). 200 with an empty body, as Kudu.
-  Kudu's JSON `packageUri` form is refused (400): the daemon does not fetch URLs.
+  The body is a zip whatever its `Content-Type` says, as in Kudu's zip route: the GitHub deploy
+  action's library sends its zip as `application/json; charset=utf-8`. A body that is not a
+  zip is a 400; one that looks like JSON (Kudu's `packageUri` form: the daemon does not fetch
+  URLs) says so in the message.
 
 Containment: every path goes through `safe_child` (resolve, compare with the real root). Opened
 files and folders are checked again through `/proc/self/fd`, and writes and deletes happen
@@ -98,6 +101,8 @@ from webjobsd.http.errors import ApiError, conflict, not_found
 from webjobsd.http.limits import UploadLimits
 from webjobsd.http.uploads import (
     CHUNK_SIZE,
+    NOT_A_ZIP,
+    UnsafeArchive,
     extract_zip,
     fd_path,
     is_within,
@@ -117,6 +122,9 @@ MISSING_IF_MATCH = (
 )
 CANNOT_DELETE_DIRECTORY = (
     "Cannot delete directory. It is either not empty or access is not allowed."
+)
+PACKAGE_URI_REFUSED = (
+    "A packageUri body is not supported: send the zip itself as the request body."
 )
 
 DIRECTORY_MIME = "inode/directory"
@@ -510,11 +518,6 @@ class _FileApi:
 
     async def zip_put(self, request: web.Request) -> web.StreamResponse:
         target = self.target(request)
-        if request.content_type == "application/json":
-            raise ApiError(
-                400,
-                "A packageUri body is not supported: send the zip itself as the request body.",
-            )
         st = await asyncio.to_thread(_stat, target.path)
         if st is None and not target.slash:
             raise not_found(
@@ -530,7 +533,12 @@ class _FileApi:
             await receive_to_file(request, archive, self.limits.max_upload_bytes)
             staging = work / "content"
             staging.mkdir()
-            await _in_thread(extract_zip, archive, staging, self.limits)
+            try:
+                await _in_thread(extract_zip, archive, staging, self.limits)
+            except UnsafeArchive as error:
+                if error.message == NOT_A_ZIP and await _in_thread(_looks_like_json, archive):
+                    raise ApiError(400, f"{NOT_A_ZIP} {PACKAGE_URI_REFUSED}") from error
+                raise
             await asyncio.to_thread(self.make_folders, target.path, target)
             merging = True
             await _in_thread(self.merge, staging, target)
@@ -587,6 +595,12 @@ def _attachment(filename: str) -> str:
     if ascii_name != filename:
         value += f"; filename*=UTF-8''{quote(filename, safe='')}"
     return value
+
+
+def _looks_like_json(archive: Path) -> bool:
+    """A body starting with `{`: Kudu's JSON `packageUri` form, worth a hint in the refusal."""
+    with open(archive, "rb") as handle:
+        return handle.read(64).lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"{")
 
 
 def _origin(request: web.Request) -> str:
