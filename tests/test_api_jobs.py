@@ -80,7 +80,13 @@ async def test_lists_and_jobs_in_kudu_shape_with_etags(site: Site) -> None:
         assert continuous["log_url"] == f"{base}/vfs/data/jobs/continuous/worker/job_log.txt"
         assert continuous["run_command"] == continuous["runCommand"] == "run.sh"
         assert continuous["url"] == f"{base}/api/continuouswebjobs/worker"
-        assert continuous["extra_info_url"] == f"{base}/azurejobs/#/jobs/continuous/worker"
+        assert continuous["extra_info_url"] == f"{base}/dashboard/#/job/continuous/worker"
+        assert triggered["extra_info_url"] == f"{base}/dashboard/#/job/triggered/report"
+        for job in jobs:
+            page, fragment = job["extra_info_url"].split("#", 1)
+            async with session.get(page) as response:
+                assert response.status == 200 and response.content_type == "text/html"
+            assert fragment == f"/job/{job['type']}/{job['name']}"
         assert continuous["using_sdk"] is False
         assert continuous["settings"] == {}
         assert continuous["error"] is None

@@ -496,7 +496,7 @@ async def test_zip_put_ignores_the_content_type_like_kudu(env: Env) -> None:
     sends its zip labelled `application/json; charset=utf-8`: the body is what counts."""
     json_label = {"Content-Type": "application/json; charset=utf-8"}
     archive = make_zip({"App_Data/jobs/triggered/deployed/run.sh": b"echo deployed\n"})
-    status, headers, body = await request(
+    status, _, body = await request(
         env, "PUT", "/api/zip/site/wwwroot/", data=archive, headers=json_label
     )
     assert (status, body) == (200, b""), body

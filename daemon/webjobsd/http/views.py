@@ -71,6 +71,12 @@ def vfs_url(base: str, relative: str) -> str:
     return f"{base}/vfs/{relative}"
 
 
+def dashboard_job_url(base: str, kind: JobKind, name: str) -> str:
+    """The job's page in our dashboard, the `#/job/{type}/{name}` route of its app.js (Kudu's
+    `/azurejobs/#/jobs/...` page does not exist here). Job names need no escaping."""
+    return f"{base}/dashboard/#/job/{kind.value}/{name}"
+
+
 def common_fields(base: str, spec: JobSpec, using_sdk: bool) -> dict[str, Any]:
     kind, name = spec.key.kind, spec.key.name
     return {
@@ -78,7 +84,7 @@ def common_fields(base: str, spec: JobSpec, using_sdk: bool) -> dict[str, Any]:
         "run_command": spec.command.run_command,
         "runCommand": spec.command.run_command,
         "url": job_url(base, kind, name),
-        "extra_info_url": f"{base}/azurejobs/#/jobs/{kind.value}/{name}",
+        "extra_info_url": dashboard_job_url(base, kind, name),
         "type": kind.value,
         "error": None,
         "using_sdk": using_sdk,
