@@ -168,6 +168,26 @@ async def test_file_put_get_head_and_conditions(env: Env) -> None:
     assert status == 404 and "missing.txt" in message and "not found" in message
 
 
+async def test_range_numbers_longer_than_int_accepts(env: Env) -> None:
+    """Numbers past Python's 4,300-digit conversion limit were a 500: now they read as larger
+    than any file, so HTTP's rules answer (RFC 9110 §14.1.2: an end past the file is its end, a
+    start past it is unsatisfiable)."""
+    (env.site / "six.txt").write_bytes(b"hello\n")
+    huge = "9" * 5000
+    for prefix in ("/api/vfs", "/vfs"):
+        url = f"{prefix}/six.txt"
+        for asked, expected in (
+            (f"bytes=1-{huge}", b"ello\n"),
+            (f"bytes=-{huge}", b"hello\n"),
+            (f"bytes={'0' * 5000}2-3", b"ll"),
+        ):
+            status, headers, body = await request(env, "GET", url, headers={"Range": asked})
+            assert (status, body) == (206, expected), asked[:20]
+        status, headers, body = await request(env, "GET", url, headers={"Range": f"bytes={huge}-"})
+        assert status == 416 and headers["Content-Range"] == "bytes */6", body
+        assert b"message" in body
+
+
 async def test_unknown_type_is_octet_stream_and_gz_is_not_negotiated(env: Env) -> None:
     (env.site / "data.bin").write_bytes(b"\x00\x01")
     (env.site / "log.txt").write_text("plain")

@@ -224,6 +224,10 @@ async def test_follow_false_and_tail_send_the_backlog_then_end(site: Site) -> No
         assert events[-1].json() == {"reason": "caught up", "status": None}
 
 
+HUGE = "9" * 5000
+RUN = "202601010000000000"
+
+
 async def test_errors_are_json_and_credentials_are_required(site: Site) -> None:
     site.write_job("continuous", "worker", {"run.sh": "while true; do sleep 0.2; done\n"})
     site.write_job("triggered", "report", {"run.sh": "echo hi\n"})
@@ -236,11 +240,19 @@ async def test_errors_are_json_and_credentials_are_required(site: Site) -> None:
             ("/api/continuouswebjobs/worker/logstream", {"Last-Event-ID": "x"}, 400),
             ("/api/continuouswebjobs/worker/logstream?tail=-1", {}, 400),
             ("/api/continuouswebjobs/worker/logstream?follow=maybe", {}, 400),
+            # Past Python's 4,300-digit int conversion limit (a 500 before): each number a
+            # stream reads, on both kinds of stream.
+            (f"/api/continuouswebjobs/worker/logstream?tail={HUGE}", {}, 400),
+            (f"/api/continuouswebjobs/worker/logstream?offset={HUGE}", {}, 400),
+            ("/api/continuouswebjobs/worker/logstream", {"Last-Event-ID": HUGE}, 400),
+            (f"/api/continuouswebjobs/worker/logstream?tail={'0' * 5000}1x", {}, 400),
+            (f"/api/triggeredwebjobs/report/history/{RUN}/logstream?tail={HUGE}", {}, 400),
+            (f"/api/triggeredwebjobs/report/history/{RUN}/logstream?offset={HUGE}", {}, 400),
         ]
         for path, headers, status in cases:
             async with session.get(base + path, headers=headers) as response:
-                assert response.status == status, path
-                assert set(await response.json()) == {"message"}, path
+                assert response.status == status, path[:100]
+                assert set(await response.json()) == {"message"}, path[:100]
         async with (
             aiohttp.ClientSession() as anonymous,
             anonymous.get(f"{base}/api/continuouswebjobs/worker/logstream") as response,

@@ -99,6 +99,7 @@ from aiohttp import hdrs, web
 
 from webjobsd.http.errors import ApiError, conflict, not_found
 from webjobsd.http.limits import UploadLimits
+from webjobsd.http.numbers import whole_number
 from webjobsd.http.uploads import (
     CHUNK_SIZE,
     NOT_A_ZIP,
@@ -129,7 +130,7 @@ PACKAGE_URI_REFUSED = (
 
 DIRECTORY_MIME = "inode/directory"
 DEFAULT_MIME = "application/octet-stream"
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.ASCII)
 _TRAILING_SLASHES = re.compile(r"(?:/|%2[fF])+$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -647,8 +648,10 @@ def _wanted_range(
     match = _RANGE.match(header.strip())
     if match is None or (not match.group(1) and not match.group(2)):
         return None
-    first = int(match.group(1)) if match.group(1) else None
-    last = int(match.group(2)) if match.group(2) else None
+    # A number too long for int() reads as larger than any file: a start there is a 416, an
+    # end there is the end of the file, as for any other value past the end.
+    first = whole_number(match.group(1)) if match.group(1) else None
+    last = whole_number(match.group(2)) if match.group(2) else None
     if first is not None and last is not None and last < first:
         return None
     return first, last

@@ -45,6 +45,7 @@ from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, base_url
 from webjobsd.http.errors import bad_request, not_found
+from webjobsd.http.numbers import TOO_LARGE, whole_number
 from webjobsd.http.readmodel import JOB_LISTS
 from webjobsd.model import JobKey, JobKind, RunStatus, is_valid_job_name
 from webjobsd.records.logtail import Chunk, ChunkKind, LogTail, LogWakeups, Start
@@ -83,10 +84,10 @@ def _name(request: web.Request) -> str:
 
 
 def _byte_offset(value: str, what: str) -> int:
-    value = value.strip()
-    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+    offset = whole_number(value)
+    if offset is None or offset >= TOO_LARGE:
         raise bad_request(f"{what} must be a byte offset (a non-negative integer).")
-    return int(value)
+    return offset
 
 
 def _start(request: web.Request, default: Start) -> Start:
@@ -96,10 +97,10 @@ def _start(request: web.Request, default: Start) -> Start:
     if "offset" in request.query:
         return Start(offset=_byte_offset(request.query["offset"], "offset"))
     if "tail" in request.query:
-        raw = request.query["tail"].strip()
-        if not (raw.isascii() and raw.isdigit() and int(raw) <= MAX_TAIL_LINES):
+        lines = whole_number(request.query["tail"])
+        if lines is None or lines > MAX_TAIL_LINES:
             raise bad_request(f"tail must be a number of lines from 0 to {MAX_TAIL_LINES}.")
-        return Start(lines=int(raw))
+        return Start(lines=lines)
     return default
 
 
