@@ -437,6 +437,70 @@ async def test_symlinks_leading_outside_are_refused(env: Env) -> None:
 # ZIP API
 
 
+async def test_names_that_are_not_utf8_are_listed_served_and_zipped(
+    env: Env, tmp_path: Path
+) -> None:
+    """Linux names are bytes. Listing a folder holding b"caf\xe9.txt" was a 500, and its zip a
+    200 whose body was cut: now the listing shows the name with U+FFFD and an href carrying the
+    bytes (`caf%E9.txt`) that serves that very file, and the zip stores the bytes as the name,
+    so `unzip` recreates it exactly."""
+    folder = env.site / "dir"
+    folder.mkdir()
+    raw = os.fsencode(folder)
+    files = {
+        b"caf\xe9.txt": b"latin-1 name\n",
+        b"caf%E9.txt": b"an ASCII name with a percent sign\n",  # must not be confused with it
+        b"ok.txt": b"plain\n",
+        b"d\xe8/in.txt": b"inside a non-UTF-8 folder\n",
+    }
+    # (Not \xff: Info-ZIP's unzip drops that byte from names, whatever the archive holds.)
+    os.mkdir(raw + b"/d\xe8")
+    os.mkdir(raw + b"/empty\xfe")
+    for name, data in files.items():
+        with open(raw + b"/" + name, "wb") as handle:
+            handle.write(data)
+
+    async with env.session.get(env.url("/api/vfs/dir/")) as r:
+        assert r.status == 200, await r.text()
+        listing = {entry["name"]: entry for entry in await r.json()}
+    assert sorted(listing) == ["caf%E9.txt", "caf\ufffd.txt", "d\ufffd", "empty\ufffd", "ok.txt"]
+    assert listing["caf\ufffd.txt"]["href"] == str(env.url("/api/vfs/dir/caf%E9.txt"))
+    assert listing["caf%E9.txt"]["href"] == str(env.url("/api/vfs/dir/caf%25E9.txt"))
+    assert listing["d\ufffd"]["href"] == str(env.url("/api/vfs/dir/d%E8/"))
+    assert listing["caf\ufffd.txt"]["path"] == f"{folder}/caf\ufffd.txt"
+    for shown, name in (("caf\ufffd.txt", b"caf\xe9.txt"), ("caf%E9.txt", b"caf%E9.txt")):
+        async with env.session.get(URL(str(listing[shown]["href"]), encoded=True)) as r:
+            assert r.status == 200
+            assert await r.read() == files[name]
+    async with env.session.get(URL(str(listing["d\ufffd"]["href"]), encoded=True)) as r:
+        assert r.status == 200
+        assert [entry["name"] for entry in await r.json()] == ["in.txt"]
+    # Written through the API under such a name, and a 404 naming it in valid text.
+    status, _, _ = await request(env, "PUT", "/api/vfs/dir/new%E9.txt", data=b"new")
+    assert status == 201
+    assert Path(os.fsdecode(raw + b"/new\xe9.txt")).read_bytes() == b"new"
+    status, message = await json_error(env, "GET", "/api/vfs/dir/gone%E9.txt")
+    assert status == 404 and "gone\ufffd.txt" in message
+
+    for prefix in ("/api/zip", "/zip"):
+        status, headers, body = await request(env, "GET", f"{prefix}/dir/")
+        assert status == 200 and headers["Content-Type"] == "application/zip"
+        out = tmp_path / f"unzipped{prefix.replace('/', '-')}"
+        out.mkdir()
+        (tmp_path / "dir.zip").write_bytes(body)
+        done = await asyncio.create_subprocess_exec(
+            "unzip", "-q", str(tmp_path / "dir.zip"), "-d", str(out)
+        )
+        assert await done.wait() == 0
+        got = {
+            os.fsencode(path.relative_to(out)): path.read_bytes()
+            for path in out.rglob("*")
+            if path.is_file()
+        }
+        assert got == {**files, b"new\xe9.txt": b"new"}
+        assert os.path.isdir(os.fsencode(out) + b"/empty\xfe")
+
+
 async def test_zip_get_round_trip(env: Env) -> None:
     folder = env.site / "app"
     (folder / "bin").mkdir(parents=True)

@@ -26,7 +26,8 @@ class ApiError(Exception):
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    response = web.json_response({"message": message}, status=status)
+    # clean_text: a message quoting a file name that is not UTF-8 stays valid Unicode.
+    response = web.json_response({"message": clean_text(message)}, status=status)
     response.headers.update(headers or {})
     return response
 

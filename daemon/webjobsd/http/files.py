@@ -57,6 +57,15 @@ Behaviour follows Kudu's `VfsControllerBase`, `VfsController` and `ZipController
   zip is a 400; one that looks like JSON (Kudu's `packageUri` form: the daemon does not fetch
   URLs) says so in the message.
 
+Names are bytes on Linux and need not be UTF-8. URL paths are percent-decoded here, to bytes
+(surrogate escapes in `str`, as `os.fsdecode`), so `%E9` is the byte 0xE9 and `%25E9` the text
+`%E9`. A listing shows such a name with U+FFFD in `name` and `path` and its bytes in `href`,
+which serves that file. A zip stores the name's bytes without the UTF-8 flag (what Info-ZIP's
+zip does on Linux), so `unzip` recreates the name; U+FFFD would lose it and could merge two
+names. A zip's status line is sent with its first bytes: a zip that fails before them is a
+JSON 500, one that fails later is logged and its connection broken (never a 200 that looks
+complete).
+
 Containment: every path goes through `safe_child` (resolve, compare with the real root). Opened
 files and folders are checked again through `/proc/self/fd`, and writes and deletes happen
 relative to a checked folder descriptor, so a link swapped in after the check cannot take an
@@ -92,12 +101,12 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import structlog
 from aiohttp import hdrs, web
 
-from webjobsd.http.errors import ApiError, conflict, not_found
+from webjobsd.http.errors import ApiError, clean_text, conflict, not_found
 from webjobsd.http.limits import UploadLimits
 from webjobsd.http.numbers import whole_number
 from webjobsd.http.uploads import (
@@ -124,14 +133,13 @@ MISSING_IF_MATCH = (
 CANNOT_DELETE_DIRECTORY = (
     "Cannot delete directory. It is either not empty or access is not allowed."
 )
-PACKAGE_URI_REFUSED = (
-    "A packageUri body is not supported: send the zip itself as the request body."
-)
+PACKAGE_URI_REFUSED = "A packageUri body is not supported: send the zip itself as the request body."
 
 DIRECTORY_MIME = "inode/directory"
 DEFAULT_MIME = "application/octet-stream"
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.ASCII)
 _TRAILING_SLASHES = re.compile(r"(?:/|%2[fF])+$")
+_HREF_SAFE = "!$&'()*+,;=:@~"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 # The interpreter's built-in table only (not /etc/mime.types): the same answer on every host.
@@ -200,11 +208,14 @@ class _FileApi:
     # -- helpers ---------------------------------------------------------------------------
 
     def target(self, request: web.Request) -> _Target:
-        # aiohttp decodes the whole path for match_info, `%2F` included; safe_child splits on
-        # "/" afterwards, so a decoded "..%2F.." is caught like a literal one.
-        relative = request.match_info.get("path")
-        if relative is None:  # "/api/vfs" without the slash: the root, asked for as a file
+        if request.match_info.get("path") is None:
+            # "/api/vfs" without the slash: the root, asked for as a file
             return _Target("", self.root, False)
+        # Decoded here rather than by aiohttp, which leaves `%E9` (not UTF-8) as three
+        # characters: bytes become the name's bytes (surrogate escapes, as os.fsdecode), so
+        # the href of a listed non-UTF-8 name leads back to that file. `%2F` decodes to `/`
+        # too; safe_child splits on "/" afterwards, so "..%2F.." is caught like a literal one.
+        relative = os.fsdecode(unquote_to_bytes(_raw_relative(request)))
         path = safe_child(self.root, relative)
         return _Target(relative, path, relative == "" or relative.endswith("/"))
 
@@ -264,16 +275,18 @@ class _FileApi:
             except OSError:
                 continue  # vanished while listing
             is_dir = stat.S_ISDIR(st.st_mode)
-            href_name = quote(item.name, safe="!$&'()*+,;=:@~") + ("/" if is_dir else "")
+            # The href carries the name's bytes (`caf%E9.txt` for b"caf\xe9.txt"); `name` and
+            # `path` are text, with U+FFFD where a byte is not UTF-8.
+            href_name = quote(os.fsencode(item.name), safe=_HREF_SAFE) + ("/" if is_dir else "")
             entries.append(
                 {
-                    "name": item.name,
+                    "name": clean_text(item.name),
                     "size": 0 if is_dir else st.st_size,
                     "mtime": kudu_time(st.st_mtime_ns),
                     "crtime": kudu_time(min(st.st_ctime_ns, st.st_mtime_ns)),
                     "mime": DIRECTORY_MIME if is_dir else mime_type(item.name),
                     "href": base + href_name + suffix,
-                    "path": str(folder / item.name),
+                    "path": clean_text(str(folder / item.name)),
                 }
             )
         return entries
@@ -511,8 +524,8 @@ class _FileApi:
             headers={hdrs.CONTENT_DISPOSITION: _attachment(name)},
         )
         response.content_type = "application/zip"
-        await response.prepare(request)
         if request.method == hdrs.METH_HEAD:
+            await response.prepare(request)
             return response
         await _stream_zip(request, response, target.path, self.real_root)
         return response
@@ -590,6 +603,7 @@ def mime_type(name: str) -> str:
 
 def _attachment(filename: str) -> str:
     """A Content-Disposition value that survives quotes and non-ASCII names."""
+    filename = clean_text(filename)  # a folder's name may not be UTF-8
     ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
     ascii_name = "".join(ch if 32 <= ord(ch) < 127 else "_" for ch in ascii_name)
     value = f'attachment; filename="{ascii_name}"'
@@ -602,6 +616,16 @@ def _looks_like_json(archive: Path) -> bool:
     """A body starting with `{`: Kudu's JSON `packageUri` form, worth a hint in the refusal."""
     with open(archive, "rb") as handle:
         return handle.read(64).lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"{")
+
+
+def _raw_relative(request: web.Request) -> str:
+    """The still-encoded part of the request path that the route's `{path}` matched."""
+    canonical = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    )
+    prefix_slashes = canonical.split("{", 1)[0].count("/")  # "/api/vfs/{path}": 3
+    parts = request.rel_url.raw_path.split("/", prefix_slashes)
+    return parts[prefix_slashes] if len(parts) > prefix_slashes else ""
 
 
 def _origin(request: web.Request) -> str:
@@ -850,13 +874,18 @@ def _copy_into(src_fd: int, dest_fd: int, item: str) -> None:
 async def _stream_zip(
     request: web.Request, response: web.StreamResponse, folder: Path, real_root: Path
 ) -> None:
-    """Write a zip of `folder` to `response` as it is produced.
+    """Prepare `response` and write a zip of `folder` to it as it is produced.
 
     A worker thread writes the zip into a pipe (zipfile handles an unseekable output with data
     descriptors); the loop reads the pipe's other end and forwards the bytes. The pipe's buffer
     is the back-pressure. When the client leaves, the read end is closed: the worker's next
     write fails with EPIPE and it ends; the handler waits for it, so no thread outlives the
     request.
+
+    The status line goes out with the first bytes of the zip, not before: a zip that fails
+    before any byte was sent (the worker drops what it buffered when it fails) is a JSON 500,
+    never a 200 with an empty or cut body. A failure after that is logged and the connection
+    broken, the only way left to say the body is incomplete.
     """
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe()
@@ -872,9 +901,13 @@ async def _stream_zip(
         os.close(write_fd)
         raise
     producer = loop.run_in_executor(None, _produce_zip, write_fd, folder, real_root, abort)
-    failed = False
+    failure: Exception | None = None
+    started = False
     try:
         while chunk := await reader.read(CHUNK_SIZE):
+            if not started:
+                await response.prepare(request)
+                started = True
             await response.write(chunk)
     except ConnectionError:
         pass  # the client left
@@ -883,10 +916,16 @@ async def _stream_zip(
         transport.close()
         try:
             await producer
-        except Exception:
-            failed = True
-            log.exception("zip stream failed", folder=str(folder))
-    if failed and request.transport is not None:
+        except Exception as error:
+            failure = error
+            log.exception("zip stream failed", folder=str(folder), started=started)
+    if failure is not None and not started:
+        raise ApiError(
+            500, f"The zip of '{folder}' could not be made: {failure}; see the daemon log."
+        ) from failure
+    if not started:  # every zip has bytes (an empty one its end record): not expected
+        await response.prepare(request)
+    if failure is not None and request.transport is not None:
         # Headers are gone already: breaking the connection is the only way to say "broken".
         request.transport.close()
         return
@@ -898,21 +937,67 @@ class _Aborted(Exception):
     pass
 
 
+class _PipeWriter:
+    """The zip's output: buffers up to `CHUNK_SIZE` before writing to the pipe, and drops
+    what it holds when the zip fails, so that a zip failing early sends no byte at all."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = bytearray()
+        self.dropped = False
+
+    def write(self, data: bytes) -> int:
+        if not self.dropped:
+            self.pending += data
+            if len(self.pending) >= CHUNK_SIZE:
+                self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        data = bytes(self.pending)
+        self.pending.clear()  # first: a failed write must not leave them to a later flush
+        sent = 0
+        while sent < len(data):
+            sent += os.write(self.fd, data[sent:])
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.pending.clear()
+
+    def close(self) -> None:
+        """zipfile never calls this for a file object it was given; `_produce_zip` does."""
+        os.close(self.fd)
+
+
 def _produce_zip(write_fd: int, folder: Path, real_root: Path, abort: threading.Event) -> None:
+    out = _PipeWriter(write_fd)
     try:
-        with (
-            open(write_fd, "wb") as out,
-            zipfile.ZipFile(
-                out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, strict_timestamps=False
-            ) as archive,
-        ):
+        archive = zipfile.ZipFile(
+            out,  # zipfile needs only write and flush (no tell: it counts itself)
+            "w",
+            compression=zipfile.ZIP_DEFLATED,
+            compresslevel=1,
+            strict_timestamps=False,
+        )
+        try:
             _add_folder(archive, folder, "", real_root, abort)
+        except BaseException:
+            # No end record after a failed entry: what is still buffered is dropped, and
+            # close() (here or at garbage collection) writes nothing more.
+            out.drop()
+            with contextlib.suppress(Exception):
+                archive.close()
+            raise
+        archive.close()
+        out.flush()
     except (_Aborted, BrokenPipeError):
         return
     except OSError as error:
         if abort.is_set() or error.errno == errno.EPIPE:
             return
         raise
+    finally:
+        out.close()
 
 
 def _add_folder(
@@ -924,7 +1009,7 @@ def _add_folder(
         log.warning("folder skipped in zip", folder=str(folder), error=str(error))
         return
     if not items and prefix:
-        archive.writestr(zipfile.ZipInfo(prefix), b"")  # an empty folder: "name/"
+        archive.writestr(_entry_info(prefix)(prefix), b"")  # an empty folder: "name/"
         return
     for item in items:
         if abort.is_set():
@@ -959,7 +1044,7 @@ def _add_file(archive: zipfile.ZipFile, path: Path, arcname: str, abort: threadi
         st = os.fstat(source.fileno())
         if not stat.S_ISREG(st.st_mode):
             return
-        info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
+        info = _entry_info(arcname).from_file(path, arcname, strict_timestamps=False)
         info.file_size = st.st_size
         info.compress_type = zipfile.ZIP_DEFLATED
         left = st.st_size  # a file growing meanwhile (a log) is cut at the size it had
@@ -972,3 +1057,29 @@ def _add_file(archive: zipfile.ZipFile, path: Path, arcname: str, abort: threadi
                     break
                 entry.write(chunk)
                 left -= len(chunk)
+
+
+class _BytesNameInfo(zipfile.ZipInfo):
+    """An entry whose name is not valid UTF-8 (surrogate escapes from os.fsdecode): written as
+    the name's own bytes without the UTF-8 flag, the way Info-ZIP's zip stores a Linux name,
+    so `unzip` recreates the file under exactly its name (other readers see the bytes in their
+    legacy code page). Replacing the bad bytes instead would lose the name, and could give two
+    files the same one. zipfile has no public hook for this, hence the override of the one
+    method that encodes names (used for both the local and the central header)."""
+
+    __slots__ = ()
+
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:
+        return os.fsencode(self.filename), self.flag_bits & ~_UTF8_NAME_FLAG
+
+
+_UTF8_NAME_FLAG = 0x800  # general purpose bit 11
+
+
+def _entry_info(arcname: str) -> type[zipfile.ZipInfo]:
+    """The ZipInfo class for an entry name: zipfile's own unless the name is not UTF-8."""
+    try:
+        arcname.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BytesNameInfo
+    return zipfile.ZipInfo
