@@ -27,15 +27,15 @@ from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
 from webjobsd.discovery.scripts import select_command
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.errors import bad_request, clean_text
+from webjobsd.http.jobrequest import add_job_locks, job_lock, job_name
 from webjobsd.http.readmodel import JOB_LISTS
 from webjobsd.http.uploads import extract_zip, receive_to_file
-from webjobsd.model import JobKey, JobKind, is_valid_job_name
+from webjobsd.model import JobKey, JobKind
 
 MISSING_DISPOSITION = "Missing Content-Disposition header."
 STAGING = ".webjobsd-staging"
 _FILENAME = re.compile(r'(?:^|;)\s*filename\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
 _SCRIPT_SUFFIXES = (".sh", ".py", ".php", ".js", ".ps1", ".jar")
-_LOCKS = web.AppKey("deploy_locks", dict)
 
 
 def filename_from(disposition: str | None) -> str:
@@ -102,12 +102,8 @@ def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename:
 
 def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        from webjobsd.http.jobs import INVALID_NAME
-
         ctx = request.app[CONTEXT]
-        name = request.match_info["name"]
-        if not is_valid_job_name(name):
-            raise bad_request(INVALID_NAME)
+        name = job_name(request)
         filename = filename_from(request.headers.get("Content-Disposition"))
         is_zip = request.content_type.lower() == "application/zip"
         key = JobKey(kind, name)
@@ -131,14 +127,8 @@ def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamRespon
     return handler
 
 
-def job_lock(request: web.Request, key: JobKey) -> asyncio.Lock:
-    """One lock per job for every write through the API (upload, delete, settings, stop)."""
-    locks: dict[JobKey, asyncio.Lock] = request.app[_LOCKS]
-    return locks.setdefault(key, asyncio.Lock())
-
-
 def add_deploy_routes(app: web.Application, prefixes: dict[JobKind, list[str]]) -> None:
-    app[_LOCKS] = {}
+    add_job_locks(app)
     for kind, kind_prefixes in prefixes.items():
         handler = put_job(kind)
         for prefix in kind_prefixes:

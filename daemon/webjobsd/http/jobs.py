@@ -21,31 +21,24 @@ from aiohttp import web
 
 from webjobsd.http import readmodel
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
-from webjobsd.http.deploy import add_deploy_routes, job_lock
+from webjobsd.http.deploy import add_deploy_routes
 from webjobsd.http.errors import bad_request, clean_text, conflict, not_found, read_json_body
+from webjobsd.http.jobrequest import add_job_locks, job_lock, job_name
 from webjobsd.http.logstream import add_logstream_routes
 from webjobsd.http.readmodel import JOB_LISTS
-from webjobsd.http.views import etag_of, run_url, swagger
-from webjobsd.model import JobKey, JobKind, JobSpec, is_valid_job_name
+from webjobsd.model import JobKey, JobKind, JobSpec
 from webjobsd.records.atomic import write_bytes_atomic
 from webjobsd.records.starts import read_start_history
 from webjobsd.runtime.triggered import InvalidArguments, JobNotFound, RunConflict
+from webjobsd.views import etag_of, run_url, swagger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-INVALID_NAME = "Invalid job name: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'."
 # How long a DELETE waits for the job's process to stop before removing its data folder.
 DELETE_STOP_WAIT_S = 60.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if not is_valid_job_name(name):
-        raise bad_request(INVALID_NAME)
-    return name
 
 
 def _spec(ctx: ApiContext, kind: JobKind, name: str) -> JobSpec:
@@ -86,7 +79,7 @@ def list_jobs(kinds: tuple[JobKind, ...]) -> Handler:
 
 def get_job(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        spec = _spec(request.app[CONTEXT], kind, _name(request))
+        spec = _spec(request.app[CONTEXT], kind, job_name(request))
         return web.json_response(await request.app[JOB_LISTS].job(base_url(request), spec))
 
     return handler
@@ -95,7 +88,7 @@ def get_job(kind: JobKind) -> Handler:
 def delete_job(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
-        name = _name(request)
+        name = job_name(request)
         key = JobKey(kind, name)
         async with job_lock(request, key):
             await asyncio.to_thread(_remove_job_folder, ctx.layout.job_dir(key))
@@ -124,7 +117,7 @@ def _remove_job_folder(job_dir: Path) -> None:
 
 def get_settings(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        spec = _spec(request.app[CONTEXT], kind, _name(request))
+        spec = _spec(request.app[CONTEXT], kind, job_name(request))
         return web.json_response(dict(spec.settings.raw))
 
     return handler
@@ -133,7 +126,7 @@ def get_settings(kind: JobKind) -> Handler:
 def put_settings(kind: JobKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
-        spec = _spec(ctx, kind, _name(request))
+        spec = _spec(ctx, kind, job_name(request))
         body = await read_json_body(request)
         if not isinstance(body, dict):
             raise bad_request("The settings must be a JSON object.")
@@ -157,7 +150,7 @@ def put_settings(kind: JobKind) -> Handler:
 
 async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    name = _name(request)
+    name = job_name(request)
     key = JobKey(JobKind.CONTINUOUS, name)
     async with job_lock(request, key):
         spec = _spec(ctx, JobKind.CONTINUOUS, name)
@@ -178,7 +171,7 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
 async def continuous_starts(request: web.Request) -> web.StreamResponse:
     """Ours: the job's process starts on every instance (`records.starts`), oldest first."""
     ctx = request.app[CONTEXT]
-    key = _spec(ctx, JobKind.CONTINUOUS, _name(request)).key
+    key = _spec(ctx, JobKind.CONTINUOUS, job_name(request)).key
     history = await asyncio.to_thread(
         read_start_history, ctx.layout.data_dir(key), ctx.instance_is_live
     )
@@ -236,7 +229,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     from yarl import URL
 
     ctx = request.app[CONTEXT]
-    spec = _spec(ctx, JobKind.CONTINUOUS, _name(request))
+    spec = _spec(ctx, JobKind.CONTINUOUS, job_name(request))
     port = ctx.continuous_port(spec.key)
     if port is None:
         raise not_found("The job is not running on this instance.")
@@ -282,7 +275,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 async def run_triggered(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    name = _name(request)
+    name = job_name(request)
     arguments = request.query.get("arguments")
     trigger = f"External - {clean_text(request.headers.get('User-Agent', ''))}"
     try:
@@ -298,7 +291,7 @@ async def run_triggered(request: web.Request) -> web.StreamResponse:
 
 
 async def history(request: web.Request) -> web.StreamResponse:
-    name = _name(request)
+    name = job_name(request)
     _spec(request.app[CONTEXT], JobKind.TRIGGERED, name)
     runs = await request.app[JOB_LISTS].history(base_url(request), name)
     newest = runs[0] if runs else None
@@ -309,7 +302,7 @@ async def history(request: web.Request) -> web.StreamResponse:
 
 
 async def one_run(request: web.Request) -> web.StreamResponse:
-    name = _name(request)
+    name = job_name(request)
     run_id = request.match_info["run_id"]
     _spec(request.app[CONTEXT], JobKind.TRIGGERED, name)
     body = await request.app[JOB_LISTS].run(base_url(request), name, run_id)
@@ -355,5 +348,6 @@ def add_job_routes(app: web.Application) -> None:
                 router.add_get(prefix + "/{name}/history", history)
                 router.add_get(prefix + "/{name}/history/{run_id}", one_run)
     router.add_get("/api/triggeredwebjobsswagger", swagger_document)
+    add_job_locks(app)
     add_deploy_routes(app, {kind: _prefixes(kind) for kind in JobKind})
     add_logstream_routes(app, {kind: _prefixes(kind) for kind in JobKind})

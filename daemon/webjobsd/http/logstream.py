@@ -45,9 +45,10 @@ from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, base_url
 from webjobsd.http.errors import bad_request, not_found
+from webjobsd.http.jobrequest import job_name
 from webjobsd.http.numbers import TOO_LARGE, whole_number
 from webjobsd.http.readmodel import JOB_LISTS
-from webjobsd.model import JobKey, JobKind, RunStatus, is_valid_job_name
+from webjobsd.model import JobKey, JobKind, RunStatus
 from webjobsd.records.logtail import Chunk, ChunkKind, LogTail, LogWakeups, Start
 
 log = structlog.get_logger("webjobsd.http.logstream")
@@ -58,9 +59,6 @@ POLL_S: Final = 0.5
 HEARTBEAT_S: Final = 15.0
 CONTINUOUS_BACKLOG_BYTES: Final = 64 * 1024
 MAX_TAIL_LINES: Final = 100_000
-INVALID_NAME: Final = (
-    "Invalid job name: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'."
-)
 HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -74,13 +72,6 @@ RunStatusReader = Callable[[], Awaitable[str | None]]
 
 
 # -- request parsing -------------------------------------------------------------------------
-
-
-def _name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if not is_valid_job_name(name):
-        raise bad_request(INVALID_NAME)
-    return name
 
 
 def _byte_offset(value: str, what: str) -> int:
@@ -135,7 +126,7 @@ HEARTBEAT: Final = b": keep-alive\n\n"
 
 async def continuous_logstream(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    key = JobKey(JobKind.CONTINUOUS, _name(request))
+    key = JobKey(JobKind.CONTINUOUS, job_name(request))
     if key not in ctx.specs():
         raise not_found(f"No continuous job named {key.name!r}.")
     start = _start(request, Start(max_bytes=CONTINUOUS_BACKLOG_BYTES))
@@ -145,7 +136,7 @@ async def continuous_logstream(request: web.Request) -> web.StreamResponse:
 
 async def run_logstream(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    name = _name(request)
+    name = job_name(request)
     run_id = request.match_info["run_id"]
     if JobKey(JobKind.TRIGGERED, name) not in ctx.specs():
         raise not_found(f"No triggered job named {name!r}.")

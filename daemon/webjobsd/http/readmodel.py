@@ -56,15 +56,6 @@ from typing import Any, Final
 from aiohttp import web
 
 from webjobsd.http.context import ApiContext
-from webjobsd.http.views import (
-    ContinuousFacts,
-    JobFacts,
-    RunFacts,
-    TriggeredFacts,
-    etag_of_body,
-    job_json,
-    run_facts_json,
-)
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec, RunStatus
 from webjobsd.records.runstore import OUTPUT_LOG_FILE, RunRecord, RunStore
 from webjobsd.records.status import (
@@ -76,6 +67,15 @@ from webjobsd.records.status import (
 )
 from webjobsd.runtime.locks import FileLock
 from webjobsd.site import SiteLayout
+from webjobsd.views import (
+    ContinuousFacts,
+    JobFacts,
+    RunFacts,
+    TriggeredFacts,
+    etag_of_body,
+    job_json,
+    run_facts_json,
+)
 
 __all__ = ["DISK_FRESH_S", "JOB_LISTS", "FactsReader", "JobLists", "RenderedList"]
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from webjobsd.http.views import job_url, run_json, vfs_url
 from webjobsd.model import JobKind
 from webjobsd.records.runstore import RunRecord, format_kudu_datetime
 from webjobsd.runtime.jobprocess import exit_description
 from webjobsd.site import SiteLayout
+from webjobsd.views import job_url, run_json, vfs_url
 
 TRIGGERED_JOB_FINISHED: Final = "TriggeredJobFinished"
 CONTINUOUS_JOB_STOPPED: Final = "ContinuousJobStopped"

@@ -7,6 +7,10 @@ form, as Kudu does. `runCommand` is emitted beside `run_command` (Part A #1).
 What a job shows besides its spec comes from its data folder; `ContinuousFacts`,
 `TriggeredFacts` and `RunFacts` are those facts, read elsewhere (`http.readmodel`), so that the
 JSON is a function of `(base, spec, facts, now)` and nothing else.
+
+Below both of its users, the API (`http`) and the webhooks (`webhooks.events`, whose
+`TriggeredJobFinished` body is the run JSON): neither layer owns the shapes, so neither imports
+the other for them, and data flows one way (the import-linter contracts in pyproject.toml).
 """
 
 from __future__ import annotations
