@@ -36,6 +36,7 @@ from webjobsd.http.hooks import add_hook_routes
 from webjobsd.http.limits import UploadLimits
 from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
+from webjobsd.http.staging import clean_after_kill
 from webjobsd.logs import configure_logging
 from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
@@ -319,6 +320,9 @@ class Daemon:
             rescan_s=config.rescan_s,
             on_changed=lambda _keys: self.wake(),
         )
+        # Before the API listens (no deploy runs yet) and before the first scan (a job folder
+        # a killed deploy had moved aside is back in place for it).
+        await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.

@@ -7,14 +7,13 @@ runnable script, and only then swapped into place with renames on the same file 
 watcher never sees half a job and a refused upload leaves the existing job untouched. Like Kudu,
 a successful upload replaces the whole folder (an old `settings.job` or `disable.job` goes too).
 
-The staging folder is `{jobs_root}/.webjobsd-staging/`: not a kind folder, so its events are
-noise to the watcher, and on the same file system as the job folders, so the swap is a rename.
+The staging folder, the one-step swap and the cleaning after a killed deploy are
+`http.staging`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 import shutil
@@ -29,11 +28,11 @@ from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.errors import bad_request, clean_text
 from webjobsd.http.jobrequest import add_job_locks, job_lock, job_name
 from webjobsd.http.readmodel import JOB_LISTS
+from webjobsd.http.staging import Staging
 from webjobsd.http.uploads import extract_zip, receive_to_file
 from webjobsd.model import JobKey, JobKind
 
 MISSING_DISPOSITION = "Missing Content-Disposition header."
-STAGING = ".webjobsd-staging"
 _FILENAME = re.compile(r'(?:^|;)\s*filename\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
 _SCRIPT_SUFFIXES = (".sh", ".py", ".php", ".js", ".ps1", ".jar")
 
@@ -65,28 +64,9 @@ def _place_single_file(upload: Path, folder: Path, filename: str) -> None:
     target.chmod(0o755 if executable else 0o644)
 
 
-def _swap_into_place(new: Path, target: Path, staging: Path) -> None:
-    """Two renames on one file system; the old folder is removed after the new one is in."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    old: Path | None = None
-    if target.is_symlink() or target.exists():
-        old = staging / f"old-{secrets.token_hex(6)}"
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is None:
-        return
-    if old.is_symlink() or not old.is_dir():
-        # rmtree refuses a link (and would never follow it): the link itself is what goes.
-        old.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename: str) -> None:
-    staging = ctx.layout.jobs_root / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    new = staging / f"new-{key.kind.value}-{key.name}-{secrets.token_hex(6)}"
-    new.mkdir(mode=0o755)
+    staging = Staging.of(ctx.layout)
+    new = staging.new_folder()
     try:
         if is_zip:
             extract_zip(upload, new, ctx.limits)
@@ -94,10 +74,11 @@ def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename:
             _place_single_file(upload, new, filename)
         if select_command(new) is None:
             raise bad_request(NO_RUNNABLE_SCRIPT)
-        _swap_into_place(new, ctx.layout.job_dir(key), staging)
+        staging.swap_into_place(new, ctx.layout.job_dir(key))
     finally:
         if new.exists():
             shutil.rmtree(new, ignore_errors=True)
+        staging.release()
 
 
 def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
