@@ -499,6 +499,11 @@ async def test_names_that_are_not_utf8_are_listed_served_and_zipped(
         }
         assert got == {**files, b"new\xe9.txt": b"new"}
         assert os.path.isdir(os.fsencode(out) + b"/empty\xfe")
+    # A folder so named, zipped: its download name is text (U+FFFD), the entries are bytes.
+    status, headers, body = await request(env, "GET", "/api/zip/dir/d%E8/")
+    assert status == 200, body
+    assert headers["Content-Disposition"].endswith("filename*=UTF-8''d%EF%BF%BD.zip")
+    assert zipfile.ZipFile(io.BytesIO(body)).namelist() == ["in.txt"]
 
 
 async def test_zip_get_round_trip(env: Env) -> None:
