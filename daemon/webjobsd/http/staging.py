@@ -21,7 +21,8 @@ Decisions:
   leaving the daemon's watcher blind. The window it would close is two system calls long.
 * **Uploads** are received under the instance's temp root (`{temp_root}/uploads`, a folder per
   instance id like the rest of the temp root): everything there at start was being received
-  or extracted when the daemon died, and goes.
+  or extracted when the daemon died, and goes. (A `temp_dir` shared by two instances is not
+  supported: their working copies would collide as well.)
 * **Folders of older versions** (`new-*` and `old-*` directly in `.webjobsd-staging`, no
   instance in their path): a `new-*` untouched for `LEGACY_AGE_S` is removed (no deploy takes
   that long once its upload is in); an `old-*` does not say which job it was, so it is logged
