@@ -660,7 +660,8 @@ async def test_deploy_over_a_job_folder_that_is_a_link_leaves_nothing_behind(
 ) -> None:
     """The job folder itself is a link to a folder outside the site. The upload replaces the
     link with a real folder, the outside folder is untouched, and the old link, renamed into
-    `.webjobsd-staging/old-...` on the way, is removed (`shutil.rmtree` refuses a link)."""
+    `.webjobsd-staging/INSTANCE/old.triggered.TOKEN.linked` on the way, is removed
+    (`shutil.rmtree` refuses a link)."""
     guard, session, base, pid = deployed
     site = guard.site
     elsewhere = guard.outside / "linked-job"
