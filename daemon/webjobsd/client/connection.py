@@ -12,6 +12,9 @@ Decision: a synchronous client on the standard library (urllib), not aiohttp. A 
 request at a time, a progress bar needs only a counting file object, and a command-line tool
 that starts an event loop per invocation gains nothing from it.
 
+Requests carry `User-Agent: webjobsd/VERSION`: the daemon records a run's trigger as
+`External - <User-Agent>`, so the history names this client rather than Python's urllib.
+
 Every failure becomes a `ClientError` with a message meant for a person and an exit code a script
 can test (`ExitCode`), so that no traceback ever reaches the terminal for an expected failure.
 """
@@ -30,7 +33,10 @@ from http.client import HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
+from webjobsd import __version__
+
 DEFAULT_URL = "http://127.0.0.1:8181"
+USER_AGENT = f"webjobsd/{__version__}"
 # urllib hands error statuses over as an exception that is also the response.
 Response = HTTPResponse | urllib.error.HTTPError
 TIMEOUT_S = 30.0
@@ -154,6 +160,7 @@ class ApiClient:
         """The response itself, for streaming reads; the caller closes it."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url)
         request = urllib.request.Request(url, data=body, method=method)
+        request.add_header("User-Agent", USER_AGENT)
         for name, value in (headers or {}).items():
             request.add_header(name, value)
         if self._auth is not None:
