@@ -16,6 +16,8 @@ package).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shlex
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ from webjobsd.runtime.jobprocess import free_loopback_port
 ENSURE = REPO_ROOT / "tests" / "tools" / "ensure"
 BASH = shutil.which("bash") or "/bin/bash"
 IS_ROOT = os.geteuid() == 0
+CREDENTIALS_FILE = ".demo-site/data/webjobsd/credentials.json"  # as the README says
 
 
 def readme_commands() -> list[str]:
@@ -100,14 +104,18 @@ class FakeBin:
         for command in commands:
             self.script(command, "exit 0\n")
 
-    def apt_get(self, *, install_fails: bool = False) -> None:
-        """Records `uid DEBIAN_FRONTEND args`; `install` makes each package a command."""
+    def apt_get(self, *, install_fails: bool = False, creates: bool = True) -> None:
+        """Records `uid DEBIAN_FRONTEND args`; `install` makes each package a command (unless
+        it fails, or `creates` is false: a package whose command lands outside PATH)."""
         record = (
             f'echo "apt-get uid=$(/usr/bin/id -u) frontend=$DEBIAN_FRONTEND $*"'
             f" >> {self.calls_file}\n"
         )
         if install_fails:
             self.script("apt-get", record + '[ "$2" = install ] && exit 100\nexit 0\n')
+            return
+        if not creates:
+            self.script("apt-get", record + "exit 0\n")
             return
         self.script(
             "apt-get",
@@ -256,6 +264,18 @@ def test_a_failed_install_is_explained_and_exits_1(fake_bin: FakeBin) -> None:
     assert "which are missing: chromium lftp" in result.stderr
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="installs as root only when run by root")
+def test_a_command_still_missing_after_the_install_is_named(fake_bin: FakeBin) -> None:
+    all_but_missing(fake_bin)
+    fake_bin.apt_get(creates=False)
+    result = run_ensure(fake_bin)
+    assert result.returncode == 1
+    assert (
+        "apt-get installed chromium lftp, but these commands are still not on PATH "
+        f"({fake_bin.folder}): chromium lftp"
+    ) in result.stderr
+
+
 # -- the run command ----------------------------------------------------------------------------
 
 
@@ -286,6 +306,14 @@ def test_the_run_command_serves_the_sample_jobs_until_ctrl_c(tmp_path: Path) -> 
             return len(statuses) == 2 and all('"Running"' in text for text in statuses)
 
         wait_for_sync(running, timeout=20, what="both sample continuous jobs running")
+        # "the user and password the daemon generated for it are in ...credentials.json"
+        stored = json.loads((tmp_path / CREDENTIALS_FILE).read_text())
+        pair = base64.b64encode(f"{stored['username']}:{stored['password']}".encode()).decode()
+        dashboard = urllib.request.Request(
+            f"http://127.0.0.1:{port}/dashboard/", headers={"Authorization": f"Basic {pair}"}
+        )
+        with urllib.request.urlopen(dashboard, timeout=10) as response:
+            assert response.status == 200
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0, log.read_text(errors="replace")
     finally:
