@@ -13,10 +13,12 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 
 from tests.helpers import DaemonProcess, Site, wait_for, wait_for_sync
 from tests.test_api_jobs import CREDENTIALS, api, basic
 from tests.test_logstream import SseReader, has_line, numbers
+from webjobsd.config import ConfigError, config_from_mapping
 
 AUTH = basic(CREDENTIALS["WEBJOBSD_USERNAME"], CREDENTIALS["WEBJOBSD_PASSWORD"])
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -320,3 +322,12 @@ def test_accept_failing_for_want_of_descriptors_logs_a_line_per_interval(site: S
     finally:
         daemon.kill_if_running()
         daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_connections", 0), ("header_timeout_s", 0), ("keepalive_timeout_s", -1.0)],
+)
+def test_connection_limits_must_be_positive(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"key '{key}' must be greater than 0"):
+        config_from_mapping({key: value}, "test.yaml")

@@ -50,7 +50,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -122,7 +122,7 @@ class ThrottledLog:
 
 
 class ConnectionState(Enum):
-    HANDSHAKE = "handshake"  # accepted; TLS handshake in progress
+    HANDSHAKE = "handshake"  # accepted, not yet handed to aiohttp (with TLS: the handshake)
     IDLE = "idle"  # waiting for a request (fresh, or after a response)
     HEADERS = "headers"  # a request's first bytes arrived, its headers are not complete
     BUSY = "busy"  # a request handler runs or its response is being written
@@ -288,9 +288,6 @@ class ConnectionGuard:
     @property
     def count(self) -> int:
         return len(self._starting) + len(self._open)
-
-    def connections(self) -> Iterator[GuardedConnection]:
-        return iter(list(self._open))
 
     def admit(self, sock: socket.socket) -> None:
         """A socket was accepted: hand it to aiohttp, or refuse it when full."""
