@@ -9,10 +9,12 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import os
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,3 +234,33 @@ def plain_http_answer(port: int) -> bytes:
         except (ConnectionResetError, TimeoutError):
             pass
     return answer if answer.startswith(b"HTTP/") else b""
+
+
+def test_the_cli_reaches_a_tls_daemon_from_its_config_and_pins_its_certificate(
+    tls_daemon: tuple[DaemonProcess, int, Certificate, Path, Path],
+) -> None:
+    """1. `webjobsd jobs --config` of a TLS daemon lists its jobs over HTTPS, trusting the
+    configured certificate. 2. With another certificate in that file (not yet reloaded), the
+    daemon's certificate is no longer trusted: the client says it cannot connect."""
+    daemon, _port, _first, cert_path, key_path = tls_daemon
+    daemon.start()
+    clean = {"WEBJOBSD_URL": "", "WEBJOBSD_USERNAME": "", "WEBJOBSD_PASSWORD": ""}
+
+    def cli_jobs() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "webjobsd", "jobs", "--config", str(daemon.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **clean},
+            check=False,
+        )
+
+    try:
+        wait_for_sync(lambda: "steady" in cli_jobs().stdout, what="the CLI lists over HTTPS")
+        install(make_certificate(1003), cert_path, key_path)
+        refused = cli_jobs()
+        assert refused.returncode == 3, refused
+        assert "certificate verify failed" in refused.stderr
+    finally:
+        assert daemon.stop() == 0
