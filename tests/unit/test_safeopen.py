@@ -198,9 +198,7 @@ def test_lock_on_a_fifo_does_not_block(tmp_path: Path) -> None:
     assert stat.S_ISREG(os.lstat(path).st_mode)
 
 
-def test_status_and_start_history_never_follow_links_or_block(
-    tmp_path: Path, secret: Path
-) -> None:
+def test_status_and_start_history_never_follow_links_or_block(tmp_path: Path, secret: Path) -> None:
     layout = SiteLayout.build(tmp_path / "site", instance_id="test01", temp_root=tmp_path / "t")
     key = JobKey(JobKind.CONTINUOUS, "job")
     status = layout.status_path(key)
