@@ -320,11 +320,17 @@ class ContinuousUnit:
             return
         if self._target is not target:
             return
-        await asyncio.to_thread(
-            self._context.hand_over,
-            None if spec.is_in_place else root,
-            self._context.layout.data_dir(self.key),
-        )
+        try:
+            await asyncio.to_thread(
+                self._context.hand_over,
+                None if spec.is_in_place else root,
+                self._context.layout.data_dir(self.key),
+            )
+        except OSError as error:
+            # The job's error (a full disk, a folder that cannot be made), not the unit's.
+            self._log.system(LogLevel.ERR, f"Failed to prepare the job's folders: {error}")
+            await self._wait_changed(COPY_FAILURE_RETRY_S)
+            return
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(
