@@ -283,8 +283,11 @@ async def test_data_folders_handed_over_by_an_older_version_are_taken_back(
     os.link(outside / "singleton", data / "singleton.job.lock")
     (data / "mine").mkdir()
     (data / "mine" / "state").write_text("kept")
-    for path in (data, data / "job_log.txt", data / "mine", data / "mine" / "state"):
-        os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+    (data / "job-data").mkdir()
+    (data / "job-data" / "state").write_text("the job's")
+    for path in (data, *data.rglob("*")):
+        if path.name != "singleton.job.lock":  # a link to a root-only file: stays root's
+            os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
     site.write_job(
         "continuous",
         "legacy",
@@ -306,6 +309,9 @@ async def test_data_folders_handed_over_by_an_older_version_are_taken_back(
     assert "REFUSED touch" in said and "REFUSED ln" in said and "OK cat" in said, said
     assert data.stat().st_uid == 0
     assert (data / "mine").stat().st_uid == 0
+    # The job's own folder stays the job's.
+    assert (data / "job-data" / "state").stat().st_uid == NOBODY
+    assert (data / "job-data").stat().st_uid == NOBODY
     assert not (data / "job_log.txt").is_symlink()
     lock = data / "singleton.job.lock"
     assert lock.stat().st_nlink == 1 and json.loads(lock.read_text())["InstanceId"] == "test01"
