@@ -50,7 +50,7 @@ from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
-from webjobsd.runtime.runas import RunAsError, resolve_run_as
+from webjobsd.runtime.runas import RunAsError, reclaim_data_folders, resolve_run_as
 from webjobsd.runtime.scheduler import MAX_SLEEP_S as SCHEDULER_MAX_SLEEP_S
 from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
@@ -289,6 +289,8 @@ class Daemon:
         layout, config = self.layout, self.config
         records = ProcessRecords(layout.process_records_dir)
         await end_leftovers(records, owner_marker(layout))
+        # Before anything opens a data folder: older versions gave them to run_as_user.
+        await asyncio.to_thread(reclaim_data_folders, layout)
         await asyncio.to_thread(self._repair_abandoned_runs)
         log.info(
             "starting",
