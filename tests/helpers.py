@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +299,18 @@ def leaders(site: Site, name: str, instance: str | None = None) -> list[int]:
         except (OSError, psutil.Error):
             continue
     return result
+
+
+@contextlib.contextmanager
+def site_for_job_user() -> Iterator[Site]:
+    """A site that a job running as another user (`run_as_user`) can reach.
+
+    Not under pytest's tmp folder: every pytest session sets `/tmp/pytest-of-root` back to 0700,
+    so a chmod there does not hold while other sessions start.
+    """
+    base = Path(tempfile.mkdtemp(prefix="webjobsd-run-as-"))
+    base.chmod(0o755)
+    try:
+        yield Site(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

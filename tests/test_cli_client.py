@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT, DaemonProcess, Site, leaders, wait_for_sync
 from tests.test_faults import ready
+from webjobsd import __version__
 from webjobsd.runtime.jobprocess import free_loopback_port
 
 USER, PASSWORD = "operator", "cli-pass-1"
@@ -142,6 +143,71 @@ def test_run_follow_and_wait_exit_with_the_runs_result(
         "TRIGGER",
     ]
     assert "Success" in history.stdout
+
+
+def test_runs_it_starts_say_so_in_the_history(
+    served: tuple[DaemonProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """The daemon records `External - <User-Agent>` as a run's trigger: the client's name."""
+    _daemon, env = served
+    job = folder(tmp_path, "greet", {"run.sh": "echo hello\n"})
+    assert cli("deploy", str(job), "--type", "triggered", env=env).returncode == 0
+    assert cli("run", "greet", "--wait", env=env).returncode == 0
+
+    history = cli("history", "greet", env=env)
+    assert history.returncode == 0, history.stderr
+    (row,) = history.stdout.splitlines()[1:]
+    assert row.endswith(f"External - webjobsd/{__version__}"), row
+    assert f"  trigger: External - webjobsd/{__version__}\n" in cli("show", "greet", env=env).stdout
+
+
+def test_show_prints_fields_as_a_person_reads_them(
+    served: tuple[DaemonProcess, dict[str, str]], site: Site, tmp_path: Path
+) -> None:
+    """No `None` values, no raw CRLF: Kudu's `detailed_status` (a line per daemon sharing the
+    site) on its own indented lines, nested objects as indented blocks, JSON's true/false."""
+    _daemon, env = served
+    job = folder(
+        tmp_path,
+        "shared",
+        {"run.sh": "echo up\nexec sleep 1000\n", "settings.job": '{"is_singleton": false}'},
+    )
+    assert cli("deploy", str(job), "--type", "continuous", env=env).returncode == 0
+    second = DaemonProcess(site, "zz0002").start()
+    try:
+        wait_for_sync(
+            lambda: site.status("shared") == site.status("shared", "zz0002") == "Running",
+            timeout=20,
+            what="running on both daemons",
+        )
+        both = "detailed_status:\n  test01 - Running\n  zz0002 - Running\n"
+        shown = wait_for_sync(
+            lambda: (result := cli("show", "shared", env=env)).stdout.count(both) and result,
+            timeout=20,
+            what="both daemons in detailed_status",
+        )
+    finally:
+        # Stopped, not killed: a killed daemon leaves its job's process behind.
+        assert second.stop() == 0
+    assert shown.returncode == 0, shown.stderr
+    assert "\r" not in shown.stdout
+    assert "None" not in shown.stdout
+    assert "error:" not in shown.stdout  # the API's `"error": null`
+    assert "using_sdk: false\n" in shown.stdout
+    assert "settings:\n  is_singleton: false\n" in shown.stdout
+    assert "status: Running\n" in shown.stdout
+
+    alone = wait_for_sync(
+        lambda: (
+            (result := cli("show", "shared", env=env)).stdout.count(
+                "detailed_status: test01 - Running\n"
+            )
+            and result
+        ),
+        timeout=20,
+        what="one daemon left",
+    )
+    assert "\r" not in alone.stdout
 
 
 def test_errors_have_clear_messages_and_exit_codes(

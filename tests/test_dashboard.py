@@ -3,7 +3,8 @@ real daemon with Basic auth: the jobs page, a triggered job's run chart and Run 
 continuous job's Stop/Start buttons, and a live log that shows a line written after it opened.
 
 Playwright's async API (its sync API wants its own loop, and pytest-asyncio's is running); the
-browser gets the credentials the way a person's browser caches them (`http_credentials`).
+browser gets the credentials the way a person's browser caches them (`http_credentials`), or in
+the address (`http://user:pass@host:port/dashboard/`).
 Screenshots of each page go to the test's `screenshots` folder, whose path is printed.
 """
 
@@ -14,17 +15,20 @@ import os
 import re
 import shutil
 import signal
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from playwright.async_api import Browser, Page, async_playwright, expect
+import pytest
+from playwright.async_api import Browser, HttpCredentials, Page, async_playwright, expect
 
 from tests.helpers import Site, leaders, wait_for
 from tests.test_api_jobs import CREDENTIALS, api, get_json, poll
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Debian's chromium on PATH: what tests/tools/ensure looks for, and installs when it is missing.
+CHROMIUM = shutil.which("chromium")
 WAIT_MS = 15_000
 LOOP = {"run.sh": "echo up\nwhile true; do sleep 0.2; done\n"}
 FINISHED = ("Success", "Failed")
@@ -32,6 +36,11 @@ FINISHED = ("Success", "Failed")
 
 @contextlib.asynccontextmanager
 async def browser() -> AsyncIterator[Browser]:
+    if CHROMIUM is None:
+        pytest.fail(
+            "chromium is not on PATH: `bash tests/tools/ensure` installs it "
+            "(the README's test command runs it first)"
+        )
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM)
         try:
@@ -40,21 +49,31 @@ async def browser() -> AsyncIterator[Browser]:
             await chromium.close()
 
 
+def origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port: what makes two addresses the same site (credentials do not)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
 @contextlib.asynccontextmanager
-async def dashboard(base: str, shots: Path) -> AsyncIterator[Page]:
-    """A page with the cached credentials; fails the test on a script error or on a request
-    that leaves this daemon."""
+async def dashboard(
+    base: str, shots: Path, *, cached_credentials: bool = True
+) -> AsyncIterator[Page]:
+    """A page with the cached credentials (or none: the address then carries them); fails the
+    test on a script error or on a request that leaves this daemon."""
     shots.mkdir(exist_ok=True)
     print(f"dashboard screenshots: {shots}")
     errors: list[str] = []
     foreign: list[str] = []
+    credentials: HttpCredentials | None = None
+    if cached_credentials:
+        credentials = {
+            "username": CREDENTIALS["WEBJOBSD_USERNAME"],
+            "password": CREDENTIALS["WEBJOBSD_PASSWORD"],
+        }
     async with browser() as chromium:
         context = await chromium.new_context(
-            http_credentials={
-                "username": CREDENTIALS["WEBJOBSD_USERNAME"],
-                "password": CREDENTIALS["WEBJOBSD_PASSWORD"],
-            },
-            viewport={"width": 1100, "height": 800},
+            http_credentials=credentials, viewport={"width": 1100, "height": 800}
         )
         try:
             page = await context.new_page()
@@ -62,7 +81,7 @@ async def dashboard(base: str, shots: Path) -> AsyncIterator[Page]:
             page.on(
                 "request",
                 lambda request: (
-                    None if request.url.startswith(base) else foreign.append(request.url)
+                    None if origin(request.url) == origin(base) else foreign.append(request.url)
                 ),
             )
             yield page
@@ -291,3 +310,51 @@ async def test_the_live_log_stops_following_when_the_reader_scrolls_up(
         gate.write_text("")
         await expect(log).to_contain_text("batch 2 line 50", timeout=WAIT_MS)
         assert await log.evaluate(at_end)
+
+
+async def test_the_dashboard_works_from_an_address_that_carries_the_credentials(
+    site: Site, tmp_path: Path
+) -> None:
+    """`http://user:pass@host:port/dashboard/`: a relative URL inherits the credentials of the
+    page's address and `fetch` refuses such a URL; the jobs list, Run and a live log must work."""
+    gate = tmp_path / "gate"
+    site.write_job("triggered", "report", {"run.sh": "echo report line\n"})
+    site.write_job(
+        "continuous",
+        "chatty",
+        {
+            "run.sh": f"echo first\nwhile [ ! -e {gate} ]; do sleep 0.1; done\necho second\n"
+            "exec sleep 1000\n"
+        },
+    )
+    shots = tmp_path / "screenshots"
+    async with (
+        api(site) as (_daemon, session, base),
+        dashboard(base, shots, cached_credentials=False) as page,
+    ):
+        user = urllib.parse.quote(CREDENTIALS["WEBJOBSD_USERNAME"], safe="")
+        password = urllib.parse.quote(CREDENTIALS["WEBJOBSD_PASSWORD"], safe="")
+        with_credentials = base.replace("http://", f"http://{user}:{password}@", 1)
+        await page.goto(with_credentials + "/dashboard/")
+        rows = page.locator("tr.job")
+        await expect(rows).to_have_count(2, timeout=WAIT_MS)
+        await expect(page.locator("#page-error")).to_be_empty()
+
+        await page.get_by_role("link", name="report").click()
+        await page.get_by_role("button", name="Run").click()
+        await expect(page.locator("#chart rect.bar")).to_have_count(1, timeout=WAIT_MS)
+        (run,) = await poll(
+            lambda: finished_runs(session, base, "report"),
+            lambda runs: len(runs) == 1,
+            what="the dashboard's run finished",
+        )
+        assert run["trigger"].startswith("External - Mozilla/")
+
+        await wait_for(lambda: "INFO] first" in site.job_log("chatty"), what="first line")
+        await page.goto(with_credentials + "/dashboard/#/log/chatty")
+        log = page.locator("#log")
+        await expect(log).to_contain_text("INFO] first", timeout=WAIT_MS)
+        gate.write_text("")
+        await expect(log).to_contain_text("INFO] second", timeout=WAIT_MS)
+        await expect(page.locator("#page-error")).to_be_empty()
+        await page.screenshot(path=shots / "credentials-in-address.png", full_page=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Site, running_daemon, wait_for
+from tests.helpers import Site, running_daemon, site_for_job_user, wait_for
 from tests.test_triggered import finished, output_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -14,10 +15,16 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs
 WHOAMI = {
     "run.sh": (
         'echo "uid=$(id -u) gid=$(id -g) home=$HOME user=$USER"\n'
-        'touch "$WEBJOBS_DATA_PATH/written-by-job" && echo "data writable"\n'
+        'touch "$WEBJOBSD_JOB_DATA_PATH/written-by-job" && echo "data writable"\n'
         'touch ./written-in-copy && echo "copy writable"\n'
     )
 }
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    with site_for_job_user() as reachable:
+        yield reachable
 
 
 async def test_continuous_and_triggered_jobs_run_as_the_configured_user(site: Site) -> None:
@@ -27,11 +34,6 @@ async def test_continuous_and_triggered_jobs_run_as_the_configured_user(site: Si
         "whoami",
         {"run.sh": WHOAMI["run.sh"] + "while true; do sleep 0.2; done\n"},
     )
-    # The site must be reachable by the job's user: pytest's tmp folders are 0700 for root.
-    for parent in (site.root, *site.root.parents):
-        if str(parent) in ("/", "/tmp"):
-            break
-        parent.chmod(0o755)
     async with running_daemon(site, run_as_user="nobody") as daemon:
         record = await daemon.request_run("who")
         status = await finished(site, "who", record.run_id)

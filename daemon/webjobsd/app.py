@@ -34,9 +34,11 @@ from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credenti
 from webjobsd.http.context import ApiContext
 from webjobsd.http.hooks import add_hook_routes
 from webjobsd.http.limits import UploadLimits
+from webjobsd.http.listener import ConnectionLimits
 from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.http.staging import clean_after_kill
+from webjobsd.http.tls import ServerTls, TlsError, load_server_tls
 from webjobsd.logs import configure_logging
 from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
@@ -49,7 +51,7 @@ from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.reconciler import Reconciler
-from webjobsd.runtime.runas import RunAsError, resolve_run_as
+from webjobsd.runtime.runas import RunAsError, reclaim_data_folders, resolve_run_as
 from webjobsd.runtime.scheduler import MAX_SLEEP_S as SCHEDULER_MAX_SLEEP_S
 from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
@@ -171,10 +173,14 @@ class Daemon:
             "max_upload_bytes",
             "max_extracted_bytes",
             "max_archive_entries",
+            "max_connections",
+            "header_timeout_s",
+            "keepalive_timeout_s",
         ):
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("configuration change needs a restart", key=name)
         configure_logging(new.log_format, new.log_level)
+        self._reload_tls(new)
         if self._auth_enabled and self.credentials is not None:
             try:
                 self._load_credentials(new)
@@ -201,6 +207,28 @@ class Daemon:
             "configuration reloaded", file=str(self._config_path) if self._config_path else None
         )
         self.wake()
+
+    def _reload_tls(self, new: DaemonConfig) -> None:
+        """The certificate files are read again (a renewed certificate under the same names is
+        the usual case); a pair that does not load keeps the one being served."""
+        http = self.http
+        if http is None or (http.tls is None) != (new.tls_certificate is None):
+            if http is not None:
+                log.warning("configuration change needs a restart", key="tls_certificate")
+            return
+        if new.tls_certificate is None or new.tls_key is None:
+            return
+        try:
+            tls = load_server_tls(new.tls_certificate, new.tls_key)
+        except TlsError as error:
+            log.error("TLS certificate not reloaded; serving the current one", error=str(error))
+            return
+        http.replace_tls(tls)
+        log.info(
+            "TLS certificate loaded",
+            tls_certificate=str(tls.certificate),
+            tls_fingerprint_sha256=tls.fingerprint_sha256,
+        )
 
     def wake(self) -> None:
         """An intent was written (API, settings store): act now instead of at the next tick."""
@@ -262,6 +290,8 @@ class Daemon:
         layout, config = self.layout, self.config
         records = ProcessRecords(layout.process_records_dir)
         await end_leftovers(records, owner_marker(layout))
+        # Before anything opens a data folder: older versions gave them to run_as_user.
+        await asyncio.to_thread(reclaim_data_folders, layout)
         await asyncio.to_thread(self._repair_abandoned_runs)
         log.info(
             "starting",
@@ -394,12 +424,25 @@ class Daemon:
         app = build_app(context, extra_middlewares=middlewares)
         add_metrics_route(app, self.metrics)
         add_hook_routes(app, self.webhooks.store, self.webhooks.base_url.remember)
-        self.http = HttpServer(app)
+        tls: ServerTls | None = None
+        if config.tls_certificate is not None and config.tls_key is not None:
+            try:
+                tls = load_server_tls(config.tls_certificate, config.tls_key)
+            except TlsError as error:
+                raise StartupError(str(error)) from error
+        limits = ConnectionLimits(
+            max_connections=config.max_connections,
+            header_timeout_s=config.header_timeout_s,
+            keepalive_timeout_s=config.keepalive_timeout_s,
+        )
+        self.http = HttpServer(app, limits, tls)
         try:
             await self.http.start(host, port)
         except OSError as error:
             raise StartupError(f"cannot listen on {config.listen}: {error.strerror}") from error
-        self.webhooks.base_url.fallback = fallback_base(host, self.http.port or port, self._environ)
+        self.webhooks.base_url.fallback = fallback_base(
+            host, self.http.port or port, self._environ, scheme=self.http.scheme
+        )
 
     def _load_credentials(self, config: DaemonConfig) -> None:
         environ = dict(self._environ)

@@ -196,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"webjobsd: configuration error: {error}", file=sys.stderr)
         return 2
     if args.verb == "check-config":
+        if config.tls_certificate is not None and config.tls_key is not None:
+            from webjobsd.http.tls import TlsError, load_server_tls
+
+            try:
+                load_server_tls(config.tls_certificate, config.tls_key)
+            except TlsError as error:
+                print(f"webjobsd: configuration error: {error}", file=sys.stderr)
+                return 2
         print(f"configuration OK (site {config.site})")
         return 0
     from webjobsd.app import serve

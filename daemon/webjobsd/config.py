@@ -91,6 +91,24 @@ class DaemonConfig:
     trusted_proxies: tuple[str, ...] = field(
         default=(), metadata={"doc": "addresses/networks whose X-Forwarded-* headers are honoured"}
     )
+    tls_certificate: Path | None = field(
+        default=None,
+        metadata={"doc": "PEM certificate (chain) to serve HTTPS with tls_key; reloaded on SIGHUP"},
+    )
+    tls_key: Path | None = field(
+        default=None, metadata={"doc": "PEM private key of tls_certificate (not encrypted)"}
+    )
+    max_connections: int = field(
+        default=512,
+        metadata={"doc": "open HTTP connections at most (and at most half the file limit)"},
+    )
+    header_timeout_s: float = field(
+        default=20.0,
+        metadata={"doc": "a request's headers (and TLS handshake) must arrive within this"},
+    )
+    keepalive_timeout_s: float = field(
+        default=75.0, metadata={"doc": "an idle connection (no request under way) is closed after"}
+    )
     max_upload_bytes: int = field(
         default=256 * 1024 * 1024, metadata={"doc": "largest request body accepted (uploads)"}
     )
@@ -163,6 +181,11 @@ _FIELD_TYPES: dict[str, type] = {
     "settings": dict,
     "listen": str,
     "trusted_proxies": list,
+    "tls_certificate": Path,
+    "tls_key": Path,
+    "max_connections": int,
+    "header_timeout_s": float,
+    "keepalive_timeout_s": float,
     "max_upload_bytes": int,
     "max_extracted_bytes": int,
     "max_archive_entries": int,
@@ -188,6 +211,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> DaemonConfig:
             "auth_password_hash",
             "run_as_user",
             "run_as_group",
+            "tls_certificate",
+            "tls_key",
         }:
             continue
         values[name] = _check_type(name, value, _FIELD_TYPES[name], source)
@@ -242,6 +267,9 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
         "max_upload_bytes",
         "max_extracted_bytes",
         "max_archive_entries",
+        "max_connections",
+        "header_timeout_s",
+        "keepalive_timeout_s",
     )
     for name in positive:
         if getattr(config, name) <= 0:
@@ -255,6 +283,8 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: key {name!r} must not be negative")
+    if (config.tls_certificate is None) != (config.tls_key is None):
+        raise ConfigError(f"{source}: keys 'tls_certificate' and 'tls_key' go together")
     if config.log_generations < 1:
         raise ConfigError(f"{source}: key 'log_generations' must be at least 1")
     if config.max_line_bytes < 1024:

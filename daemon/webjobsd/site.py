@@ -3,10 +3,16 @@
 ```
 SITE/site/wwwroot/App_Data/jobs/{continuous,triggered}/NAME/   job binaries (the jobs root)
 SITE/data/jobs/{continuous,triggered}/NAME/                     status, logs, locks, run history
+SITE/data/jobs/{continuous,triggered}/NAME/job-data/            the job's own folder (writable)
 SITE/data/webjobsd/                                             the daemon's own state
 TEMP/jobs/{type}/NAME/{random}/                                 working copies
 TEMP/JobsShutdown/continuous/NAME/{random}                      shutdown notification files
 ```
+
+A job's data folder (`WEBJOBS_DATA_PATH`, Kudu's) belongs to the daemon's user: the daemon opens
+its status, logs and locks there, so a job running as another user (`run_as_user`) may read it
+but never write it. What the job keeps for itself goes to `job-data/` (`WEBJOBSD_JOB_DATA_PATH`),
+which is the job's; the daemon never opens anything in it. See `runtime.runas`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webjobsd.model import JobKey, JobKind
+
+JOB_DATA_FOLDER = "job-data"
 
 _VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}|%(\w+)%")
 
@@ -101,6 +109,10 @@ class SiteLayout:
 
     def data_dir(self, key: JobKey) -> Path:
         return self.data_jobs_root / key.kind.value / key.name
+
+    def job_data_dir(self, key: JobKey) -> Path:
+        """The job's own writable folder, inside its data folder."""
+        return self.data_dir(key) / JOB_DATA_FOLDER
 
     def status_path(self, key: JobKey, instance_id: str | None = None) -> Path:
         return self.data_dir(key) / f"status_{instance_id or self.instance_id}"

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.parse
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -78,9 +78,7 @@ def cmd_jobs(client: ApiClient, out: TextIO, kind: str | None) -> int:
 
 def cmd_show(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int:
     job = find_job(client, name, kind)
-    for key, value in job.items():
-        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-        out.write(f"{key}: {text}\n")
+    write_fields(job, out)
     quoted = urllib.parse.quote(name, safe="")
     if job.get("type") == "triggered":
         for entry in client.request("GET", "/api/schedules").json():
@@ -100,6 +98,26 @@ def cmd_show(client: ApiClient, out: TextIO, name: str, kind: str | None) -> int
         if running:
             out.write(f"running since: {running[-1]['start_time']} (pid {running[-1]['pid']})\n")
     return ExitCode.OK
+
+
+def write_fields(fields: Mapping[str, Any], out: TextIO, indent: str = "") -> None:
+    """`key: value` lines as a person reads them, not as the wire carries them: a field without
+    a value (JSON null, empty) is left out; text of several lines (Kudu's CRLF-ended
+    `detailed_status`, a line per daemon) goes on its own lines, indented; a nested object
+    (`latest_run`, `settings`) is an indented block; other values are JSON (`true`, `3`)."""
+    for key, value in fields.items():
+        if value is None or value in ("", {}, []):
+            continue
+        if isinstance(value, Mapping):
+            out.write(f"{indent}{key}:\n")
+            write_fields(value, out, indent + "  ")
+            continue
+        lines = (value if isinstance(value, str) else json.dumps(value)).splitlines()
+        if len(lines) == 1:
+            out.write(f"{indent}{key}: {lines[0]}\n")
+        else:
+            out.write(f"{indent}{key}:\n")
+            out.writelines(f"{indent}  {line}\n" for line in lines)
 
 
 def cmd_run(

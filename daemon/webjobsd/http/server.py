@@ -1,7 +1,9 @@
-"""The HTTP server: one aiohttp application on our own loop (AppRunner + TCPSite).
+"""The HTTP server: one aiohttp application on our own loop (an AppRunner behind our listener).
 
 It is built by the composition root from an `ApiContext` and started after the daemon is ready;
-stopping it closes listeners first, then waits (bounded) for requests in flight.
+stopping it closes listeners first, then waits (bounded) for requests in flight. Accepting
+connections, their limits and TLS belong to `http/listener.py` (why not aiohttp's `TCPSite` is
+said there); the certificate files to `http/tls.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from webjobsd.http.dashboard import add_dashboard_routes
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.files import add_file_routes
 from webjobsd.http.jobs import add_job_routes
+from webjobsd.http.listener import ConnectionGuard, ConnectionLimits, Listener, track_requests
 from webjobsd.http.schedules import add_schedule_routes
 from webjobsd.http.settings import add_settings_routes
+from webjobsd.http.tls import ServerTls
 
 log = structlog.get_logger("webjobsd.http")
 
@@ -52,7 +56,7 @@ def build_app(
     extra_middlewares: tuple[Callable[..., object], ...] = (),
 ) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, *extra_middlewares],  # type: ignore[list-item]
+        middlewares=[track_requests, error_middleware, *extra_middlewares],  # type: ignore[list-item]
         client_max_size=1024 * 1024,
     )
     app[CONTEXT] = ctx
@@ -82,21 +86,71 @@ async def openapi_document(_request: web.Request) -> web.StreamResponse:
 
 
 class HttpServer:
-    def __init__(self, app: web.Application) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        limits: ConnectionLimits | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
         self.app = app
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        self.limits = limits or ConnectionLimits()
+        self.tls = tls
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            keepalive_timeout=self.limits.keepalive_timeout_s,
+        )
+        self.guard: ConnectionGuard | None = None
+        self._listener: Listener | None = None
         self.port: int | None = None
         self.host: str | None = None
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
     async def start(self, host: str, port: int) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server  # the bound socket tells the real port when 0 was asked
-        sockets = getattr(server, "sockets", None) or []
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(
+            server, self.limits, self.tls.context if self.tls is not None else None
+        )
+        try:
+            self._listener = Listener.bind(host, port, self.guard)
+        except OSError:
+            await self._runner.cleanup()
+            raise
+        self._listener.start()
         self.host = host
-        self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("listening", url=f"http://{host}:{self.port}")
+        self.port = self._listener.port or port
+        shown = f"[{host}]" if ":" in host else host
+        log.info(
+            "listening",
+            url=f"{self.scheme}://{shown}:{self.port}",
+            max_connections=self.guard.cap,
+            header_timeout_s=self.limits.header_timeout_s,
+            keepalive_timeout_s=self.limits.keepalive_timeout_s,
+            tls_certificate=str(self.tls.certificate) if self.tls else None,
+            tls_fingerprint_sha256=self.tls.fingerprint_sha256 if self.tls else None,
+        )
+        if self.guard.cap < self.limits.max_connections:
+            log.warning(
+                "max_connections lowered to half of the file limit (RLIMIT_NOFILE)",
+                configured=self.limits.max_connections,
+                effective=self.guard.cap,
+            )
+
+    def replace_tls(self, tls: ServerTls) -> None:
+        """New connections get `tls`; open ones keep the certificate they were served."""
+        self.tls = tls
+        if self.guard is not None:
+            self.guard.tls = tls.context
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()
+        if self.guard is not None:
+            await self.guard.close_all()

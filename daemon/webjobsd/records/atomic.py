@@ -7,6 +7,10 @@ file's sidecar lock across the read and the write makes the second writer read t
 result. It waits (unlike `runtime.locks.FileLock`, which never does) because the critical
 section is one small read and one write; the lock file `.NAME.lock` stays, like every lock file
 here, because deleting a lock file is how two holders happen.
+
+Both go through `records.safeopen`: the temp file is created next to the target relative to the
+folder's descriptor, without following links, given its mode with `fchmod` and renamed relative
+to the same descriptor; a link put at the target's name is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -15,29 +19,34 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from webjobsd.records import safeopen
+
 
 def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = True, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    folder_fd = safeopen.open_folder(path.parent, create=True)
     try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            if fsync:
-                tmp.flush()
-                os.fsync(tmp.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
+        fd, tmp_name = safeopen.create_temp_at(folder_fd, f".{path.name}.")
         try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_name, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name, dir_fd=folder_fd)
+            raise
+    finally:
+        os.close(folder_fd)
 
 
 def write_json_atomic(path: Path, value: Any, *, fsync: bool = True, mode: int = 0o644) -> None:
@@ -50,7 +59,7 @@ def write_json_atomic(path: Path, value: Any, *, fsync: bool = True, mode: int =
 def serialized(path: Path) -> Iterator[None]:
     """Hold `path`'s sidecar lock, across processes, for a read-modify-write (blocking)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = safeopen.open_file(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -37,6 +37,12 @@ Decisions:
   file; the next write reopens it and, once writing works again, starts with a SYS WARN line
   giving the number of lines dropped since the last such notice. A line cut short by a partial
   write is counted as dropped and terminated before the notice, so the file stays line-based.
+* **Never through a link, never blocking.** The log is opened through `records.safeopen`
+  (`O_NOFOLLOW | O_NONBLOCK` relative to its folder, regular single-link files only), and the
+  per-write check is an `lstat`: a link, hard link, FIFO or socket found at the log's name is
+  removed (the entry, never what it points to), said once in the daemon's log naming the file,
+  and a fresh regular log is created in its place. The log is the job's output: suspending it
+  until someone notices would lose that output for nothing.
 * **Cost.** One `stat` and one `write` per call, whatever the number of lines, and the
   timestamp prefix is formatted once per second. Captured output travels as *blocks*: the bytes
   of complete lines as they came from the pipe (`LineSplitter.feed_block`, `console_block`),
@@ -59,6 +65,8 @@ from datetime import UTC, datetime
 from io import RawIOBase
 from pathlib import Path
 from typing import Final
+
+from webjobsd.records import safeopen
 
 __all__ = [
     "DEFAULT_GENERATIONS",
@@ -107,9 +115,10 @@ def _utc_now() -> datetime:
 
 
 def _open_append(path: Path) -> RawIOBase:
+    fd = safeopen.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     # Unbuffered: a short write must be visible to us (it tells how much of a batch reached
     # the disk), and nothing may linger in a Python buffer if the daemon is killed.
-    return open(path, "ab", buffering=0)
+    return open(fd, "ab", buffering=0)
 
 
 def _format_stamp(now: datetime) -> str:
@@ -403,7 +412,8 @@ class JobLogWriter:
     def _current_size(self) -> int:
         """Open (or reopen) the file the path names now, and return its size."""
         try:
-            st = self.path.stat()
+            # Not following a link: what names our file is our file, anything else is reopened.
+            st = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             st = None
         if st is not None and self._file is not None and self._identity == (st.st_dev, st.st_ino):
@@ -411,7 +421,12 @@ class JobLogWriter:
         self._drop_file()
         if self._create_folder:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self._opener(self.path)
+        try:
+            self._file = self._opener(self.path)
+        except safeopen.UnsafeFileError as error:
+            if not safeopen.remove_unsafe(self.path, error):
+                raise
+            self._file = self._opener(self.path)
         fst = os.fstat(self._file.fileno())
         self._identity = (fst.st_dev, fst.st_ino)
         return fst.st_size

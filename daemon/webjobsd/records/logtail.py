@@ -25,6 +25,8 @@ Decisions:
 * **Wake-ups are hints.** `LogWakeups` lets this daemon's log writers wake the readers of a
   job at once; writes by another instance are only seen by polling, so a reader must poll
   too. A missed wake-up costs latency, never lines.
+* The log is opened through `records.safeopen`: a link or a FIFO at its name is never followed
+  nor waited for, and reads as no log yet.
 * Blocking I/O (stat, pread): callers run `read` in a worker thread.
 """
 
@@ -38,6 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+from webjobsd.records import safeopen
 
 __all__ = [
     "BATCH_BYTES",
@@ -198,8 +202,10 @@ class LogTail:
     def _open(self) -> bool:
         """Open the file the path names; True when a resume offset was beyond its end."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = safeopen.open_file(self.path, os.O_RDONLY)
+        except (FileNotFoundError, safeopen.UnsafeFileError):
+            # A link or a FIFO is not the log: as if none were there yet (the writer replaces
+            # it with a regular file at its next write).
             return False
         st = os.fstat(fd)
         self._fd, self._identity = fd, (st.st_dev, st.st_ino)
@@ -240,7 +246,7 @@ class LogTail:
 
     def _check_identity(self) -> ChunkKind | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             return None  # between a rotation's rename and the next write: look again later
         if (st.st_dev, st.st_ino) != self._identity:

@@ -36,9 +36,10 @@ Decisions:
 * **Statuses are rewritten by write-then-rename** with fsync (`records.atomic`), so a reader
   never sees half a file; Kudu rewrites in place with retries.
 * **Reading is tolerant and read-only**: a missing folder, a missing, oversized or malformed
-  status file, an unknown status string, an invalid date: "no run" (None, or skipped by the
-  listing). Keys are matched case-insensitively as Newtonsoft does. A missing StartTime falls
-  back to the time encoded in the run id. Nothing is repaired while reading.
+  status file, a status that is a link or no regular file (`records.safeopen`), an unknown
+  status string, an invalid date: "no run" (None, or skipped by the listing). Keys are
+  matched case-insensitively as Newtonsoft does. A missing StartTime falls back to the time
+  encoded in the run id. Nothing is repaired while reading.
 * **Only 18-digit real directories are runs.** Lock files, `job_scheduler.log`, temp files,
   symlinks and other folders are ignored everywhere, retention included (Kudu counts every
   sub-folder, but there are none but runs in practice). Run ids and job names given by callers
@@ -79,6 +80,7 @@ from typing import Any, Final
 import structlog
 
 from webjobsd.model import JobKey, JobKind, RunStatus, is_valid_job_name
+from webjobsd.records import safeopen
 from webjobsd.records.atomic import write_json_atomic
 from webjobsd.site import SiteLayout
 
@@ -451,8 +453,7 @@ class RunStore:
 
     def _read(self, job_name: str, run_dir: Path) -> RunRecord | None:
         try:
-            with open(run_dir / STATUS_FILE, "rb") as file:
-                raw = file.read(_MAX_STATUS_BYTES + 1)
+            raw = safeopen.read_bytes(run_dir / STATUS_FILE, _MAX_STATUS_BYTES + 1)
             if len(raw) > _MAX_STATUS_BYTES:
                 return None
             # utf-8-sig: a status edited by hand on Windows may start with a BOM.

@@ -41,6 +41,7 @@ from typing import Any, Final, Literal, cast
 
 import structlog
 
+from webjobsd.records import safeopen
 from webjobsd.records.atomic import write_json_atomic
 from webjobsd.records.runstore import format_kudu_datetime, parse_kudu_datetime
 
@@ -116,8 +117,7 @@ class ProcessStart:
 
 def _load(path: Path) -> list[ProcessStart]:
     try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_FILE_BYTES + 1)
+        data = safeopen.read_bytes(path, _MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return []
     except OSError as error:

@@ -9,7 +9,8 @@ Decisions:
 
 * Files are written compact, `{"Status":"Running"}`, by write-then-rename, so a reader on any
   instance sees a whole file or none.
-* Reading is tolerant like Kudu's: a missing, unreadable or malformed file, or an unknown status
+* Reading is tolerant like Kudu's: a missing, unreadable or malformed file, a link, a FIFO
+  (opened through `records.safeopen`, never followed nor waited for), or an unknown status
   string, reads as "no status"; the `Status` key is matched case-insensitively as Newtonsoft does.
 * Aggregation follows `ContinuousJobsManager.UpdateDetailedStatus`: the status files of other
   instances that are not live are stale and deleted; each remaining file gives a line
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Final
 
 from webjobsd.model import ContinuousStatus, JobKey
+from webjobsd.records import safeopen
 from webjobsd.records.atomic import write_json_atomic
 from webjobsd.site import SiteLayout
 
@@ -87,8 +89,7 @@ def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousS
 def read_status_file(path: StatusPath) -> ContinuousStatus | None:
     """The status stored in `path`, or None when there is no usable one."""
     try:
-        with open(path, "rb") as file:
-            raw = file.read(_MAX_STATUS_BYTES + 1)
+        raw = safeopen.read_bytes(Path(path), _MAX_STATUS_BYTES + 1)
         if len(raw) > _MAX_STATUS_BYTES:
             return None
         document = json.loads(raw.decode("utf-8-sig").strip())

@@ -4,6 +4,11 @@ Starts from the daemon's own environment, drops what belongs to the daemon's sup
 notify and socket-activation variables) or is a secret of the daemon (its API credentials), adds the
 app settings and Kudu's WEBJOBS_* variables, and the owner marker that lets a restarted daemon find
 what its previous life left behind.
+
+`WEBJOBS_DATA_PATH` is Kudu's data folder, as on Kudu: the job reads its logs and history there,
+but it is the daemon's folder and a job running as `run_as_user` cannot write it (see
+`runtime.runas`). `WEBJOBSD_JOB_DATA_PATH` is the job's own folder inside it, writable by the
+job whatever user it runs as, and kept across runs and restarts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from webjobsd.model import JobKey, JobKind
 from webjobsd.site import SiteLayout
 
 OWNER_VARIABLE = "WEBJOBSD_OWNER"
+JOB_DATA_VARIABLE = "WEBJOBSD_JOB_DATA_PATH"
 _SCRUBBED_EXACT = {
     "NOTIFY_SOCKET",
     "WATCHDOG_PID",
@@ -66,6 +72,7 @@ def job_environment(
             "WEBJOBS_TYPE": key.kind.value,
             "WEBJOBS_DATA_PATH": str(layout.data_dir(key)),
             "WEBJOBS_RUN_ID": launch.run_id,
+            JOB_DATA_VARIABLE: str(layout.job_data_dir(key)),
             OWNER_VARIABLE: owner_marker(layout),
         }
     )

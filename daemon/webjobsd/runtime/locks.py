@@ -28,6 +28,11 @@ two holders. Lock files therefore live forever (they are tiny). `try_acquire` al
 locking, that its inode is still the one at the path, and retries otherwise; whoever deletes a
 job's data folder (and its lock files with it) must only do so when no run can hold them.
 
+Lock files sit in folders a job's process may once have been able to write (data folders handed
+to `run_as_user` by older versions): they are opened through `records.safeopen`, never through a
+link, never blocking on a FIFO. Such an entry at a lock's name cannot be a lock anyone holds (no
+holder could open it), so `try_acquire` removes it, says so in the log, and creates the file.
+
 All methods do blocking file I/O (the owner info is fsync'd); on slow shared storage call them
 through `asyncio.to_thread`. A `FileLock` is not thread-safe.
 """
@@ -42,9 +47,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from webjobsd.records import safeopen
+
 # How often to retry when the file was replaced between our open and our flock. Each retry
 # needs someone to unlink the file again in that window, so more than a couple means churn.
 _REPLACED_RETRIES = 3
+# The owner info is a few hundred bytes; more is not ours.
+_MAX_OWNER_BYTES = 64 * 1024
 
 
 class FileLock:
@@ -84,7 +93,12 @@ class FileLock:
         data = _encode(owner_info)  # before locking: a bad owner must not leave the lock taken
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_REPLACED_RETRIES):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = safeopen.open_file(self.path, os.O_RDWR | os.O_CREAT)
+            except safeopen.UnsafeFileError as error:
+                if not safeopen.remove_unsafe(self.path, error):
+                    raise
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -146,8 +160,8 @@ class FileLock:
         Safe to call from the holder's own process (see the module docstring on flock).
         """
         try:
-            data = Path(path).read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            data = safeopen.read_bytes(Path(path), _MAX_OWNER_BYTES)
+        except OSError:
             return None
         try:
             value = json.loads(data)
@@ -166,9 +180,9 @@ class FileLock:
         is not created.
         """
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+            fd = safeopen.open_file(Path(path), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, safeopen.UnsafeFileError):
+            return False  # a link or a FIFO is no lock anyone holds
         try:
             # LOCK_SH works on a read-only open everywhere (NFS emulates LOCK_EX with a write
             # lock, which would need a writable open) and conflicts only with an exclusive holder.
@@ -186,7 +200,7 @@ def _encode(owner_info: Mapping[str, Any]) -> bytes:
 
 def _is_current_inode(fd: int, path: Path) -> bool:
     try:
-        at_path = path.stat()
+        at_path = path.lstat()
     except FileNotFoundError:
         return False
     held = os.fstat(fd)

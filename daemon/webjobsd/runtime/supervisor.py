@@ -46,9 +46,9 @@ from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
-from webjobsd.runtime.runas import RunAs
+from webjobsd.runtime.runas import RunAs, prepare_job_data_folder, reclaim_data_folder
 from webjobsd.runtime.workcopy import WorkingCopy
-from webjobsd.site import SiteLayout
+from webjobsd.site import JOB_DATA_FOLDER, SiteLayout
 
 log = structlog.get_logger("webjobsd.supervisor")
 
@@ -107,12 +107,12 @@ class SupervisorContext:
         return lambda count: counter(job_name, count)
 
     def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
-        """Give the job's own folders to the run_as user (blocking: call in a thread)."""
-        if self.run_as is None:
-            return
+        """Before a start (blocking: call in a thread): the data folder stays the daemon's,
+        the job's own folder in it and its working copy are the job's user's (`runtime.runas`)."""
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.run_as.hand_over(data_dir, recursive=False)
-        if working_root is not None:
+        reclaim_data_folder(data_dir)
+        prepare_job_data_folder(data_dir / JOB_DATA_FOLDER, self.run_as)
+        if self.run_as is not None and working_root is not None:
             self.run_as.hand_over(working_root, recursive=True)
 
 
@@ -320,11 +320,17 @@ class ContinuousUnit:
             return
         if self._target is not target:
             return
-        await asyncio.to_thread(
-            self._context.hand_over,
-            None if spec.is_in_place else root,
-            self._context.layout.data_dir(self.key),
-        )
+        try:
+            await asyncio.to_thread(
+                self._context.hand_over,
+                None if spec.is_in_place else root,
+                self._context.layout.data_dir(self.key),
+            )
+        except OSError as error:
+            # The job's error (a full disk, a folder that cannot be made), not the unit's.
+            self._log.system(LogLevel.ERR, f"Failed to prepare the job's folders: {error}")
+            await self._wait_changed(COPY_FAILURE_RETRY_S)
+            return
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(

@@ -76,11 +76,13 @@ class BaseUrl:
         return self.last_known or self.fallback
 
 
-def fallback_base(host: str, port: int, environ: Mapping[str, str]) -> str:
+def fallback_base(
+    host: str, port: int, environ: Mapping[str, str], *, scheme: str = "http"
+) -> str:
     """Before any request: Kudu's `https://{HTTP_HOST}`, else the address we listen on."""
     if environ.get("HTTP_HOST"):
         return f"https://{environ['HTTP_HOST']}"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def dotnet_status_name(status: int) -> str:

@@ -28,8 +28,13 @@ function h(tag, attrs, ...children) {
 const s = (tag, attrs, ...children) => h(tag, { ...attrs, svg: true }, ...children);
 const enc = encodeURIComponent;
 
+// Every request URL is built on the page's origin, never relative to its address: opened as
+// http://user:pass@host/, relative URLs inherit the credentials, and fetch refuses a URL that
+// carries credentials. The browser sends the ones it was given for this origin by itself.
+const sameOrigin = (path) => new URL(path, location.origin).href;
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { credentials: "same-origin", ...options,
+  const response = await fetch(sameOrigin(path), { credentials: "same-origin", ...options,
     headers: { Accept: "application/json", ...(options.headers || {}) } });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -418,7 +423,7 @@ function logViewer(url, onEnd) {
     box.append(h("div", { class: `line${kind ? ` ${kind}` : ""}`, text }));
     if (follow) box.scrollTop = box.scrollHeight;
   }
-  const stream = new EventSource(url);
+  const stream = new EventSource(sameOrigin(url));
   stream.onmessage = (event) => {
     for (const line of event.data.split("\n")) add(line, ERR_LINE.test(line) ? "err" : "");
   };
