@@ -3,7 +3,8 @@
 A scan of the job folder is the truth; watcher events only say which folders to look at again.
 For each job folder the scan applies Kudu's script rules (a folder without a runnable script is no
 job), reads `settings.job` leniently, checks `disable.job`, validates the name (Part A #3) and
-computes a fingerprint over the files that matter.
+computes a fingerprint over the files that matter: their content, through a hash cache that reads a
+file again only when its identity (inode, size, mtime, ctime) changed (`contents.py`).
 
 Looking and deciding are split: `observe()` only reads the file system and returns
 `Observation`s (safe to run in a worker thread, it touches no catalog state); `apply()` runs on the
@@ -18,13 +19,16 @@ Decisions:
 * Changes found by a periodic rescan (no event announced them) are confirmed by a second look
   before they apply: a copy that keeps the source's old mtimes (`cp -a`, unzip) is invisible to
   the mtime rule, but not to two fingerprints taken a quiet period apart.
-* Problems are logged once per distinct problem, not at every rescan.
+* Problems are logged once per distinct problem, not at every rescan. A special file (FIFO,
+  socket) in a job folder is skipped, with one warning naming it: it is no code, and reading it
+  could block.
+* The fingerprint is content, not the folder's inode: a deployment that swaps in a folder of
+  identical files (a re-uploaded zip) restarts nothing, one that changes a byte under the same
+  sizes and timestamps restarts the job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -35,7 +39,7 @@ from types import MappingProxyType
 
 import structlog
 
-from webjobsd.discovery.ignore import ALWAYS_RELEVANT, IGNORED_DIRECTORIES, is_ignored_name
+from webjobsd.discovery.contents import FolderContent, HashCache, fingerprint_of, read_content
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
 from webjobsd.discovery.scripts import find_script_dir, select_command
 from webjobsd.model import (
@@ -55,13 +59,9 @@ NO_RUNNABLE_SCRIPT = "No runnable script file was found."
 _FUTURE_TOLERANCE_S = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class FolderScan:
-    fingerprint_parts: tuple[tuple[str, int, int], ...]
-    newest_mtime: float
-    # The folder itself: a folder swapped in by a deployment is a new job even when its files
-    # carry the same sizes and (zip) timestamps as the old ones.
-    folder_identity: tuple[int, int] = (0, 0)
+# What one scan of a job folder found: its content (hashed through the catalog's cache), the
+# newest mtime (settling) and the special files it skipped. See `contents.py`.
+FolderScan = FolderContent
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,38 +87,10 @@ class RefreshResult:
     settling: set[JobKey] = field(default_factory=set)
 
 
-def scan_folder(job_dir: Path) -> FolderScan:
-    """(relative path, size, mtime) of every file that matters, and the newest of their mtimes."""
-    parts: list[tuple[str, int, int]] = []
-    newest = 0.0
-    for directory, dirnames, filenames in os.walk(job_dir):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRECTORIES)
-        for filename in filenames:
-            if is_ignored_name(filename):
-                continue
-            path = os.path.join(directory, filename)
-            try:
-                stat = os.lstat(path)
-            except OSError:
-                continue
-            newest = max(newest, stat.st_mtime)
-            if filename in ALWAYS_RELEVANT:
-                # settings.job enters the fingerprint through its parsed content, disable.job
-                # through the disabled flag.
-                continue
-            parts.append((os.path.relpath(path, job_dir), stat.st_size, stat.st_mtime_ns))
-    parts.sort()
-    folder = os.stat(job_dir)
-    return FolderScan(tuple(parts), newest, (folder.st_dev, folder.st_ino))
-
-
-def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"{scan.folder_identity}\n".encode())
-    for rel, size, mtime in scan.fingerprint_parts:
-        digest.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
-    digest.update(json.dumps(dict(settings.raw), sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+def scan_folder(job_dir: Path, cache: HashCache | None = None) -> FolderScan:
+    """The content of a job folder: files read only when their identity changed since `cache`
+    last saw them."""
+    return read_content(job_dir, cache)
 
 
 def observe_job(
@@ -128,12 +100,15 @@ def observe_job(
     settle_s: float,
     now: float,
     which: Callable[[str], str | None],
+    cache: HashCache | None = None,
 ) -> Observation:
     """Look at one job folder. Reads files only; safe in any thread."""
     if not is_valid_job_name(key.name) or not job_dir.is_dir():
+        if cache is not None:
+            cache.forget(os.fspath(job_dir))
         return Observation(key, present=False)
     try:
-        scan = scan_folder(job_dir)
+        scan = scan_folder(job_dir, cache)
         command = select_command(job_dir, which=which)
         script_dir = find_script_dir(job_dir)
     except OSError as error:
@@ -186,6 +161,7 @@ class Catalog:
         self._reported: dict[object, str] = {}
         self._settling_since: dict[JobKey, float] = {}
         self._unconfirmed: dict[JobKey, tuple[str, bool]] = {}
+        self.hashes = HashCache()
         self.generation = 0
 
     # -- published views ---------------------------------------------------------------------
@@ -238,7 +214,14 @@ class Catalog:
         now = self._clock()
         settle_s = self.settle_s if settle else 0.0
         return [
-            observe_job(self.job_dir(key), key, settle_s=settle_s, now=now, which=self._which)
+            observe_job(
+                self.job_dir(key),
+                key,
+                settle_s=settle_s,
+                now=now,
+                which=self._which,
+                cache=self.hashes,
+            )
             for key in keys
         ]
 
@@ -321,6 +304,7 @@ class Catalog:
                     warning,
                     folder=str(observation.settings_path),
                 )
+        self._report_skipped(observation)
         return JobSpec(
             key=key,
             job_dir=self.job_dir(key),
@@ -329,6 +313,21 @@ class Catalog:
             disabled=observation.disabled,
             fingerprint=fingerprint_of(observation.scan, settings),
         )
+
+    def _report_skipped(self, observation: Observation) -> None:
+        """A FIFO or socket in a job folder is no job file: said once per file, not per scan."""
+        assert observation.scan is not None
+        key, skipped = observation.key, set(observation.scan.skipped)
+        for marker in list(self._reported):
+            stale = isinstance(marker, tuple) and marker[:2] == ("special", key)
+            if stale and marker[2] not in skipped:  # type: ignore[index]
+                del self._reported[marker]
+        for entry in sorted(skipped):
+            self._report_once(
+                ("special", key, entry),
+                f"special file {entry} is not a job file: not copied, not fingerprinted",
+                folder=str(self.job_dir(key)),
+            )
 
     def _drop(self, key: JobKey, result: RefreshResult) -> None:
         if self._specs.pop(key, None) is not None:
