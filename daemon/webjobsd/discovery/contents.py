@@ -215,15 +215,20 @@ class HashCache:
             return sum(len(hashes) for hashes in self._folders.values())
 
 
-def read_content(root: str | os.PathLike[str], cache: HashCache | None = None) -> FolderContent:
-    """The content of the folder `root` (see the module docstring). Raises OSError if unreadable."""
+def read_content(
+    root: str | os.PathLike[str], cache: HashCache | None = None, *, now: float | None = None
+) -> FolderContent:
+    """The content of the folder `root` (see the module docstring). Raises OSError if unreadable.
+
+    `now`: the wall-clock time of the scan, for the racy rule (default: the current time).
+    """
     folder = os.fspath(root)
     known = cache.known(folder) if cache is not None else {}
     seen: dict[str, tuple[FileIdentity, str]] = {}
     entries: list[ContentEntry] = []
     skipped: list[str] = []
     newest = 0.0
-    now = time.time()
+    now = time.time() if now is None else now
     for found in walk_job_folder(folder, upload_temps=True):
         st = found.stat
         mode = st.st_mode

@@ -143,9 +143,11 @@ def remove_tree(path: Path) -> None:
     while stack:
         folder = stack.pop()
         try:
+            if os.path.islink(folder):
+                os.unlink(folder)  # only `top` can be one: links below are never entered
+                continue
             # A job may have made a folder of its copy read-only; it is still ours to remove.
-            if not os.path.islink(folder):
-                os.chmod(folder, 0o700)
+            os.chmod(folder, 0o700)
             with os.scandir(folder) as listing:
                 entries = list(listing)
         except OSError:
