@@ -332,6 +332,36 @@ async def test_a_crash_looping_job_never_starts_from_a_file_being_overwritten(
     assert all(complete(line) for line in seen), f"a start saw a partial file: {seen}"
 
 
+async def test_an_in_place_job_waits_for_its_folder_to_settle(site: Site, tmp_path: Path) -> None:
+    """1. an in-place job (no copy to fall back on) that records what it sees and exits
+    2. big.bin overwritten in place slowly  3. no start saw a partial file; the job log says it
+    waits for the folder; the new file runs in the end."""
+    record = tmp_path / "seen.txt"
+    job_dir = site.write_job(
+        "continuous",
+        "inplace",
+        {
+            "run.sh": SEE_BIG.format(record=record) + "exit 1\n",
+            "settings.job": '{"is_in_place": true}',
+        },
+    )
+    (job_dir / "big.bin").write_bytes(b"a" * BIG)
+    old = time.time() - 60
+    for path in job_dir.iterdir():
+        os.utime(path, (old, old))
+    async with running_daemon(site, debounce_s=1.0, environ={"WEBJOBS_RESTART_TIME": "1"}):
+        await wait_for(lambda: records(record), what="first start")
+        writer = SlowWriter(job_dir / "big.bin", b"b").start()
+        await wait_for(writer.done.is_set, timeout=60, what="overwrite finished")
+        writer.join()
+        await wait_for(
+            lambda: records(record)[-1].endswith("b b"), timeout=20, what="new file runs"
+        )
+        assert "Waiting for the job folder" in site.job_log("inplace")
+    seen = records(record)
+    assert all(complete(line) for line in seen), f"a start saw a partial file: {seen}"
+
+
 async def test_a_run_requested_mid_upload_runs_the_last_settled_copy(
     site: Site, tmp_path: Path
 ) -> None:
