@@ -357,9 +357,9 @@ async def test_an_in_place_job_waits_for_its_folder_to_settle(site: Site, tmp_pa
         await wait_for(
             lambda: records(record)[-1].endswith("b b"), timeout=20, what="new file runs"
         )
-        assert "Waiting for the job folder" in site.job_log("inplace")
     seen = records(record)
     assert all(complete(line) for line in seen), f"a start saw a partial file: {seen}"
+    assert "Waiting for the job folder" in site.job_log("inplace")
 
 
 async def test_a_run_requested_mid_upload_runs_the_last_settled_copy(
