@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -56,7 +57,10 @@ CHUNK_BYTES = 1024 * 1024
 RACY_S = 2.0
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-FileIdentity = tuple[int, int, int, int, int]
+# (dev, ino, size, mtime_ns, ctime_ns) packed: the cache holds one per file of every job, and
+# packed bytes take a third of the memory of a tuple of ints.
+FileIdentity = bytes
+_IDENTITY = struct.Struct("<QQqqq")
 
 
 class EntryKind(enum.StrEnum):
@@ -104,7 +108,7 @@ def special_kind(mode: int) -> str | None:
 
 
 def identity_of(st: os.stat_result) -> FileIdentity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def walk_job_folder(root: str | os.PathLike[str], *, upload_temps: bool = False) -> Iterator[Found]:
@@ -170,11 +174,11 @@ def open_regular(path: str, *, dir_fd: int | None = None) -> tuple[int, os.stat_
     return fd, st
 
 
-def hash_fd(fd: int) -> str:
+def hash_fd(fd: int) -> bytes:
     digest = hashlib.sha256()
     while chunk := os.read(fd, CHUNK_BYTES):
         digest.update(chunk)
-    return digest.hexdigest()
+    return digest.digest()
 
 
 def is_racy(st: os.stat_result, now: float) -> bool:
@@ -186,18 +190,21 @@ def file_kind(st: os.stat_result) -> EntryKind:
 
 
 class HashCache:
-    """SHA-256 of files by identity, per scanned folder; safe to share between threads."""
+    """SHA-256 of files by identity, per scanned folder; safe to share between threads.
+
+    A folder maps each relative path to its identity followed by the raw digest, in one bytes.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._folders: dict[str, dict[str, tuple[FileIdentity, str]]] = {}
+        self._folders: dict[str, dict[str, bytes]] = {}
         self.files_hashed = 0  # how many files were read, for tests and figures
 
-    def known(self, folder: str) -> dict[str, tuple[FileIdentity, str]]:
+    def known(self, folder: str) -> dict[str, bytes]:
         with self._lock:
             return self._folders.get(folder, {})
 
-    def replace(self, folder: str, hashes: dict[str, tuple[FileIdentity, str]]) -> None:
+    def replace(self, folder: str, hashes: dict[str, bytes]) -> None:
         """The hashes a scan of `folder` saw: the entries of files gone are dropped with it."""
         with self._lock:
             self._folders[folder] = hashes
@@ -224,7 +231,7 @@ def read_content(
     """
     folder = os.fspath(root)
     known = cache.known(folder) if cache is not None else {}
-    seen: dict[str, tuple[FileIdentity, str]] = {}
+    seen: dict[str, bytes] = {}
     entries: list[ContentEntry] = []
     skipped: list[str] = []
     newest = 0.0
@@ -253,16 +260,17 @@ def read_content(
         newest = max(newest, st.st_mtime)
         identity = identity_of(st)
         cached = known.get(found.rel)
-        if cached is not None and cached[0] == identity:
+        if cached is not None and cached.startswith(identity):
             seen[found.rel] = cached
-            entries.append(ContentEntry(found.rel, file_kind(st), cached[1]))
+            digest = cached[_IDENTITY.size :].hex()
+            entries.append(ContentEntry(found.rel, file_kind(st), digest))
             continue
         opened = open_regular(found.path)
         if opened is None:
             continue
         fd, opened_stat = opened
         try:
-            digest = hash_fd(fd)
+            raw = hash_fd(fd)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -270,8 +278,8 @@ def read_content(
             cache.count_hashed()
         identity = identity_of(opened_stat)
         if identity_of(after) == identity and not is_racy(after, now):
-            seen[found.rel] = (identity, digest)
-        entries.append(ContentEntry(found.rel, file_kind(opened_stat), digest))
+            seen[found.rel] = identity + raw
+        entries.append(ContentEntry(found.rel, file_kind(opened_stat), raw.hex()))
     if cache is not None:
         cache.replace(folder, seen)
     entries.sort(key=lambda entry: entry.rel)
