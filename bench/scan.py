@@ -80,12 +80,11 @@ def main() -> None:
         touched = timed(lambda: catalog.observe([key]))
         spec = catalog.specs[key]
         copy = WorkingCopy(job, root / "copies")
-        takes_spec = "spec" in inspect.signature(copy.prepare).parameters
-        made = timed(
-            lambda: (
-                copy.prepare(spec, lambda _: None) if takes_spec else copy.prepare(lambda _: None)
-            )  # type: ignore[call-arg,arg-type]
-        )
+        prepare: Any = copy.prepare  # its signature differs between versions
+        if "spec" in inspect.signature(prepare).parameters:
+            made = timed(lambda: prepare(spec, lambda _: None))
+        else:  # the version before content fingerprints
+            made = timed(lambda: prepare(lambda _: None))
     print(f"webjobsd from {sys.modules['webjobsd'].__file__}")
     print(f"job folder: {args.files} files of {args.size} bytes")
     print(f"first look:            {first * 1000:8.1f} ms")
