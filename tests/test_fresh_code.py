@@ -398,6 +398,27 @@ async def test_a_run_requested_mid_upload_runs_the_last_settled_copy(
     assert seen[2] == f"{BIG} b b", seen
 
 
+async def test_a_first_run_requested_mid_upload_waits_for_the_folder_to_settle(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. a triggered job that never ran (no copy to fall back on)  2. a run requested while its
+    big.bin is overwritten slowly  3. the run says it waits, then runs the whole new file."""
+    record = tmp_path / "seen.txt"
+    job_dir = site.write_job("triggered", "first", {"run.sh": SEE_BIG.format(record=record)})
+    (job_dir / "big.bin").write_bytes(b"a" * BIG)
+    old = time.time() - 60
+    os.utime(job_dir / "big.bin", (old, old))
+    async with running_daemon(site, debounce_s=1.0) as daemon:
+        writer = SlowWriter(job_dir / "big.bin", b"b").start()
+        await wait_for(lambda: writer.written >= 4 * writer.chunk, what="upload under way")
+        await daemon.request_run("first")
+        await wait_for(lambda: records(record), timeout=60, what="the run ran")
+        writer.join()
+        await wait_for(lambda: not daemon.triggered.active, what="run ended")  # type: ignore[union-attr]
+    assert records(record) == [f"{BIG} b b"]
+    assert "Waiting for the job folder" in output_of_latest(site, "first")
+
+
 async def test_rsync_temp_files_never_reach_a_working_copy(site: Site, tmp_path: Path) -> None:
     """1. a crash-looping job that lists its files at each start  2. rsync -a --bwlimit of a new
     version with a big file (its `.zz.bin.XXXXXX` lives for seconds)  3. no start ever saw an
