@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,22 @@ def test_remove_tree_of_a_link_removes_the_link_not_its_target(tmp_path: Path) -
     remove_tree(tmp_path / "link")
     assert not os.path.lexists(tmp_path / "link")
     assert (target / "keep.txt").exists()
+
+
+def test_a_copy_across_file_systems_reads_and_writes(tmp_path: Path) -> None:
+    """copy_file_range refuses (EXDEV) between tmpfs and a disk: the copy falls back."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temp folder")
+    source = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        made = Job(tmp_path)
+        made.jobs = source / "jobs"
+        made.folder = made.jobs / "continuous" / "app"
+        made.catalog = Catalog(made.jobs, settle_s=0.0, which=lambda name: f"/usr/bin/{name}")
+        made.copy = WorkingCopy(made.folder, made.copies)
+        write(made.folder, "run.sh", b"echo across\n" * 1000)
+        copy = made.prepare(made.settled())
+        assert os.stat(copy).st_dev != os.stat(made.folder).st_dev
+        assert (copy / "run.sh").read_bytes() == b"echo across\n" * 1000
+    finally:
+        remove_tree(source)

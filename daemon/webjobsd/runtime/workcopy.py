@@ -11,10 +11,10 @@ Decisions:
   keeps the last settled spec while a folder settles) runs the LAST SETTLED copy, never a copy of
   half-written files. The catalog, not the copy, decides when new code is there: when the
   fingerprint moves, the copy is rebuilt, whatever the timestamps say.
-* A new copy is verified: the bytes copied are hashed as they are copied, and the copy must have
-  exactly the spec's fingerprint. If the folder changed between the catalog's look and the copy
-  (a new upload began), the new copy is thrown away, the previous one is kept, and
-  `FolderChanged` tells the caller to wait for the catalog's next settled spec.
+* A new copy is verified: each copied file is hashed (the copy's own bytes, read back once
+  written), and the copy must have exactly the spec's fingerprint. If the folder changed between
+  the catalog's look and the copy (a new upload began), the new copy is thrown away, the previous
+  one is kept, and `FolderChanged` tells the caller to wait for the catalog's next settled spec.
 * An in-place job has no copy to fall back on: `check_in_place` verifies the live folder has the
   spec's fingerprint (through a hash cache: stat-only for unchanged files) and raises
   `FolderChanged` otherwise, so that the caller waits for the folder to settle.
@@ -35,7 +35,7 @@ Blocking: callers run `prepare`, `check_in_place` and `discard` in a thread.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import os
 import stat
 import tempfile
@@ -51,6 +51,7 @@ from webjobsd.discovery.contents import (
     HashCache,
     file_kind,
     fingerprint_of,
+    hash_fd,
     open_regular,
     read_content,
     special_kind,
@@ -60,7 +61,14 @@ from webjobsd.model import JobSpec
 
 Note = Callable[[str], None]
 CopyStat = tuple[int, int, int]  # inode, size, mtime_ns of a file as written into the copy
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Read and write: the copy is hashed after it is written.
+_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+COPY_RANGE_BYTES = 64 * 1024 * 1024
+# copy_file_range is refused across some file systems (old kernels), by some (FUSE, NFS without
+# support), or not there at all; read and write then.
+_NO_COPY_RANGE = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
 
 
 class FolderChanged(Exception):
@@ -111,6 +119,7 @@ def copy_job_folder(source: Path, target: Path, note: Note) -> BuiltCopy:
 
 
 def _copy_file(source: str, destination: str) -> tuple[tuple[EntryKind, str], CopyStat] | None:
+    """Copy one file, then hash the copy itself: the digest is of the bytes that will run."""
     opened = open_regular(source)
     if opened is None:
         return None  # gone or no longer a file: the verification sees the difference
@@ -118,12 +127,9 @@ def _copy_file(source: str, destination: str) -> tuple[tuple[EntryKind, str], Co
     try:
         out = os.open(destination, _WRITE_FLAGS, 0o600)
         try:
-            digest = hashlib.sha256()
-            while chunk := os.read(fd, CHUNK_BYTES):
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
+            _copy_bytes(fd, out)
+            os.lseek(out, 0, os.SEEK_SET)
+            digest = hash_fd(out).hex()
             os.fchmod(out, stat.S_IMODE(source_stat.st_mode))
             os.utime(out, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
             written = os.fstat(out)
@@ -132,7 +138,27 @@ def _copy_file(source: str, destination: str) -> tuple[tuple[EntryKind, str], Co
     finally:
         os.close(fd)
     kind = file_kind(source_stat)
-    return (kind, digest.hexdigest()), (written.st_ino, written.st_size, written.st_mtime_ns)
+    return (kind, digest), (written.st_ino, written.st_size, written.st_mtime_ns)
+
+
+def _copy_bytes(source: int, destination: int) -> None:
+    """In the kernel when it can (copy_file_range: no bytes through Python, reflinks on file
+    systems that have them), else by read and write."""
+    try:
+        while os.copy_file_range(source, destination, COPY_RANGE_BYTES):
+            pass
+        return
+    except OSError as error:
+        if error.errno not in _NO_COPY_RANGE:
+            raise
+    # Start over: the failed call may have copied part of the file.
+    os.lseek(source, 0, os.SEEK_SET)
+    os.lseek(destination, 0, os.SEEK_SET)
+    os.ftruncate(destination, 0)
+    while chunk := os.read(source, CHUNK_BYTES):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(destination, view) :]
 
 
 def remove_tree(path: Path) -> None:
