@@ -15,6 +15,8 @@ Decisions:
   written), and the copy must have exactly the spec's fingerprint. If the folder changed between
   the catalog's look and the copy (a new upload began), the new copy is thrown away, the previous
   one is kept, and `FolderChanged` tells the caller to wait for the catalog's next settled spec.
+  The price: while a new copy is made and verified, the job takes twice its size in the temp
+  folder.
 * An in-place job has no copy to fall back on: `check_in_place` verifies the live folder has the
   spec's fingerprint (through a hash cache: stat-only for unchanged files) and raises
   `FolderChanged` otherwise, so that the caller waits for the folder to settle.
