@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.helpers import Site, leaders, running_daemon, wait_for
 from tests.test_api_deploy import ZIP_HEADERS, zip_of
@@ -468,7 +469,7 @@ async def test_a_job_folder_500_levels_deep_runs(site: Site) -> None:
 
 async def test_fifos_and_sockets_in_a_job_folder_are_skipped_with_a_warning(site: Site) -> None:
     """1. a job folder holding a FIFO and a unix socket  2. the job runs  3. the job log names
-    both as skipped."""
+    both as skipped; the daemon log warns once per file, however often the folder is read."""
     job_dir = site.write_job(
         "continuous", "odd", {"run.sh": "ls -A; echo listed\nwhile true; do sleep 0.2; done\n"}
     )
@@ -480,12 +481,28 @@ async def test_fifos_and_sockets_in_a_job_folder_are_skipped_with_a_warning(site
         os.rename(short / "sock", job_dir / "sock")
     finally:
         shutil.rmtree(short)
+    with capture_logs() as daemon_log:
+        await run_odd_job(site, job_dir)
+    problems = [str(entry.get("problem", "")) for entry in daemon_log]
+    for special in ("pipe (FIFO)", "sock (socket)"):
+        said = [problem for problem in problems if problem.startswith(f"special file {special}")]
+        assert len(said) == 1, problems
+
+
+async def run_odd_job(site: Site, job_dir: Path) -> None:
     async with running_daemon(site):
         await wait_for(lambda: "listed" in site.job_log("odd"), timeout=15, what="job ran")
         log = site.job_log("odd")
         assert "Skipped 'pipe': a FIFO is not a job file" in log
         assert "Skipped 'sock': a socket is not a job file" in log
         assert site.status("odd") == "Running"
+        for version in ("2", "3"):  # two more looks at the folder, each restarting the job
+            (job_dir / "version.txt").write_text(version)
+            await wait_for(
+                lambda version=version: site.job_log("odd").count("listed") == int(version),
+                timeout=15,
+                what=f"restart {version}",
+            )
 
 
 async def test_a_copy_that_fails_is_said_once_and_retried_when_the_files_change(
