@@ -13,9 +13,10 @@ event loop and is the only place the specs change. `refresh()` does both, for st
 Decisions:
 * A `settings.job` that fails to parse keeps the last good settings of that job (its fingerprint
   does not change, so nothing restarts) and the error is logged with the file name.
-* A job folder whose newest relevant file (noise excluded) is younger than `settle_s` is
-  *settling*: a copy is in progress, the previous spec stays and the key is reported so the caller
-  looks again later. A folder that keeps changing for longer than `settle_cap_s` is taken as it is.
+* A job folder whose newest relevant file (noise excluded, upload temp files included) is younger
+  than `settle_s` is *settling*: a copy is in progress, the previous spec stays and the key is
+  reported so the caller looks again later. A folder that keeps changing for longer than
+  `settle_cap_s` is taken as it is. Files being written are not hashed while a folder settles.
 * Changes found by a periodic rescan (no event announced them) are confirmed by a second look
   before they apply: a copy that keeps the source's old mtimes (`cp -a`, unzip) is invisible to
   the mtime rule, but not to two fingerprints taken a quiet period apart.
@@ -87,10 +88,14 @@ class RefreshResult:
     settling: set[JobKey] = field(default_factory=set)
 
 
-def scan_folder(job_dir: Path, cache: HashCache | None = None) -> FolderScan:
+def scan_folder(
+    job_dir: Path,
+    cache: HashCache | None = None,
+    writing_window: tuple[float, float] | None = None,
+) -> FolderScan:
     """The content of a job folder: files read only when their identity changed since `cache`
-    last saw them."""
-    return read_content(job_dir, cache)
+    last saw them, and not while they are being written (`writing_window`)."""
+    return read_content(job_dir, cache, writing_window=writing_window)
 
 
 def observe_job(
@@ -101,21 +106,27 @@ def observe_job(
     now: float,
     which: Callable[[str], str | None],
     cache: HashCache | None = None,
+    hash_while_settling: bool = False,
 ) -> Observation:
-    """Look at one job folder. Reads files only; safe in any thread."""
+    """Look at one job folder. Reads files only; safe in any thread.
+
+    Files still being written are not hashed unless `hash_while_settling` (the settle cap is
+    reached and the folder is taken as it is).
+    """
     if not is_valid_job_name(key.name) or not job_dir.is_dir():
         if cache is not None:
             cache.forget(os.fspath(job_dir))
         return Observation(key, present=False)
     try:
-        scan = scan_folder(job_dir, cache)
+        window = None if hash_while_settling else (now - settle_s, now + _FUTURE_TOLERANCE_S)
+        scan = scan_folder(job_dir, cache, window if settle_s > 0 else None)
         command = select_command(job_dir, which=which)
         script_dir = find_script_dir(job_dir)
     except OSError as error:
         if not job_dir.is_dir():  # removed while we looked
             return Observation(key, present=False)
         return Observation(key, present=True, error=f"cannot read job folder: {error}")
-    settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S
+    settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S or scan.deferred
     if command is None:
         return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
     settings_path = script_dir / "settings.job"
@@ -221,9 +232,14 @@ class Catalog:
                 now=now,
                 which=self._which,
                 cache=self.hashes,
+                hash_while_settling=self._settle_capped(key, now),
             )
             for key in keys
         ]
+
+    def _settle_capped(self, key: JobKey, now: float) -> bool:
+        since = self._settling_since.get(key)
+        return since is not None and now - since >= self.settle_cap_s
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -251,7 +267,10 @@ class Catalog:
             return
         if observation.settling:
             since = self._settling_since.setdefault(key, now)
-            if now - since < self.settle_cap_s:
+            deferred = observation.scan is not None and observation.scan.deferred
+            # Past the cap, a look that skipped files being written makes no spec: the next
+            # look (soon, the key is reported settling) reads them.
+            if now - since < self.settle_cap_s or deferred:
                 result.settling.add(key)
                 return
         self._settling_since.pop(key, None)

@@ -83,6 +83,9 @@ class FolderContent:
     # upload writes its temp file); 0.0 for an empty folder.
     newest_mtime: float = 0.0
     skipped: tuple[str, ...] = ()  # "path (what)" of special files, sorted
+    # Files still being written were not read (see `read_content`'s `writing_window`): the
+    # entries are incomplete and make no fingerprint.
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +226,18 @@ class HashCache:
 
 
 def read_content(
-    root: str | os.PathLike[str], cache: HashCache | None = None, *, now: float | None = None
+    root: str | os.PathLike[str],
+    cache: HashCache | None = None,
+    *,
+    now: float | None = None,
+    writing_window: tuple[float, float] | None = None,
 ) -> FolderContent:
     """The content of the folder `root` (see the module docstring). Raises OSError if unreadable.
 
     `now`: the wall-clock time of the scan, for the racy rule (default: the current time).
+    `writing_window`: (after, until): a file whose mtime falls in it is being written; it is not
+    read (a growing upload of gigabytes would be hashed again at every look while the folder
+    settles) and the result is marked `deferred`.
     """
     folder = os.fspath(root)
     known = cache.known(folder) if cache is not None else {}
@@ -235,6 +245,7 @@ def read_content(
     entries: list[ContentEntry] = []
     skipped: list[str] = []
     newest = 0.0
+    deferred = False
     now = time.time() if now is None else now
     for found in walk_job_folder(folder, upload_temps=True):
         st = found.stat
@@ -258,6 +269,10 @@ def read_content(
             skipped.append(f"{found.rel} ({what})")
             continue
         newest = max(newest, st.st_mtime)
+        if writing_window is not None and writing_window[0] < st.st_mtime <= writing_window[1]:
+            deferred = True
+            entries.append(ContentEntry(found.rel, file_kind(st), ""))
+            continue
         identity = identity_of(st)
         cached = known.get(found.rel)
         if cached is not None and cached.startswith(identity):
@@ -284,7 +299,7 @@ def read_content(
         cache.replace(folder, seen)
     entries.sort(key=lambda entry: entry.rel)
     skipped.sort()
-    return FolderContent(tuple(entries), newest, tuple(skipped))
+    return FolderContent(tuple(entries), newest, tuple(skipped), deferred)
 
 
 def content_digest(content: FolderContent) -> str:
