@@ -110,3 +110,33 @@ def test_a_removed_folder_is_dropped(tmp_path: Path) -> None:
     script.parent.rmdir()
     assert cat.refresh({APP}).changed == {APP}
     assert not cat.specs
+
+
+def test_a_file_being_written_is_hashed_only_once_the_settle_cap_is_reached(
+    tmp_path: Path,
+) -> None:
+    """A growing upload is not read at every look while its folder settles; past the cap the
+    folder is taken as it is, hashed in full."""
+    make(tmp_path, "continuous/app/run.sh")
+    upload = tmp_path / "continuous/app/big.bin"
+    upload.write_bytes(b"x" * 100_000)
+    clock = [time.time()]
+    cat = Catalog(
+        tmp_path,
+        settle_s=1.0,
+        settle_cap_s=5.0,
+        which=lambda name: f"/usr/bin/{name}",
+        clock=lambda: clock[0],
+    )
+    start = clock[0]
+    for offset in (0.0, 1.5, 3.0, 4.5):  # within the cap
+        clock[0] = start + offset
+        os.utime(upload, (clock[0], clock[0]))  # still being written
+        hashed = cat.hashes.files_hashed
+        assert cat.refresh().settling == {APP}
+        assert cat.hashes.files_hashed <= hashed + 1, "the upload was read while settling"
+    clock[0] = start + 6.0
+    os.utime(upload, (clock[0], clock[0]))
+    hashed = cat.hashes.files_hashed
+    assert cat.refresh().changed == {APP}
+    assert cat.hashes.files_hashed == hashed + 2  # run.sh is still racy: read again too

@@ -3,7 +3,8 @@
 A scan of the job folder is the truth; watcher events only say which folders to look at again.
 For each job folder the scan applies Kudu's script rules (a folder without a runnable script is no
 job), reads `settings.job` leniently, checks `disable.job`, validates the name (Part A #3) and
-computes a fingerprint over the files that matter.
+computes a fingerprint over the files that matter: their content, through a hash cache that reads a
+file again only when its identity (inode, size, mtime, ctime) changed (`contents.py`).
 
 Looking and deciding are split: `observe()` only reads the file system and returns
 `Observation`s (safe to run in a worker thread, it touches no catalog state); `apply()` runs on the
@@ -12,19 +13,23 @@ event loop and is the only place the specs change. `refresh()` does both, for st
 Decisions:
 * A `settings.job` that fails to parse keeps the last good settings of that job (its fingerprint
   does not change, so nothing restarts) and the error is logged with the file name.
-* A job folder whose newest relevant file (noise excluded) is younger than `settle_s` is
-  *settling*: a copy is in progress, the previous spec stays and the key is reported so the caller
-  looks again later. A folder that keeps changing for longer than `settle_cap_s` is taken as it is.
+* A job folder whose newest relevant file (noise excluded, upload temp files included) is younger
+  than `settle_s` is *settling*: a copy is in progress, the previous spec stays and the key is
+  reported so the caller looks again later. A folder that keeps changing for longer than
+  `settle_cap_s` is taken as it is. Files being written are not hashed while a folder settles.
 * Changes found by a periodic rescan (no event announced them) are confirmed by a second look
   before they apply: a copy that keeps the source's old mtimes (`cp -a`, unzip) is invisible to
   the mtime rule, but not to two fingerprints taken a quiet period apart.
-* Problems are logged once per distinct problem, not at every rescan.
+* Problems are logged once per distinct problem, not at every rescan. A special file (FIFO,
+  socket) in a job folder is skipped, with one warning naming it: it is no code, and reading it
+  could block.
+* The fingerprint is content, not the folder's inode: a deployment that swaps in a folder of
+  identical files (a re-uploaded zip) restarts nothing, one that changes a byte under the same
+  sizes and timestamps restarts the job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -35,7 +40,7 @@ from types import MappingProxyType
 
 import structlog
 
-from webjobsd.discovery.ignore import ALWAYS_RELEVANT, IGNORED_DIRECTORIES, is_ignored_name
+from webjobsd.discovery.contents import FolderContent, HashCache, fingerprint_of, read_content
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
 from webjobsd.discovery.scripts import find_script_dir, select_command
 from webjobsd.model import (
@@ -55,13 +60,9 @@ NO_RUNNABLE_SCRIPT = "No runnable script file was found."
 _FUTURE_TOLERANCE_S = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class FolderScan:
-    fingerprint_parts: tuple[tuple[str, int, int], ...]
-    newest_mtime: float
-    # The folder itself: a folder swapped in by a deployment is a new job even when its files
-    # carry the same sizes and (zip) timestamps as the old ones.
-    folder_identity: tuple[int, int] = (0, 0)
+# What one scan of a job folder found: its content (hashed through the catalog's cache), the
+# newest mtime (settling) and the special files it skipped. See `contents.py`.
+FolderScan = FolderContent
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,38 +88,14 @@ class RefreshResult:
     settling: set[JobKey] = field(default_factory=set)
 
 
-def scan_folder(job_dir: Path) -> FolderScan:
-    """(relative path, size, mtime) of every file that matters, and the newest of their mtimes."""
-    parts: list[tuple[str, int, int]] = []
-    newest = 0.0
-    for directory, dirnames, filenames in os.walk(job_dir):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRECTORIES)
-        for filename in filenames:
-            if is_ignored_name(filename):
-                continue
-            path = os.path.join(directory, filename)
-            try:
-                stat = os.lstat(path)
-            except OSError:
-                continue
-            newest = max(newest, stat.st_mtime)
-            if filename in ALWAYS_RELEVANT:
-                # settings.job enters the fingerprint through its parsed content, disable.job
-                # through the disabled flag.
-                continue
-            parts.append((os.path.relpath(path, job_dir), stat.st_size, stat.st_mtime_ns))
-    parts.sort()
-    folder = os.stat(job_dir)
-    return FolderScan(tuple(parts), newest, (folder.st_dev, folder.st_ino))
-
-
-def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"{scan.folder_identity}\n".encode())
-    for rel, size, mtime in scan.fingerprint_parts:
-        digest.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
-    digest.update(json.dumps(dict(settings.raw), sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+def scan_folder(
+    job_dir: Path,
+    cache: HashCache | None = None,
+    writing_window: tuple[float, float] | None = None,
+) -> FolderScan:
+    """The content of a job folder: files read only when their identity changed since `cache`
+    last saw them, and not while they are being written (`writing_window`)."""
+    return read_content(job_dir, cache, writing_window=writing_window)
 
 
 def observe_job(
@@ -128,19 +105,28 @@ def observe_job(
     settle_s: float,
     now: float,
     which: Callable[[str], str | None],
+    cache: HashCache | None = None,
+    hash_while_settling: bool = False,
 ) -> Observation:
-    """Look at one job folder. Reads files only; safe in any thread."""
+    """Look at one job folder. Reads files only; safe in any thread.
+
+    Files still being written are not hashed unless `hash_while_settling` (the settle cap is
+    reached and the folder is taken as it is).
+    """
     if not is_valid_job_name(key.name) or not job_dir.is_dir():
+        if cache is not None:
+            cache.forget(os.fspath(job_dir))
         return Observation(key, present=False)
     try:
-        scan = scan_folder(job_dir)
+        window = None if hash_while_settling else (now - settle_s, now + _FUTURE_TOLERANCE_S)
+        scan = scan_folder(job_dir, cache, window if settle_s > 0 else None)
         command = select_command(job_dir, which=which)
         script_dir = find_script_dir(job_dir)
     except OSError as error:
         if not job_dir.is_dir():  # removed while we looked
             return Observation(key, present=False)
         return Observation(key, present=True, error=f"cannot read job folder: {error}")
-    settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S
+    settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S or scan.deferred
     if command is None:
         return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
     settings_path = script_dir / "settings.job"
@@ -186,6 +172,7 @@ class Catalog:
         self._reported: dict[object, str] = {}
         self._settling_since: dict[JobKey, float] = {}
         self._unconfirmed: dict[JobKey, tuple[str, bool]] = {}
+        self.hashes = HashCache()
         self.generation = 0
 
     # -- published views ---------------------------------------------------------------------
@@ -238,9 +225,21 @@ class Catalog:
         now = self._clock()
         settle_s = self.settle_s if settle else 0.0
         return [
-            observe_job(self.job_dir(key), key, settle_s=settle_s, now=now, which=self._which)
+            observe_job(
+                self.job_dir(key),
+                key,
+                settle_s=settle_s,
+                now=now,
+                which=self._which,
+                cache=self.hashes,
+                hash_while_settling=self._settle_capped(key, now),
+            )
             for key in keys
         ]
+
+    def _settle_capped(self, key: JobKey, now: float) -> bool:
+        since = self._settling_since.get(key)
+        return since is not None and now - since >= self.settle_cap_s
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -268,7 +267,10 @@ class Catalog:
             return
         if observation.settling:
             since = self._settling_since.setdefault(key, now)
-            if now - since < self.settle_cap_s:
+            deferred = observation.scan is not None and observation.scan.deferred
+            # Past the cap, a look that skipped files being written makes no spec: the next
+            # look (soon, the key is reported settling) reads them.
+            if now - since < self.settle_cap_s or deferred:
                 result.settling.add(key)
                 return
         self._settling_since.pop(key, None)
@@ -321,6 +323,7 @@ class Catalog:
                     warning,
                     folder=str(observation.settings_path),
                 )
+        self._report_skipped(observation)
         return JobSpec(
             key=key,
             job_dir=self.job_dir(key),
@@ -329,6 +332,21 @@ class Catalog:
             disabled=observation.disabled,
             fingerprint=fingerprint_of(observation.scan, settings),
         )
+
+    def _report_skipped(self, observation: Observation) -> None:
+        """A FIFO or socket in a job folder is no job file: said once per file, not per scan."""
+        assert observation.scan is not None
+        key, skipped = observation.key, set(observation.scan.skipped)
+        for marker in list(self._reported):
+            stale = isinstance(marker, tuple) and marker[:2] == ("special", key)
+            if stale and marker[2] not in skipped:  # type: ignore[index]
+                del self._reported[marker]
+        for entry in sorted(skipped):
+            self._report_once(
+                ("special", key, entry),
+                f"special file {entry} is not a job file: not copied, not fingerprinted",
+                folder=str(self.job_dir(key)),
+            )
 
     def _drop(self, key: JobKey, result: RefreshResult) -> None:
         if self._specs.pop(key, None) is not None:

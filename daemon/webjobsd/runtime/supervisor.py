@@ -47,13 +47,15 @@ from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
 from webjobsd.runtime.runas import RunAs, prepare_job_data_folder, reclaim_data_folder
-from webjobsd.runtime.workcopy import WorkingCopy
+from webjobsd.runtime.workcopy import FolderChanged, WorkingCopy, describe_error
 from webjobsd.site import JOB_DATA_FOLDER, SiteLayout
 
 log = structlog.get_logger("webjobsd.supervisor")
 
 SINGLETON_RETRY_S = 5.0
 COPY_FAILURE_RETRY_S = 60.0
+COPY_FAILURE_MAX_S = 3600.0
+SETTLE_RETRY_S = 5.0
 UNIT_CRASH_BACKOFF_S = 5.0
 FORCED_STOP_BOUND_S = 5.0
 
@@ -151,6 +153,9 @@ class ContinuousUnit:
         self._slot = f"{self.key.kind.value}.{self.key.name}"
         self._forced = False
         self._stopped_by_us = False
+        # The last copy problem said in the job log, per fingerprint, and failures in a row.
+        self._copy_problem: tuple[str, str] | None = None
+        self._copy_failures: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------------
 
@@ -308,17 +313,8 @@ class ContinuousUnit:
     async def _run_once(self, target: Target) -> None:
         spec = target.spec
         self._transition(ContinuousStatus.STARTING, "starting")
-        try:
-            root = (
-                spec.job_dir
-                if spec.is_in_place
-                else await asyncio.to_thread(self._workcopy.prepare, self._note)
-            )
-        except OSError as error:
-            self._log.system(LogLevel.ERR, f"Failed to copy job files: {error}")
-            await self._wait_changed(COPY_FAILURE_RETRY_S)
-            return
-        if self._target is not target:
+        root = await self._prepare_root(spec)
+        if root is None or self._target is not target:
             return
         try:
             await asyncio.to_thread(
@@ -373,8 +369,56 @@ class ContinuousUnit:
         self._remember_process(self.process.identity)
         await self._supervise(target, self.process, shutdown_file)
 
-    def _note(self, message: str) -> None:
-        self._log.system(LogLevel.INFO, message)
+    async def _prepare_root(self, spec: JobSpec) -> Path | None:
+        """The folder to run `spec` from, or None after waiting (the loop then looks again).
+
+        A restart while the folder is being changed reuses the copy made for `spec` (see
+        workcopy.py); only when there is none, or for an in-place job, does it wait here for the
+        catalog's next settled spec. A copy that fails is the job's error: said once per version
+        of the job files, retried when they change or after a long backoff, never a unit crash.
+        """
+        loop = asyncio.get_running_loop()
+
+        def note(message: str) -> None:
+            # Called from the copying thread: hand the line to the loop's thread.
+            loop.call_soon_threadsafe(self._log.system, LogLevel.INFO, message)
+
+        try:
+            if spec.is_in_place:
+                root = await asyncio.to_thread(self._workcopy.check_in_place, spec)
+            else:
+                root = await asyncio.to_thread(self._workcopy.prepare, spec, note)
+        except FolderChanged as change:
+            self._report_copy_problem(spec, LogLevel.INFO, f"Waiting for the job folder: {change}")
+            await self._wait_changed(SETTLE_RETRY_S)
+            return None
+        except Exception as error:
+            # Anything (a full disk, a name too long, a folder too deep): the job's error.
+            failures = self._copy_failures.get(spec.fingerprint, 0) + 1
+            self._copy_failures = {spec.fingerprint: failures}
+            delay = min(COPY_FAILURE_RETRY_S * 2 ** min(failures - 1, 10), COPY_FAILURE_MAX_S)
+            problem = f"Failed to copy job files: {describe_error(error)}"
+            if self._report_copy_problem(spec, LogLevel.ERR, problem):
+                log.warning("cannot copy job files", job=str(self.key), error=problem)
+                self._log.system(
+                    LogLevel.INFO,
+                    f"Retrying when the job files change, or in {_format_seconds(delay)} seconds",
+                )
+            self._transition(ContinuousStatus.PENDING_RESTART, "cannot copy job files")
+            await self._wait_changed(delay)
+            return None
+        self._copy_problem = None
+        self._copy_failures = {}
+        return root
+
+    def _report_copy_problem(self, spec: JobSpec, level: LogLevel, message: str) -> bool:
+        """Write `message` to the job log unless it was said for this version of the files."""
+        problem = (spec.fingerprint, message)
+        if self._copy_problem == problem:
+            return False
+        self._copy_problem = problem
+        self._log.system(level, message)
+        return True
 
     def _shutdown_file(self) -> Path:
         folder = self._context.layout.shutdown_dir(self.key)

@@ -20,6 +20,8 @@ Decisions:
 * `WEBJOBS_IDLE_TIMEOUT=0` disables the idle timeout (Kudu's code would kill at the first check).
 * At daemon shutdown a run gets `stopping_wait_time` to finish by itself (its own result is kept if
   it does), then SIGTERM and `min(5 s, stopping_wait_time)` more before SIGKILL.
+* A run requested while the job folder is being written runs the last settled copy; with none
+  for the current spec it waits for the folder to settle (workcopy.py, `_prepare`).
 * A scheduled request carries the occurrence it is for; under the run lock, a run that already
   started at or after that occurrence (another daemon won) makes the request a quiet no-op.
 """
@@ -47,7 +49,7 @@ from webjobsd.runtime.jobprocess import JobProcess, exit_description
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.proctree import new_token
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, SupervisorContext
-from webjobsd.runtime.workcopy import WorkingCopy
+from webjobsd.runtime.workcopy import FolderChanged, WorkingCopy, describe_error
 
 log = structlog.get_logger("webjobsd.triggered")
 
@@ -55,6 +57,9 @@ ALREADY_RUNNING = "Cannot start a new run since job is already running."
 JOBS_STOPPED = 'WebJobs are currently in "stopped" state.'
 IDLE_CHECK_S = 1.0
 SHUTDOWN_LADDER_MAX_S = 5.0
+SETTLE_RETRY_S = 5.0
+SETTLE_WAIT_MIN_S = 120.0
+SPEC_POLL_S = 0.2
 
 
 class RunRefused(Exception):
@@ -248,7 +253,8 @@ class TriggeredJobs:
         status = RunStatus.FAILED
         try:
             output.system(LogLevel.INFO, f"Status changed to {RunStatus.INITIALIZING.value}")
-            root = None if active.stop_requested.is_set() else await self._prepare(spec, output)
+            root = None if active.stop_requested.is_set() else await self._prepare(active, output)
+            spec = active.spec  # the catalog's newer spec when the run waited for one
             if root is None or active.stop_requested.is_set():
                 status = RunStatus.STOPPED
                 output.system(LogLevel.INFO, f"WebJob is stopping: {active.stop_reason}")
@@ -328,23 +334,62 @@ class TriggeredJobs:
                 except Exception:
                     log.exception("run-finished hook failed", job=name, run=record.run_id)
 
-    async def _prepare(self, spec: JobSpec, output: JobLogWriter) -> Path:
-        if spec.is_in_place:
-            return spec.job_dir
-        copy = self._workcopies.get(spec.key.name)
-        if copy is None:
-            copy = WorkingCopy(spec.job_dir, self._context.layout.working_copies_dir(spec.key))
-            self._workcopies[spec.key.name] = copy
+    async def _prepare(self, active: ActiveRun, output: JobLogWriter) -> Path | None:
+        """The folder to run from; None when the run was stopped meanwhile.
+
+        A run requested while the job folder is being written runs the copy made for the spec
+        the catalog last settled on (see workcopy.py). When there is no such copy and the folder
+        no longer holds that spec's files, the run waits (still Initializing) for the catalog's
+        next settled spec and runs that, or fails once the folder has not settled in
+        `_settle_wait_s`.
+        """
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._settle_wait_s()
+        waiting_said = False
 
         def note(message: str) -> None:
             # Called from the copying thread: hand the line to the loop's thread.
             loop.call_soon_threadsafe(output.system, LogLevel.INFO, message)
 
-        try:
-            return await asyncio.to_thread(copy.prepare, note)
-        except OSError as error:
-            raise RuntimeError(f"Failed to copy job files: {error}") from error
+        while not active.stop_requested.is_set():
+            spec = active.spec
+            copy = self._workcopies.get(spec.key.name)
+            if copy is None:
+                copy = WorkingCopy(spec.job_dir, self._context.layout.working_copies_dir(spec.key))
+                self._workcopies[spec.key.name] = copy
+            try:
+                if spec.is_in_place:
+                    return await asyncio.to_thread(copy.check_in_place, spec)
+                return await asyncio.to_thread(copy.prepare, spec, note)
+            except FolderChanged as change:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"The job folder did not settle within {self._settle_wait_s():g} seconds"
+                    ) from change
+                if not waiting_said:
+                    output.system(LogLevel.INFO, f"Waiting for the job folder: {change}")
+                    waiting_said = True
+                await self._next_spec(active, min(SETTLE_RETRY_S, deadline - time.monotonic()))
+            except Exception as error:
+                raise RuntimeError(f"Failed to copy job files: {describe_error(error)}") from error
+        return None
+
+    def _settle_wait_s(self) -> float:
+        config = self._context.config
+        return max(SETTLE_WAIT_MIN_S, 2 * config.debounce_cap_s + config.rescan_s)
+
+    async def _next_spec(self, active: ActiveRun, timeout: float) -> None:
+        """Until the catalog has a newer spec for the job (taken into `active`), a stop, or
+        `timeout`."""
+        deadline = time.monotonic() + timeout
+        key, fingerprint = active.spec.key, active.spec.fingerprint
+        while time.monotonic() < deadline and not active.stop_requested.is_set():
+            newer = self._specs().get(key)
+            if newer is not None and newer.fingerprint != fingerprint:
+                active.spec = newer
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(active.stop_requested.wait(), SPEC_POLL_S)
 
     def _status_for_exit(self, code: int, output: JobLogWriter) -> RunStatus:
         if code == 0:
