@@ -23,12 +23,13 @@ Decisions:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -37,7 +38,7 @@ import structlog
 
 from webjobsd.discovery.ignore import ALWAYS_RELEVANT, IGNORED_DIRECTORIES, is_ignored_name
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
-from webjobsd.discovery.scripts import find_script_dir, select_command
+from webjobsd.discovery.scripts import RESOURCE_ERRNOS, find_script_dir, select_command
 from webjobsd.model import (
     JobKey,
     JobKind,
@@ -53,6 +54,7 @@ NO_RUNNABLE_SCRIPT = "No runnable script file was found."
 # Files whose mtime is this far in the future are not taken as "being written" (clock skew, zips
 # with odd timestamps), or they would never settle.
 _FUTURE_TOLERANCE_S = 2.0
+_SKIPPED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,9 @@ class Observation:
     settings_path: Path | None = None
     disabled: bool = False
     error: str | None = None
+    # The folder exists but could not be read (out of file descriptors, an I/O error): nothing
+    # is known about the job, so whatever was known before stands.
+    unreadable: bool = False
 
 
 @dataclass(slots=True)
@@ -91,7 +96,7 @@ def scan_folder(job_dir: Path) -> FolderScan:
     """(relative path, size, mtime) of every file that matters, and the newest of their mtimes."""
     parts: list[tuple[str, int, int]] = []
     newest = 0.0
-    for directory, dirnames, filenames in os.walk(job_dir):
+    for directory, dirnames, filenames in os.walk(job_dir, onerror=_raise_unless_gone):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRECTORIES)
         for filename in filenames:
             if is_ignored_name(filename):
@@ -99,7 +104,8 @@ def scan_folder(job_dir: Path) -> FolderScan:
             path = os.path.join(directory, filename)
             try:
                 stat = os.lstat(path)
-            except OSError:
+            except OSError as error:
+                _raise_unless_gone(error)
                 continue
             newest = max(newest, stat.st_mtime)
             if filename in ALWAYS_RELEVANT:
@@ -110,6 +116,13 @@ def scan_folder(job_dir: Path) -> FolderScan:
     parts.sort()
     folder = os.stat(job_dir)
     return FolderScan(tuple(parts), newest, (folder.st_dev, folder.st_ino))
+
+
+def _raise_unless_gone(error: OSError) -> None:
+    """A file or folder that vanished or cannot be entered is skipped; any other error (out of
+    file descriptors, I/O) would give a partial scan that looks like a change, so it stops it."""
+    if error.errno not in _SKIPPED_ERRNOS:
+        raise error
 
 
 def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
@@ -139,7 +152,9 @@ def observe_job(
     except OSError as error:
         if not job_dir.is_dir():  # removed while we looked
             return Observation(key, present=False)
-        return Observation(key, present=True, error=f"cannot read job folder: {error}")
+        return Observation(
+            key, present=True, error=f"cannot read job folder: {error}", unreadable=True
+        )
     settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S
     if command is None:
         return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
@@ -151,6 +166,11 @@ def observe_job(
         loaded, warning_list = load_job_settings(settings_path)
         settings, warnings = loaded, tuple(warning_list)
     except JobSettingsError as error:
+        cause = error.__cause__
+        if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+            return Observation(
+                key, present=True, error=f"cannot read {settings_path}: {cause}", unreadable=True
+            )
         settings_error = str(error)
     return Observation(
         key,
@@ -162,7 +182,8 @@ def observe_job(
         settings_warnings=warnings,
         settings_error=settings_error,
         settings_path=settings_path,
-        disabled=(script_dir / "disable.job").exists(),
+        # Kudu's File.Exists: a regular file (links followed); a folder or FIFO of that name is not.
+        disabled=(script_dir / "disable.job").is_file(),
     )
 
 
@@ -244,12 +265,22 @@ class Catalog:
 
     # -- deciding ----------------------------------------------------------------------------
 
-    def apply(self, observations: Iterable[Observation], *, confirm: bool = False) -> RefreshResult:
-        """Update the specs from observations. With `confirm`, a change must be seen twice."""
+    def apply(
+        self,
+        observations: Iterable[Observation],
+        *,
+        confirm: bool = False,
+        writing: Collection[JobKey] = (),
+    ) -> RefreshResult:
+        """Update the specs from observations. With `confirm`, a change must be seen twice.
+
+        `writing`: jobs with a file open for writing (the watcher knows, see openwrites.py):
+        never settled, however long their files have been quiet.
+        """
         result = RefreshResult()
         now = self._clock()
         for observation in observations:
-            self._apply_one(observation, result, now, confirm)
+            self._apply_one(observation, result, now, confirm, observation.key in writing)
         if result.changed:
             self.generation += 1
         return result
@@ -258,7 +289,12 @@ class Catalog:
         return self.apply(self.observe(self.targets(keys)))
 
     def _apply_one(
-        self, observation: Observation, result: RefreshResult, now: float, confirm: bool
+        self,
+        observation: Observation,
+        result: RefreshResult,
+        now: float,
+        confirm: bool,
+        writing: bool = False,
     ) -> None:
         key = observation.key
         if not observation.present:
@@ -266,12 +302,29 @@ class Catalog:
             self._unconfirmed.pop(key, None)
             self._drop(key, result)
             return
+        if writing:
+            # A transfer that stalls inside a file is still a transfer: the quiet period (and
+            # its cap) starts again once the file is closed.
+            self._settling_since.pop(key, None)
+            result.settling.add(key)
+            return
+        if observation.unreadable:
+            # Only "the folder is gone" removes a job: a read error (EMFILE under load) keeps
+            # the last good spec, and the key is looked at again.
+            self._report_once(
+                ("unreadable", key, observation.error),
+                f"{observation.error}; keeping what was known of the job",
+                folder=str(self.job_dir(key)),
+            )
+            result.settling.add(key)
+            return
         if observation.settling:
             since = self._settling_since.setdefault(key, now)
             if now - since < self.settle_cap_s:
                 result.settling.add(key)
                 return
         self._settling_since.pop(key, None)
+        self._forget_reports(key, kinds={"unreadable"})
         if observation.error is not None:
             self._drop(key, result)
             self._set_error(key, observation.error, self.job_dir(key))

@@ -1,0 +1,142 @@
+"""Which files of the jobs tree are open for writing, as inotify reports them.
+
+A transfer that stalls inside one file (FTP, rsync, scp over a slow link) leaves the file's mtime
+unchanged for as long as it stalls, so the quiet-period rule alone takes the job as complete and
+starts it from a truncated file. inotify says more than mtimes: a file that was written to
+(`IN_MODIFY`), or created and then opened (`IN_CREATE` + `IN_OPEN`: the creating `open`), is open
+for writing until `IN_CLOSE_WRITE`. The catalog never settles a job with such a file.
+
+Decisions:
+* Only the creator's open counts after a create: links (`ln`, `ln -s`), `mknod` and folders
+  moved in whole create entries without opening them, and a reader's open is not a writer's.
+  A create not followed by its open within `_CREATE_OPEN_WINDOW_S` is forgotten.
+* A mark ends at `IN_CLOSE_WRITE` (a writer that dies has its files closed by the kernel, so the
+  close comes then too), at delete, and moves with a rename.
+* vim's swap files stay open for a whole editing session; they never hold a job.
+* The safety cap `OPEN_WRITE_CAP_S` (15 minutes): a file open longer than that is taken as it
+  is, with a warning naming it. It covers the close events inotify can lose (queue overflow, a
+  watch re-made) and a writer that holds a file open for good. FTP servers drop an idle data
+  connection well within it (vsftpd after 5 minutes, pure-ftpd after 15), which closes the file.
+* Pure and clock-driven, fed on the event loop by the watcher; the watcher maps paths to jobs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+import structlog
+
+log = structlog.get_logger("webjobsd.openwrites")
+
+OPEN_WRITE_CAP_S = 15 * 60.0
+_CREATE_OPEN_WINDOW_S = 5.0
+_NEVER_HOLDING = ("*.swp", "*.swo", "*.swx")
+
+
+def _holds(path: str) -> bool:
+    name = os.path.basename(path)
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in _NEVER_HOLDING)
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
+class CreatorOpens:
+    """Which `opened` events are worth passing on: only the creator's, right after its create.
+
+    Runs on watchdog's thread (it only filters): every read of a job file (the catalog, a
+    working copy being made, an in-place job) opens it, and those opens must not each cost a
+    hand-over to the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._created: dict[str, float] = {}
+        # Opens passed on and not closed yet: their close is passed on too, whatever its kind
+        # (a folder moved in reports its files as created, and the next open may be a reader's).
+        self._passed: set[str] = set()
+
+    def keep(self, kind: str, path: str, *, is_directory: bool, now: float) -> bool:
+        if is_directory:
+            return kind not in ("opened", "closed_no_write")
+        # Insertion order is time order: stop at the first recent one.
+        for known, at in list(self._created.items()):
+            if now - at < _CREATE_OPEN_WINDOW_S:
+                break
+            del self._created[known]
+        if kind == "created":
+            self._created[path] = now
+        elif kind == "opened":
+            if self._created.pop(path, None) is None:
+                return False
+            self._passed.add(path)
+        elif kind in ("closed", "closed_no_write", "deleted"):
+            self._created.pop(path, None)
+            if path in self._passed:
+                self._passed.discard(path)
+                return True
+        return kind != "closed_no_write"
+
+
+class OpenWrites:
+    """Fed on the event loop with the events `CreatorOpens` kept."""
+
+    def __init__(self, cap_s: float = OPEN_WRITE_CAP_S) -> None:
+        self.cap_s = cap_s
+        self._open: dict[str, float] = {}  # path -> first seen open for writing
+        self._written: set[str] = set()  # marks that saw a write, not only the creator's open
+
+    def event(self, kind: str, path: str, dest: str, *, is_directory: bool, now: float) -> None:
+        """One watchdog event (`kind` is its event_type)."""
+        if kind == "deleted" or (kind == "moved" and not dest):
+            self._drop(path, is_directory)
+        elif kind == "moved":
+            if path:  # moved in from outside the watch: nothing was known of it
+                self._move(path, dest, is_directory)
+        elif is_directory:
+            return
+        elif kind in ("opened", "modified"):
+            if _holds(path):
+                self._open.setdefault(path, now)
+                if kind == "modified":
+                    self._written.add(path)
+        elif kind == "closed" or (kind == "closed_no_write" and path not in self._written):
+            # A close without write ends an open that never wrote: it was a reader's after all.
+            self._open.pop(path, None)
+            self._written.discard(path)
+
+    def _matching(self, path: str, is_directory: bool) -> list[str]:
+        return [p for p in self._open if (_under(p, path) if is_directory else p == path)]
+
+    def _drop(self, path: str, is_directory: bool) -> None:
+        for known in self._matching(path, is_directory):
+            del self._open[known]
+            self._written.discard(known)
+
+    def _move(self, src: str, dest: str, is_directory: bool) -> None:
+        for old in self._matching(src, is_directory):
+            new = dest + old[len(src) :]
+            self._open[new] = self._open.pop(old)
+            if old in self._written:
+                self._written.discard(old)
+                self._written.add(new)
+
+    def open_paths(self, now: float) -> dict[str, float]:
+        """Paths open for writing (with since when), marks past the cap dropped with a warning."""
+        for path, since in list(self._open.items()):
+            if now - since >= self.cap_s:
+                del self._open[path]
+                self._written.discard(path)
+                log.warning(
+                    "file open for writing longer than the cap; taken as it is",
+                    file=path,
+                    open_s=round(now - since),
+                    cap_s=self.cap_s,
+                )
+        return dict(self._open)
+
+    def clear(self) -> None:
+        """The watch was re-made: closes of the old one will never arrive."""
+        self._open.clear()
+        self._written.clear()
