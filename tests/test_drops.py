@@ -305,3 +305,35 @@ async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site
         await wait_for(lambda: starts(site, "gitjob") == 3, timeout=20, what="job back")
         await settled(daemon, key)
     assert site.job_log("gitjob").count("gitjob v2") == 2
+
+
+async def test_a_job_folder_renamed_in_whole_needs_no_quiet_period(site: Site) -> None:
+    """Quiet period 6 s. 1. a job folder renamed into place is discovered well within it
+    2. a folder renamed in while a process still writes a file in it is not taken at once (/proc
+    shows the writer); once the file is closed, the job is discovered."""
+    (site.jobs / "triggered").mkdir(parents=True)
+    async with running_daemon(site, debounce_s=6.0, debounce_cap_s=30.0) as daemon:
+        catalog, discovery = daemon.catalog, daemon.discovery
+        assert catalog is not None and discovery is not None
+        whole = JobKey(JobKind.TRIGGERED, "whole")
+        begin = time.monotonic()
+        site.write_job("triggered", "whole", {"run.sh": "echo\n", "lib/data.txt": "x\n"})
+        await wait_for(lambda: whole in catalog.specs, timeout=3, what="taken at once")
+        latency = time.monotonic() - begin
+        assert latency < 3.0
+
+        staging = site.root / "staging-open"
+        staging.mkdir()
+        (staging / "run.sh").write_text("echo\n")
+        held = JobKey(JobKind.TRIGGERED, "held")
+        with open(staging / "data.bin", "wb") as writer:
+            writer.write(b"half")
+            writer.flush()
+            renamed = time.monotonic()
+            os.rename(staging, site.job_dir("triggered", "held"))
+            await wait_for(
+                lambda: (discovery.last_pass_monotonic or 0) > renamed, what="arrival looked at"
+            )
+            assert held not in catalog.specs
+            writer.write(b" and the rest")
+        await wait_for(lambda: held in catalog.specs, timeout=20, what="taken once closed")

@@ -17,6 +17,12 @@ Decisions:
   is, with a warning naming it. It covers the close events inotify can lose (queue overflow, a
   watch re-made) and a writer that holds a file open for good. FTP servers drop an idle data
   connection well within it (vsftpd after 5 minutes, pure-ftpd after 15), which closes the file.
+* An open without a write yet counts (FTP servers buffer: the first bytes of a transfer that
+  stalls at once may not have reached the file), except for a folder that arrived in whole: its
+  files are reported as created, so the daemon's own first reads of them look like creators'
+  opens. There /proc decides: `writers_under` is asked before such an arrival is taken without
+  a quiet period; when it cannot tell (a daemon that may not read every process's descriptors,
+  i.e. not root), the arrival goes the usual way, quiet period included.
 * Pure and clock-driven, fed on the event loop by the watcher; the watcher maps paths to jobs.
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from pathlib import Path
 
 import structlog
 
@@ -122,8 +129,9 @@ class OpenWrites:
                 self._written.discard(old)
                 self._written.add(new)
 
-    def open_paths(self, now: float) -> dict[str, float]:
-        """Paths open for writing (with since when), marks past the cap dropped with a warning."""
+    def open_paths(self, now: float, *, written_only: bool = False) -> dict[str, float]:
+        """Paths open for writing (with since when), marks past the cap dropped with a warning.
+        `written_only`: leave out opens that have not written yet (see the module docstring)."""
         for path, since in list(self._open.items()):
             if now - since >= self.cap_s:
                 del self._open[path]
@@ -134,9 +142,53 @@ class OpenWrites:
                     open_s=round(now - since),
                     cap_s=self.cap_s,
                 )
+        if written_only:
+            return {path: since for path, since in self._open.items() if path in self._written}
         return dict(self._open)
 
     def clear(self) -> None:
         """The watch was re-made: closes of the old one will never arrive."""
         self._open.clear()
         self._written.clear()
+
+
+def writers_under(folder: Path) -> bool | None:
+    """True when some process holds a file under `folder` open for writing, False when none
+    does, None when it cannot be told. Blocking (reads /proc): call it in a thread."""
+    prefix = str(folder) + os.sep
+    unknown = False
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:
+            return None
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix) and _opened_for_writing(pid, fd):
+                return True
+    return None if unknown else False
+
+
+def _opened_for_writing(pid: str, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("flags:"):
+                    flags = int(line.split()[1], 8)
+                    return flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    except (OSError, ValueError, IndexError):
+        return False  # closed meanwhile
+    return False

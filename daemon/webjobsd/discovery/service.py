@@ -9,7 +9,8 @@ again, so they are looked at once their files have been quiet for the debounce p
 Hand-offs, one way: the watcher says which jobs have a file open for writing (taken before the
 folder reads and again after them, so a file closed while it was being read still counts) and the
 catalog never settles those. A job folder that *arrived* (renamed into place in whole) is looked
-at on the next turn without a quiet period, unless something in it is open for writing.
+at on the next turn without a quiet period, unless something in it is open for writing (inotify
+or /proc says so, or /proc cannot tell: see openwrites.py).
 
 Stuck scans: the pass records what it is doing (`stage`) and since when; `stuck_stage()` names
 it once it has run longer than `stuck_after_s`, and readiness turns false on that. Every read is
@@ -26,6 +27,7 @@ from collections.abc import Callable, Collection
 import structlog
 
 from webjobsd.discovery.catalog import Catalog, Observation, RefreshResult
+from webjobsd.discovery.openwrites import writers_under
 from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher
 from webjobsd.model import JobKey
 
@@ -58,6 +60,8 @@ class DiscoveryService:
         self.last_pass_monotonic: float | None = None
         self.stuck_after_s = stuck_after_s
         self._arrived: set[JobKey] = set()
+        # Arrived job folders a process was seen writing into (see `_pass`).
+        self._suspects: set[JobKey] = set()
         # What the running pass is doing, and since when (None: no pass running).
         self.stage = ""
         self._stage_since: float | None = None
@@ -73,8 +77,10 @@ class DiscoveryService:
         self._arrived.add(key)
         self._wake.set()
 
-    def _writing(self) -> set[JobKey]:
-        return self.watcher.open_for_write() if self.watcher is not None else set()
+    def _writing(self, *, written_only: bool = False) -> set[JobKey]:
+        if self.watcher is None:
+            return set()
+        return self.watcher.open_for_write(written_only=written_only)
 
     def stuck_stage(self) -> str | None:
         """What a pass running longer than `stuck_after_s` is stuck on, else None."""
@@ -104,23 +110,47 @@ class DiscoveryService:
         return self._after(self.catalog.refresh(None), full=True)
 
     async def refresh(
-        self, keys: set[JobKey] | None, *, confirm: bool = False, settle: bool = True
+        self,
+        keys: set[JobKey] | None,
+        *,
+        confirm: bool = False,
+        settle: bool = True,
+        arrived: bool = False,
     ) -> RefreshResult:
-        writing_before = self._writing()
+        """`arrived`: folders renamed in whole, with no writer /proc could see (openwrites.py)."""
+        written_only = arrived
+        writing_before = self._writing(written_only=written_only)
         targets = self.catalog.targets(keys)
-        observations = await asyncio.to_thread(self._observe, targets, settle)
-        writing = writing_before | self._writing()
+        suspects = self._suspects & set(targets)
+        observations, still_written = await asyncio.to_thread(
+            self._observe, targets, suspects, settle
+        )
+        self._suspects -= suspects - still_written
+        writing = writing_before | self._writing(written_only=written_only) | still_written
         result = self.catalog.apply(observations, confirm=confirm, writing=writing)
         return self._after(result, full=keys is None)
 
-    def _observe(self, targets: Collection[JobKey], settle: bool) -> list[Observation]:
-        """In the reading thread: one job at a time, so a stuck read names its job."""
+    def _observe(
+        self, targets: Collection[JobKey], suspects: set[JobKey], settle: bool
+    ) -> tuple[list[Observation], set[JobKey]]:
+        """In the reading thread: one job at a time, so a stuck read names its job. Suspects
+        (folders that arrived with a writer inside) are asked about again, before the read."""
+        still_written = {key for key, writer in self._writers(suspects).items() if writer}
         observations: list[Observation] = []
         for key in targets:
             self._set_stage(f"reading job folder {key}")
             observations.extend(self.catalog.observe([key], settle=settle))
         self._set_stage("applying")
-        return observations
+        return observations, still_written
+
+    def _writers(self, keys: set[JobKey]) -> dict[JobKey, bool | None]:
+        """In the reading thread: whether a process writes into each job folder (None: /proc
+        cannot tell)."""
+        found: dict[JobKey, bool | None] = {}
+        for key in keys:
+            self._set_stage(f"looking for writers in {key}")
+            found[key] = writers_under(self.catalog.job_dir(key))
+        return found
 
     def _after(self, result: RefreshResult, *, full: bool) -> RefreshResult:
         now = self._clock()
@@ -165,11 +195,16 @@ class DiscoveryService:
         now = self._clock()
         if self._arrived:
             arrived, self._arrived = self._arrived, set()
-            writing = self._writing()
-            for key in arrived & writing:
-                self.debouncer.touch(key, now)  # not complete after all: the usual way
-            if arrived - writing:
-                await self.refresh(arrived - writing, settle=False)
+            candidates = arrived - self._writing(written_only=True)
+            writers = await asyncio.to_thread(self._writers, candidates)
+            complete = {key for key, writer in writers.items() if writer is False}
+            # A writer /proc saw holds the job until /proc sees it no more (inotify never saw
+            # that file opened); where /proc cannot tell, the usual way (quiet period) decides.
+            self._suspects |= {key for key, writer in writers.items() if writer}
+            for key in arrived - complete:
+                self.debouncer.touch(key, now)
+            if complete:
+                await self.refresh(complete, settle=False, arrived=True)
         due = self.debouncer.pop_due(now)
         if None in due:
             # Events on the jobs root or a kind folder: look at everything, events announced it.

@@ -218,10 +218,10 @@ class JobsWatcher:
         self.events_seen += 1
         self._on_hint(hint if isinstance(hint, JobKey) else None)
 
-    def open_for_write(self) -> set[JobKey]:
+    def open_for_write(self, *, written_only: bool = False) -> set[JobKey]:
         """Jobs with a file open for writing now (see openwrites.py)."""
         jobs: set[JobKey] = set()
-        for path in self._writes.open_paths(time.monotonic()):
+        for path in self._writes.open_paths(time.monotonic(), written_only=written_only):
             hint = hint_for_path(self._jobs_root, path)
             if isinstance(hint, JobKey):
                 jobs.add(hint)
