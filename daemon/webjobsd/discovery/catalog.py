@@ -19,6 +19,11 @@ Decisions:
   before they apply: a copy that keeps the source's old mtimes (`cp -a`, unzip) is invisible to
   the mtime rule, but not to two fingerprints taken a quiet period apart.
 * Problems are logged once per distinct problem, not at every rescan.
+* A job with a file open for writing (the watcher knows it, `apply(writing=...)`) is settling
+  however long its files have been quiet: a transfer that stalls inside a file is not complete.
+* Only "the folder is gone" removes a job. A folder that cannot be read (out of file
+  descriptors, an I/O error) keeps the last good spec and is looked at again: dropping it would
+  stop a healthy job and start it again once the error passes.
 """
 
 from __future__ import annotations
