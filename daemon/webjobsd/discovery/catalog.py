@@ -28,11 +28,13 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import stat as stat_module
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +141,18 @@ def fingerprint_of(scan: FolderScan, settings: JobSettings) -> str:
     return digest.hexdigest()[:16]
 
 
+def _is_gone(job_dir: Path) -> bool:
+    """No folder there (any other error, such as EMFILE or EIO, is raised: it proves nothing)."""
+    try:
+        return not stat_module.S_ISDIR(os.stat(job_dir).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a link loop in its place: no folder, for good
+            return True
+        raise
+
+
 def observe_job(
     job_dir: Path,
     key: JobKey,
@@ -148,15 +162,18 @@ def observe_job(
     which: Callable[[str], str | None],
 ) -> Observation:
     """Look at one job folder. Reads files only; safe in any thread."""
-    if not is_valid_job_name(key.name) or not job_dir.is_dir():
+    if not is_valid_job_name(key.name):
         return Observation(key, present=False)
     try:
+        if _is_gone(job_dir):
+            return Observation(key, present=False)
         scan = scan_folder(job_dir)
         command = select_command(job_dir, which=which)
         script_dir = find_script_dir(job_dir)
     except OSError as error:
-        if not job_dir.is_dir():  # removed while we looked
-            return Observation(key, present=False)
+        with contextlib.suppress(OSError):
+            if _is_gone(job_dir):  # removed while we looked
+                return Observation(key, present=False)
         return Observation(
             key, present=True, error=f"cannot read job folder: {error}", unreadable=True
         )
