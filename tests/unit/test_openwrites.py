@@ -38,6 +38,14 @@ def test_a_create_without_its_open_is_forgotten() -> None:
     assert not opens.keep("opened", f"{J}/link", is_directory=False, now=60.0)
 
 
+def test_a_made_up_create_of_a_folder_moved_in_is_not_followed_by_its_creators_open() -> None:
+    """The files of a folder renamed in are reported as created: the next open (a reader's: the
+    daemon's own, or an in-place job's interpreter) must not count as a writer's."""
+    opens = CreatorOpens()
+    assert opens.keep("created", f"{J}/run.sh", is_directory=False, now=0.0, synthetic=True)
+    assert not opens.keep("opened", f"{J}/run.sh", is_directory=False, now=0.01)
+
+
 def test_marks_move_with_a_rename_and_go_with_a_delete() -> None:
     writes = OpenWrites()
     writes.event("modified", "/jobs/.staging/x/run.sh", "", is_directory=False, now=0.0)

@@ -7,9 +7,10 @@ starts it from a truncated file. inotify says more than mtimes: a file that was 
 for writing until `IN_CLOSE_WRITE`. The catalog never settles a job with such a file.
 
 Decisions:
-* Only the creator's open counts after a create: links (`ln`, `ln -s`), `mknod` and folders
-  moved in whole create entries without opening them, and a reader's open is not a writer's.
-  A create not followed by its open within `_CREATE_OPEN_WINDOW_S` is forgotten.
+* Only the creator's open counts after a create: links (`ln`, `ln -s`) and `mknod` create
+  entries without opening them, and a reader's open is not a writer's. A create not followed by
+  its open within `_CREATE_OPEN_WINDOW_S` is forgotten; the creates watchdog makes up for the
+  files of a folder moved in (`is_synthetic`) are never followed by their creator's open.
 * A mark ends at `IN_CLOSE_WRITE` (a writer that dies has its files closed by the kernel, so the
   close comes then too), at delete, and moves with a rename.
 * vim's swap files stay open for a whole editing session; they never hold a job.
@@ -18,11 +19,12 @@ Decisions:
   watch re-made) and a writer that holds a file open for good. FTP servers drop an idle data
   connection well within it (vsftpd after 5 minutes, pure-ftpd after 15), which closes the file.
 * An open without a write yet counts (FTP servers buffer: the first bytes of a transfer that
-  stalls at once may not have reached the file), except for a folder that arrived in whole: its
-  files are reported as created, so the daemon's own first reads of them look like creators'
-  opens. There /proc decides: `writers_under` is asked before such an arrival is taken without
-  a quiet period; when it cannot tell (a daemon that may not read every process's descriptors,
-  i.e. not root), the arrival goes the usual way, quiet period included.
+  stalls at once may not have reached the file; tests/test_drops.py shows it with pyftpdlib).
+* A folder renamed into place in whole may hold files still open for writing that inotify never
+  saw opened (written outside the watch). `writers_under` asks /proc before such an arrival is
+  taken without a quiet period, and again while it holds the job; when it cannot tell (a daemon
+  that may not read every process's descriptors, i.e. not root), the arrival goes the usual way,
+  quiet period included. For an arrival, /proc has the last word: only written marks count.
 * Pure and clock-driven, fed on the event loop by the watcher; the watcher maps paths to jobs.
 """
 
@@ -37,7 +39,8 @@ import structlog
 log = structlog.get_logger("webjobsd.openwrites")
 
 OPEN_WRITE_CAP_S = 15 * 60.0
-_CREATE_OPEN_WINDOW_S = 5.0
+# The creator's open is the same system call as the create: its event follows at once.
+_CREATE_OPEN_WINDOW_S = 1.0
 _NEVER_HOLDING = ("*.swp", "*.swo", "*.swx")
 
 
@@ -64,7 +67,11 @@ class CreatorOpens:
         # (a folder moved in reports its files as created, and the next open may be a reader's).
         self._passed: set[str] = set()
 
-    def keep(self, kind: str, path: str, *, is_directory: bool, now: float) -> bool:
+    def keep(
+        self, kind: str, path: str, *, is_directory: bool, now: float, synthetic: bool = False
+    ) -> bool:
+        """Whether to pass the event on. `synthetic`: watchdog made it up (the files of a folder
+        moved in are reported as created); no open of the file followed such a create."""
         if is_directory:
             return kind not in ("opened", "closed_no_write")
         # Insertion order is time order: stop at the first recent one.
@@ -72,7 +79,7 @@ class CreatorOpens:
             if now - at < _CREATE_OPEN_WINDOW_S:
                 break
             del self._created[known]
-        if kind == "created":
+        if kind == "created" and not synthetic:
             self._created[path] = now
         elif kind == "opened":
             if self._created.pop(path, None) is None:

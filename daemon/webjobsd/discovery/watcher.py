@@ -130,7 +130,9 @@ class _Handler(FileSystemEventHandler):
         src = os.fsdecode(event.src_path)
         kind = event.event_type
         now = time.monotonic()
-        if not self._creator_opens.keep(kind, src, is_directory=event.is_directory, now=now):
+        if not self._creator_opens.keep(
+            kind, src, is_directory=event.is_directory, now=now, synthetic=event.is_synthetic
+        ):
             return
         dest = os.fsdecode(getattr(event, "dest_path", "") or "")
         self._deliver(kind, src, dest, event.is_directory)
