@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +26,17 @@ with warnings.catch_warnings():
     from pyftpdlib.handlers import FTPHandler
     from pyftpdlib.servers import FTPServer
 
-from tests.helpers import FAST_CONFIG, Site, running_daemon, wait_for, wait_for_sync
+from tests.helpers import (
+    FAST_CONFIG,
+    DaemonProcess,
+    Site,
+    running_daemon,
+    wait_for,
+    wait_for_sync,
+)
 from webjobsd.app import Daemon
 from webjobsd.model import JobKey, JobKind
+from webjobsd.runtime.jobprocess import free_loopback_port
 
 QUIET_S = float(FAST_CONFIG["debounce_s"])
 USER, PASSWORD = "deploy", "s3cret-deploy"
@@ -337,3 +346,40 @@ async def test_a_job_folder_renamed_in_whole_needs_no_quiet_period(site: Site) -
             assert held not in catalog.specs
             writer.write(b" and the rest")
         await wait_for(lambda: held in catalog.specs, timeout=20, what="taken once closed")
+
+
+def test_a_file_still_being_written_when_the_daemon_starts_holds_its_job(site: Site) -> None:
+    """1. a job folder whose big.bin a process still writes (an upload under way across a daemon
+    restart), its files quiet for a minute  2. the daemon starts: no event says the file is open,
+    /proc does; the job does not start  3. the writer finishes: the job starts once, whole."""
+    job = site.write_job("continuous", "midway", {"run.sh": REPORTER, "code.txt": "v1"})
+    port = free_loopback_port()
+    daemon = DaemonProcess(site, listen=f"127.0.0.1:{port}")
+    try:
+        with open(job / "big.bin", "wb") as writer:
+            writer.write(b"m" * 1000)
+            writer.flush()
+            old = time.time() - 60
+            for path in job.iterdir():
+                os.utime(path, (old, old))
+            daemon.start()
+            wait_for_sync(lambda: http_ready(port), timeout=20, what="daemon ready")
+            # Absence cannot be awaited: several quiet periods after start, still not started.
+            held_until = time.monotonic() + 6 * QUIET_S
+            wait_for_sync(lambda: time.monotonic() > held_until, what="a few quiet periods")
+            assert starts(site, "midway") == 0
+            writer.write(b"m" * 2000)
+        wait_for_sync(lambda: start_lines(site, "midway"), timeout=20, what="job started")
+        assert start_lines(site, "midway") == ["start big=3000 lib= code=v1"]
+        assert daemon.stop() == 0
+        assert starts(site, "midway") == 1
+    finally:
+        daemon.kill_if_running()
+
+
+def http_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

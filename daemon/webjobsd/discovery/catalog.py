@@ -241,6 +241,10 @@ class Catalog:
     def errors(self) -> Mapping[JobKey, str]:
         return MappingProxyType(self._errors)
 
+    @property
+    def jobs_root(self) -> Path:
+        return self._jobs_root
+
     def job_dir(self, key: JobKey) -> Path:
         return self._jobs_root / key.kind.value / key.name
 

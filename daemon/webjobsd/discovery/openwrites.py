@@ -162,8 +162,16 @@ class OpenWrites:
 def writers_under(folder: Path) -> bool | None:
     """True when some process holds a file under `folder` open for writing, False when none
     does, None when it cannot be told. Blocking (reads /proc): call it in a thread."""
+    found = files_written_under(folder, first_only=True)
+    return None if found is None else bool(found)
+
+
+def files_written_under(folder: Path, *, first_only: bool = False) -> set[str] | None:
+    """The files under `folder` that some process holds open for writing (from /proc), or None
+    when it cannot be told (a process whose descriptors may not be read)."""
     prefix = str(folder) + os.sep
     unknown = False
+    found: set[str] = set()
     try:
         pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
@@ -185,8 +193,10 @@ def writers_under(folder: Path) -> bool | None:
             except OSError:
                 continue
             if target.startswith(prefix) and _opened_for_writing(pid, fd):
-                return True
-    return None if unknown else False
+                found.add(target)
+                if first_only:
+                    return found
+    return None if unknown and not found else found
 
 
 def _opened_for_writing(pid: str, fd: str) -> bool:

@@ -21,13 +21,15 @@ network file system, say).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 import structlog
 
 from webjobsd.discovery.catalog import Catalog, Observation, RefreshResult
-from webjobsd.discovery.openwrites import writers_under
+from webjobsd.discovery.openwrites import files_written_under, writers_under
 from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher
 from webjobsd.model import JobKey
 
@@ -35,6 +37,10 @@ log = structlog.get_logger("webjobsd.discovery")
 
 # A pass over 1000 jobs reads their folders in a few seconds; one that takes a minute is stuck.
 STUCK_AFTER_S = 60.0
+
+
+def _under(path: str, folder: Path) -> bool:
+    return path.startswith(f"{folder}{os.sep}")
 
 
 class DiscoveryService:
@@ -106,8 +112,18 @@ class DiscoveryService:
         self._wake.set()
 
     def initial_scan(self) -> RefreshResult:
-        """The start-up scan: blocking, applied without confirmation."""
-        return self._after(self.catalog.refresh(None), full=True)
+        """The start-up scan: blocking, applied without confirmation. No event told which files
+        are open for writing (an upload that was under way when the daemon stopped): /proc
+        does, and those jobs are held like arrivals with a writer."""
+        targets = self.catalog.targets(None)
+        written = files_written_under(self.catalog.jobs_root) or set()
+        self._suspects = {
+            key
+            for key in targets
+            if any(_under(path, self.catalog.job_dir(key)) for path in written)
+        }
+        observations = self.catalog.observe(targets)
+        return self._after(self.catalog.apply(observations, writing=self._suspects), full=True)
 
     async def refresh(
         self,
