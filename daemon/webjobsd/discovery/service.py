@@ -10,7 +10,8 @@ Hand-offs, one way: the watcher says which jobs have a file open for writing (ta
 folder reads and again after them, so a file closed while it was being read still counts) and the
 catalog never settles those. A job folder that *arrived* (renamed into place in whole) is looked
 at on the next turn without a quiet period, unless something in it is open for writing (inotify
-or /proc says so, or /proc cannot tell: see openwrites.py).
+or /proc says so, or /proc cannot tell: see openwrites.py). At start no event has said anything:
+/proc tells which jobs a process is still writing into (an upload under way across a restart).
 
 Stuck scans: the pass records what it is doing (`stage`) and since when; `stuck_stage()` names
 it once it has run longer than `stuck_after_s`, and readiness turns false on that. Every read is
