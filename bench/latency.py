@@ -62,6 +62,8 @@ async def main(rounds: int) -> None:
     jobs = site / "site" / "wwwroot" / "App_Data" / "jobs"
     data = site / "data" / "jobs"
     debounce_s = 0.2
+    for kind in ("continuous", "triggered"):  # a site has them; the daemon never makes them
+        (jobs / kind).mkdir(parents=True)
     config = config_from_mapping(
         {
             "site": str(site),

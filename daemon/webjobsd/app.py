@@ -358,7 +358,9 @@ class Daemon:
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
         self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
         self._webhooks_task.add_done_callback(self._task_done)
-        self.watcher = JobsWatcher(layout.jobs_root, loop, self.discovery.hint)
+        self.watcher = JobsWatcher(
+            layout.jobs_root, loop, self.discovery.hint, on_arrival=self.discovery.arrived
+        )
         self.discovery.watcher = self.watcher
         self.watcher.start()
         self.discovery.initial_scan()
@@ -507,9 +509,11 @@ class Daemon:
         reconciler, discovery, scheduler = self.reconciler, self.discovery, self.scheduler
         return {
             "watcher": self.watcher is not None and self.watcher.is_alive(),
+            # A pass that never ends is not a live discovery (its stage is logged).
             "discovery": alive("discovery")
             and discovery is not None
-            and recent(discovery.last_pass_monotonic, 2 * config.rescan_s + 5),
+            and recent(discovery.last_pass_monotonic, 2 * config.rescan_s + 5)
+            and discovery.stuck_stage() is None,
             "reconciler": alive("reconciler")
             and reconciler is not None
             and recent(reconciler.last_pass_monotonic, 3 * config.reconcile_tick_s + 5),
@@ -613,8 +617,8 @@ class Daemon:
         return await self.triggered.request_run(name, arguments=arguments, trigger=trigger)
 
     def _remove_stale_working_copies(self, catalog: Catalog) -> None:
-        """Working copies of jobs that no longer exist are removed at start-up (the copies of
-        existing jobs are renewed at their first start)."""
+        """Working copies and shutdown folders of jobs that no longer exist are removed at
+        start-up (the copies of existing jobs are renewed at their first start)."""
         for kind in JobKind:
             folder = self.layout.temp_root / "jobs" / kind.value
             if not folder.is_dir():
@@ -623,6 +627,13 @@ class Daemon:
                 if JobKey(kind, copy.name) not in catalog.specs:
                     shutil.rmtree(copy, ignore_errors=True)
                     log.info("removed the working copy of a deleted job", folder=str(copy))
+        # Shutdown folders likewise: the temp root is this instance's own (see config.py).
+        shutdown_root = self.layout.temp_root / "JobsShutdown" / JobKind.CONTINUOUS.value
+        with contextlib.suppress(OSError):
+            for folder in shutdown_root.iterdir():
+                if JobKey(JobKind.CONTINUOUS, folder.name) not in catalog.specs:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    log.info("removed the shutdown folder of a deleted job", folder=str(folder))
 
     def _mark_vanished_jobs_stopped(self, catalog: Catalog) -> None:
         """This instance's status of a job that is gone must not keep saying Running."""

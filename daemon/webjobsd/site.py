@@ -133,9 +133,12 @@ class SiteLayout:
         return self.temp_root / "JobsShutdown" / key.kind.value / key.name
 
     def ensure(self) -> None:
-        """Create the layout if missing (idempotent; never touches existing content)."""
+        """Create the daemon's own folders if missing (idempotent; never touches existing content).
+
+        Nothing is created inside wwwroot, not even the jobs root: `git clone REPO site/wwwroot`
+        needs the folder absent or empty, and the watcher waits for the jobs root to appear.
+        """
         for kind in JobKind:
-            self.kind_dir(kind).mkdir(parents=True, exist_ok=True)
             (self.data_jobs_root / kind.value).mkdir(parents=True, exist_ok=True)
         self.process_records_dir.mkdir(parents=True, exist_ok=True)
         self.instance_lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,3 +143,57 @@ def test_a_file_being_written_is_hashed_only_once_the_settle_cap_is_reached(
     hashed = cat.hashes.files_hashed
     assert cat.refresh().changed == {APP}
     assert cat.hashes.files_hashed == hashed + 2  # run.sh is still racy: read again too
+
+
+_OUT_OF_DESCRIPTORS = """
+import json, os, resource, sys
+from pathlib import Path
+from webjobsd.discovery.catalog import Catalog
+
+catalog = Catalog(Path(sys.argv[1]), settle_s=0.0, which=lambda name: "/usr/bin/" + name)
+catalog.refresh()
+before = {str(key): spec.fingerprint for key, spec in catalog.specs.items()}
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+starved = catalog.refresh()
+during = {str(key): spec.fingerprint for key, spec in catalog.specs.items()}
+for fd in fillers:
+    os.close(fd)
+after = catalog.refresh()
+print(json.dumps({
+    "before": before, "during": during, "starved_changed": sorted(map(str, starved.changed)),
+    "after": {str(key): spec.fingerprint for key, spec in catalog.specs.items()},
+    "after_changed": sorted(map(str, after.changed)),
+}))
+"""
+
+
+def test_a_folder_read_failing_for_lack_of_descriptors_keeps_every_job(tmp_path: Path) -> None:
+    """1. two jobs known (a script and a native executable)  2. the process runs out of file
+    descriptors (a real EMFILE, in a child process) and rescans: nothing is dropped or changed
+    3. descriptors back: nothing changed either."""
+    make(tmp_path, "continuous/app/run.sh")
+    make(tmp_path, "continuous/app/lib/helper.sh")
+    native = make(tmp_path, "triggered/native/run")
+    native.write_bytes(b"\x7fELF" + b"\0" * 60)
+    native.chmod(0o755)
+    old = time.time() - 60
+    os.utime(native, (old, old))
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report["before"]) == {"continuous/app", "triggered/native"}
+    assert report["during"] == report["before"]
+    assert report["starved_changed"] == []
+    assert report["after"] == report["before"]
+    assert report["after_changed"] == []

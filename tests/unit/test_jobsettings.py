@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,26 @@ def test_unreadable_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(JobSettingsError, match="cannot read") as caught:
         load_job_settings(path)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named settings.job (no writer ever comes) is an error at once, not a hang; a
+    link to a regular file is still read."""
+    fifo = tmp_path / "settings.job"
+    os.mkfifo(fifo)
+    with pytest.raises(JobSettingsError, match="a FIFO, not a file"):
+        load_job_settings(fifo)
+    shared = tmp_path / "shared.json"
+    shared.write_text('{"is_singleton": true}')
+    link = tmp_path / "linked" / "settings.job"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    assert load_job_settings(link)[0].is_singleton is True
+    link.unlink()
+    link.symlink_to(fifo)
+    with pytest.raises(JobSettingsError, match="a FIFO, not a file"):
+        load_job_settings(link)
 
 
 def test_parse_error_in_file_names_the_file_and_position(tmp_path: Path) -> None:

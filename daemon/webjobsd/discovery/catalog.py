@@ -26,14 +26,22 @@ Decisions:
 * The fingerprint is content, not the folder's inode: a deployment that swaps in a folder of
   identical files (a re-uploaded zip) restarts nothing, one that changes a byte under the same
   sizes and timestamps restarts the job.
+* A job with a file open for writing (the watcher knows it, `apply(writing=...)`) is settling
+  however long its files have been quiet: a transfer that stalls inside a file is not complete.
+* Only "the folder is gone" removes a job. A folder that cannot be read (out of file
+  descriptors, an I/O error) keeps the last good spec and is looked at again: dropping it would
+  stop a healthy job and start it again once the error passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import stat as stat_module
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -42,7 +50,7 @@ import structlog
 
 from webjobsd.discovery.contents import FolderContent, HashCache, fingerprint_of, read_content
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
-from webjobsd.discovery.scripts import find_script_dir, select_command
+from webjobsd.discovery.scripts import RESOURCE_ERRNOS, find_script_dir, select_command
 from webjobsd.model import (
     JobKey,
     JobKind,
@@ -80,6 +88,9 @@ class Observation:
     settings_path: Path | None = None
     disabled: bool = False
     error: str | None = None
+    # The folder exists but could not be read (out of file descriptors, an I/O error): nothing
+    # is known about the job, so whatever was known before stands.
+    unreadable: bool = False
 
 
 @dataclass(slots=True)
@@ -98,6 +109,18 @@ def scan_folder(
     return read_content(job_dir, cache, writing_window=writing_window)
 
 
+def _is_gone(job_dir: Path) -> bool:
+    """No folder there (any other error, such as EMFILE or EIO, is raised: it proves nothing)."""
+    try:
+        return not stat_module.S_ISDIR(os.stat(job_dir).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a link loop in its place: no folder, for good
+            return True
+        raise
+
+
 def observe_job(
     job_dir: Path,
     key: JobKey,
@@ -113,19 +136,24 @@ def observe_job(
     Files still being written are not hashed unless `hash_while_settling` (the settle cap is
     reached and the folder is taken as it is).
     """
-    if not is_valid_job_name(key.name) or not job_dir.is_dir():
-        if cache is not None:
-            cache.forget(os.fspath(job_dir))
+    if not is_valid_job_name(key.name):
         return Observation(key, present=False)
     try:
+        if _is_gone(job_dir):
+            if cache is not None:
+                cache.forget(os.fspath(job_dir))
+            return Observation(key, present=False)
         window = None if hash_while_settling else (now - settle_s, now + _FUTURE_TOLERANCE_S)
         scan = scan_folder(job_dir, cache, window if settle_s > 0 else None)
         command = select_command(job_dir, which=which)
         script_dir = find_script_dir(job_dir)
     except OSError as error:
-        if not job_dir.is_dir():  # removed while we looked
-            return Observation(key, present=False)
-        return Observation(key, present=True, error=f"cannot read job folder: {error}")
+        with contextlib.suppress(OSError):
+            if _is_gone(job_dir):  # removed while we looked
+                return Observation(key, present=False)
+        return Observation(
+            key, present=True, error=f"cannot read job folder: {error}", unreadable=True
+        )
     settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S or scan.deferred
     if command is None:
         return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
@@ -137,6 +165,11 @@ def observe_job(
         loaded, warning_list = load_job_settings(settings_path)
         settings, warnings = loaded, tuple(warning_list)
     except JobSettingsError as error:
+        cause = error.__cause__
+        if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+            return Observation(
+                key, present=True, error=f"cannot read {settings_path}: {cause}", unreadable=True
+            )
         settings_error = str(error)
     return Observation(
         key,
@@ -148,7 +181,8 @@ def observe_job(
         settings_warnings=warnings,
         settings_error=settings_error,
         settings_path=settings_path,
-        disabled=(script_dir / "disable.job").exists(),
+        # Kudu's File.Exists: a regular file (links followed); a folder or FIFO of that name is not.
+        disabled=(script_dir / "disable.job").is_file(),
     )
 
 
@@ -184,6 +218,10 @@ class Catalog:
     @property
     def errors(self) -> Mapping[JobKey, str]:
         return MappingProxyType(self._errors)
+
+    @property
+    def jobs_root(self) -> Path:
+        return self._jobs_root
 
     def job_dir(self, key: JobKey) -> Path:
         return self._jobs_root / key.kind.value / key.name
@@ -243,12 +281,22 @@ class Catalog:
 
     # -- deciding ----------------------------------------------------------------------------
 
-    def apply(self, observations: Iterable[Observation], *, confirm: bool = False) -> RefreshResult:
-        """Update the specs from observations. With `confirm`, a change must be seen twice."""
+    def apply(
+        self,
+        observations: Iterable[Observation],
+        *,
+        confirm: bool = False,
+        writing: Collection[JobKey] = (),
+    ) -> RefreshResult:
+        """Update the specs from observations. With `confirm`, a change must be seen twice.
+
+        `writing`: jobs with a file open for writing (the watcher knows, see openwrites.py):
+        never settled, however long their files have been quiet.
+        """
         result = RefreshResult()
         now = self._clock()
         for observation in observations:
-            self._apply_one(observation, result, now, confirm)
+            self._apply_one(observation, result, now, confirm, observation.key in writing)
         if result.changed:
             self.generation += 1
         return result
@@ -257,13 +305,34 @@ class Catalog:
         return self.apply(self.observe(self.targets(keys)))
 
     def _apply_one(
-        self, observation: Observation, result: RefreshResult, now: float, confirm: bool
+        self,
+        observation: Observation,
+        result: RefreshResult,
+        now: float,
+        confirm: bool,
+        writing: bool = False,
     ) -> None:
         key = observation.key
         if not observation.present:
             self._settling_since.pop(key, None)
             self._unconfirmed.pop(key, None)
             self._drop(key, result)
+            return
+        if writing:
+            # A transfer that stalls inside a file is still a transfer: the quiet period (and
+            # its cap) starts again once the file is closed.
+            self._settling_since.pop(key, None)
+            result.settling.add(key)
+            return
+        if observation.unreadable:
+            # Only "the folder is gone" removes a job: a read error (EMFILE under load) keeps
+            # the last good spec, and the key is looked at again.
+            self._report_once(
+                ("unreadable", key, observation.error),
+                f"{observation.error}; keeping what was known of the job",
+                folder=str(self.job_dir(key)),
+            )
+            result.settling.add(key)
             return
         if observation.settling:
             since = self._settling_since.setdefault(key, now)
@@ -274,6 +343,7 @@ class Catalog:
                 result.settling.add(key)
                 return
         self._settling_since.pop(key, None)
+        self._forget_reports(key, kinds={"unreadable"})
         if observation.error is not None:
             self._drop(key, result)
             self._set_error(key, observation.error, self.job_dir(key))

@@ -114,6 +114,11 @@ def identity_of(st: os.stat_result) -> FileIdentity:
     return _IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+_PASSED_OVER_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP}
+)
+
+
 def walk_job_folder(root: str | os.PathLike[str], *, upload_temps: bool = False) -> Iterator[Found]:
     """Every entry below `root` that is not noise, folders before what they hold; no recursion.
 
@@ -128,10 +133,12 @@ def walk_job_folder(root: str | os.PathLike[str], *, upload_temps: bool = False)
         try:
             with os.scandir(directory) as listing:
                 entries = list(listing)
-        except (FileNotFoundError, NotADirectoryError):
-            if directory == top:
+        except OSError as error:
+            # A sub-folder that vanished or cannot be entered is passed over; any other error
+            # (out of file descriptors, I/O) would give a partial look that reads as a change.
+            if directory == top or error.errno not in _PASSED_OVER_ERRNOS:
                 raise
-            continue  # removed (or replaced by a file) since its parent was listed
+            continue
         subfolders: list[tuple[str, str]] = []
         for entry in entries:
             name = entry.name

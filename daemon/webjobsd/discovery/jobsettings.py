@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,17 +381,45 @@ def _decode(data: bytes, path: Path) -> str:
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    """The file's bytes, or None when there is no such file (Kudu: `File.Exists` is false)."""
+    """The file's bytes, or None when there is no such file (Kudu: `File.Exists` is false).
+
+    Only a regular file is read. A link is followed (a deployed tree may link `settings.job` to
+    a shared file), but the open never blocks: `O_NONBLOCK` makes opening a FIFO return at once
+    (a blocking open would wedge discovery until a writer appears), and the descriptor's own
+    type is checked before reading, so nothing swapped in between a check and the open is read.
+    """
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_SETTINGS_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise JobSettingsError(f"cannot read: {exc.strerror or exc}", path=path) from None
+        raise JobSettingsError(f"cannot read: {exc.strerror or exc}", path=path) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise JobSettingsError(f"cannot read: {_file_type(mode)}, not a file", path=path)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(MAX_SETTINGS_BYTES + 1)
+    except OSError as exc:
+        raise JobSettingsError(f"cannot read: {exc.strerror or exc}", path=path) from exc
+    finally:
+        os.close(fd)
     if len(data) > MAX_SETTINGS_BYTES:
         raise JobSettingsError(f"larger than {MAX_SETTINGS_BYTES} bytes", path=path)
     return data
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def load_job_settings(path: Path) -> tuple[JobSettings, list[str]]:

@@ -40,6 +40,7 @@ Differences from Kudu, decided here:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
@@ -51,11 +52,24 @@ from typing import TypeAlias
 
 from webjobsd.model import ScriptCommand
 
-__all__ = ["HOSTS", "ScriptHost", "ScriptSlot", "Which", "find_script_dir", "select_command"]
+__all__ = [
+    "HOSTS",
+    "RESOURCE_ERRNOS",
+    "ScriptHost",
+    "ScriptSlot",
+    "Which",
+    "find_script_dir",
+    "select_command",
+]
 
 Which: TypeAlias = Callable[[str], str | None]
 
 _ELF_MAGIC = b"\x7fELF"
+# Errors that say nothing about a file, only about the daemon's resources at that moment: they
+# propagate instead of reading as "this file is not a candidate".
+RESOURCE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EIO, errno.EAGAIN, errno.EINTR}
+)
 _RUN = "run"
 
 
@@ -115,7 +129,9 @@ def _is_native(path: Path, mode: int, folded: str) -> bool:
     try:
         with open(path, "rb") as stream:
             return stream.read(len(_ELF_MAGIC)) == _ELF_MAGIC
-    except OSError:
+    except OSError as error:
+        if error.errno in RESOURCE_ERRNOS:
+            raise  # the file is fine, the daemon is short of something: not "not native"
         return False
 
 

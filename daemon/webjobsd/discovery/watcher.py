@@ -1,17 +1,31 @@
 """The watchdog adapter: file events become hints, debounced, for the catalog.
 
-Events arrive on watchdog's thread and are handed to the event loop with `call_soon_threadsafe`,
-nothing else happens on that thread. A path maps to a `JobKey` (`{kind}/{name}/...`); an event on
-the jobs root or a kind folder itself means "rescan everything" (key None).
+Events arrive on watchdog's thread and are handed to the event loop with `call_soon_threadsafe`;
+the only other thing done on that thread is dropping reads (see `CreatorOpens`). A path maps to
+a `JobKey` (`{kind}/{name}/...`); an event on the jobs root or a kind folder itself means "rescan
+everything" (key None).
 
 Watches: one recursive watch on the jobs root, re-made whenever the root's inode changes (the
-root replaced). Decision, against ARCHITECTURE.md's older advice of one watch per job folder:
-watchdog runs one emitter thread per scheduled watch, so per-job watches cost a thread per job
-(1000 jobs: 1000 threads, about 30 MB resident and 8 GB of address space for their stacks). The
-advice predates watchdog adding watches inside a folder moved into a recursive watch, which it
-now does (tests/test_discovery.py holds it to that, for a job folder dropped into a kind folder
-and for a sub-folder moved into a job). An inotify queue overflow is silent: the periodic rescan
-is what makes that case correct; the watches only make things fast.
+root replaced). The daemon never creates the jobs root (nor anything else inside wwwroot: `git
+clone REPO site/wwwroot` needs it absent or empty): while it is missing, a non-recursive watch on
+its nearest existing ancestor follows it down as the folders appear, and once the root exists the
+real watch is made and a full rescan asked for (files written before the watch existed are only
+found by a scan). A root removed and made again (`rm -rf wwwroot && git clone`) goes the same way.
+
+Open for writing: the watcher feeds `OpenWrites` (see openwrites.py) and publishes the jobs that
+have a file open for writing; the discovery service hands them to the catalog, which never settles
+such a job. A job folder renamed into place in whole (a deployment's staging folder, `mv`) is an
+*arrival*: complete at once, it needs no quiet period. The observer reports unmatched moves as
+moves (`generate_full_events`), so a folder moved in from outside the watch is told apart from a
+folder made with mkdir and then filled.
+
+Decision, against ARCHITECTURE.md's older advice of one watch per job folder: watchdog runs one
+emitter thread per scheduled watch, so per-job watches cost a thread per job (1000 jobs: 1000
+threads, about 30 MB resident and 8 GB of address space for their stacks). The advice predates
+watchdog adding watches inside a folder moved into a recursive watch, which it now does
+(tests/test_discovery.py holds it to that, for a job folder dropped into a kind folder and for a
+sub-folder moved into a job). An inotify queue overflow is silent: the periodic rescan is what
+makes that case correct; the watches only make things fast.
 
 `Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
 `cap_s` has passed since its first event even if writes never stop.
@@ -22,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +44,11 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.inotify import InotifyObserver
 
 from webjobsd.discovery.ignore import is_ignored_relative_path
+from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites
 from webjobsd.model import JobKey, JobKind
 
 log = structlog.get_logger("webjobsd.watcher")
@@ -104,20 +120,46 @@ def hint_for_path(jobs_root: Path, path: str) -> Hint | bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, deliver: Callable[[str], None]) -> None:
+    """Runs on watchdog's thread: filters the reads out and hands the rest over."""
+
+    def __init__(self, deliver: Callable[[str, str, str, bool], None]) -> None:
         self._deliver = deliver
+        self._creator_opens = CreatorOpens()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
+        src = os.fsdecode(event.src_path)
+        kind = event.event_type
+        now = time.monotonic()
+        if not self._creator_opens.keep(
+            kind, src, is_directory=event.is_directory, now=now, synthetic=event.is_synthetic
+        ):
             return
-        if event.is_directory and event.event_type == "modified":
-            # A folder's own timestamp changes with every entry added or removed in it; the
-            # entry's own event is the one that tells whether it matters (Kudu ignores it too).
-            return
-        self._deliver(os.fsdecode(event.src_path))
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            self._deliver(os.fsdecode(dest))
+        dest = os.fsdecode(getattr(event, "dest_path", "") or "")
+        self._deliver(kind, src, dest, event.is_directory)
+
+
+class _AncestorHandler(FileSystemEventHandler):
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self._changed = changed
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in ("opened", "closed_no_write", "closed"):
+            self._changed()
+
+
+def _arrived_job(jobs_root: Path, dest: str) -> JobKey | None:
+    """The job whose folder `dest` is, when `dest` is a job folder itself."""
+    hint = hint_for_path(jobs_root, dest)
+    if not isinstance(hint, JobKey):
+        return None
+    return hint if Path(dest) == jobs_root / hint.kind.value / hint.name else None
+
+
+def nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return candidate
+    return Path(path.anchor or "/")
 
 
 class JobsWatcher:
@@ -126,39 +168,81 @@ class JobsWatcher:
         jobs_root: Path,
         loop: asyncio.AbstractEventLoop,
         on_hint: Callable[[Hint], None],
+        on_arrival: Callable[[JobKey], None] | None = None,
     ) -> None:
         self._jobs_root = jobs_root
         self._loop = loop
         self._on_hint = on_hint
+        self._on_arrival = on_arrival
         self._observer: BaseObserver | None = None
         self._handler = _Handler(self._from_thread)
+        self._ancestor_handler = _AncestorHandler(self._ancestor_from_thread)
         # The inode watched: a root replaced under the same name needs a new watch.
         self._watch: tuple[int, ObservedWatch] | None = None
+        # While the root is missing: ((the ancestor watched, its inode), its watch).
+        self._ancestor: tuple[tuple[Path, int], ObservedWatch] | None = None
+        self._writes = OpenWrites()
         self.events_seen = 0
 
-    def _from_thread(self, path: str) -> None:
+    def _from_thread(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
         # Runs on watchdog's thread: hand over, nothing else.
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._deliver, path)
+            self._loop.call_soon_threadsafe(self._event, kind, src, dest, is_directory)
+
+    def _ancestor_from_thread(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.sync)
+
+    def _event(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
+        self._writes.event(kind, src, dest, is_directory=is_directory, now=time.monotonic())
+        if kind in ("opened", "closed_no_write"):
+            return
+        if is_directory and kind == "modified":
+            # A folder's own timestamp changes with every entry added or removed in it; the
+            # entry's own event is the one that tells whether it matters (Kudu ignores it too).
+            return
+        if kind == "moved" and is_directory and self._on_arrival is not None:
+            arrived = _arrived_job(self._jobs_root, dest)
+            if arrived is not None:
+                self._deliver(src)
+                self.events_seen += 1
+                self._on_arrival(arrived)
+                return
+        self._deliver(src)
+        self._deliver(dest)
 
     def _deliver(self, path: str) -> None:
+        if not path:
+            return
         hint = hint_for_path(self._jobs_root, path)
         if hint is False:
             return
         self.events_seen += 1
         self._on_hint(hint if isinstance(hint, JobKey) else None)
 
+    def open_for_write(self, *, written_only: bool = False) -> set[JobKey]:
+        """Jobs with a file open for writing now (see openwrites.py)."""
+        jobs: set[JobKey] = set()
+        for path in self._writes.open_paths(time.monotonic(), written_only=written_only):
+            hint = hint_for_path(self._jobs_root, path)
+            if isinstance(hint, JobKey):
+                jobs.add(hint)
+        return jobs
+
     def start(self) -> None:
-        observer = Observer()
+        # Full events: an unmatched move is a move, not a create (see the module docstring).
+        observer = InotifyObserver(generate_full_events=True)
         observer.daemon = True
         self._observer = observer
         observer.start()
-        self.sync()
+        # Start-up scans everything right after this: no rescan to ask for.
+        self.sync(announce=False)
 
-    def sync(self) -> None:
-        """Keep the one watch on the jobs root, re-made if the root was replaced.
+    def sync(self, *, announce: bool = True) -> None:
+        """Keep the one watch on the jobs root, re-made if the root was replaced; while the root
+        is missing, watch its nearest existing ancestor instead.
 
-        Cheap (one stat), so it runs after every refresh.
+        Cheap (a few stats), so it runs after every refresh and on every event of the ancestor.
         """
         observer = self._observer
         if observer is None:
@@ -167,6 +251,7 @@ class JobsWatcher:
             inode = self._jobs_root.stat().st_ino
         except OSError:
             self._unschedule()
+            self._watch_ancestor(observer)
             return
         if self._watch is not None and self._watch[0] == inode:
             return
@@ -178,10 +263,45 @@ class JobsWatcher:
             # periodic rescan still covers it.
             log.warning("cannot watch folder", folder=str(self._jobs_root), error=str(error))
             return
+        self._unschedule_ancestor()
         self._watch = (inode, watch)
+        if announce:
+            # What was written before the watch existed is known to no event: look at all.
+            self._on_hint(None)
+
+    def _watch_ancestor(self, observer: BaseObserver) -> None:
+        ancestor = nearest_existing(self._jobs_root.parent)
+        try:
+            inode = ancestor.stat().st_ino
+        except OSError:
+            self._loop.call_soon(self.sync)  # gone again meanwhile: look once more
+            return
+        if self._ancestor is not None and self._ancestor[0] == (ancestor, inode):
+            return
+        self._unschedule_ancestor()
+        try:
+            watch = observer.schedule(self._ancestor_handler, str(ancestor), recursive=False)
+        except OSError as error:
+            log.warning("cannot watch folder", folder=str(ancestor), error=str(error))
+            return
+        self._ancestor = ((ancestor, inode), watch)
+        log.info(
+            "waiting for the jobs root", jobs_root=str(self._jobs_root), watching=str(ancestor)
+        )
+        # The next level may have appeared between the stat and the watch.
+        if self._jobs_root.is_dir() or nearest_existing(self._jobs_root.parent) != ancestor:
+            self._loop.call_soon(self.sync)
 
     def _unschedule(self) -> None:
         entry, self._watch = self._watch, None
+        if entry is not None:
+            self._writes.clear()
+            if self._observer is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    self._observer.unschedule(entry[1])
+
+    def _unschedule_ancestor(self) -> None:
+        entry, self._ancestor = self._ancestor, None
         if entry is not None and self._observer is not None:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(entry[1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import time
@@ -58,6 +59,7 @@ COPY_FAILURE_MAX_S = 3600.0
 SETTLE_RETRY_S = 5.0
 UNIT_CRASH_BACKOFF_S = 5.0
 FORCED_STOP_BOUND_S = 5.0
+STOP_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,15 +226,31 @@ class ContinuousUnit:
             await self._loop()
         finally:
             if self.process is not None:
-                # Bounded: a process stuck in the kernel must not keep the daemon from exiting.
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(self.process.close(), FORCED_STOP_BOUND_S)
+                await self._close_process(self.process)
                 self._starts.ended("stopped", self.process.returncode)
                 self._forget_process()
             self._singleton.release()
             self._flush_status()
             self._starts.flush()
             self._log.close()
+
+    async def _close_process(self, process: JobProcess) -> None:
+        """The unit ends only once its process is gone: a unit forgotten with a live process
+        would have the job started a second time. A failing close (out of file descriptors)
+        is retried; a cancellation (the forced end of a shutdown) ends the wait."""
+        while True:
+            try:
+                # Bounded: a process stuck in the kernel must not keep the daemon from exiting.
+                await asyncio.wait_for(process.close(), FORCED_STOP_BOUND_S)
+                return
+            except (TimeoutError, asyncio.CancelledError):
+                return
+            except Exception as error:
+                log.error("cannot end job process; retrying", job=str(self.key), error=repr(error))
+                try:
+                    await asyncio.sleep(STOP_RETRY_S)
+                except asyncio.CancelledError:
+                    return
 
     async def _loop(self) -> None:
         while True:
@@ -242,8 +260,9 @@ class ContinuousUnit:
                 self._transition(ContinuousStatus.STOPPED, target.reason or "job removed")
                 if target.reason != "shutdown":
                     # A restarted daemon discards stale copies itself; a removed job must not
-                    # leave its copy behind.
+                    # leave its copy (nor its shutdown folder) behind.
                     self._workcopy.discard()
+                    shutil.rmtree(self._context.layout.shutdown_dir(self.key), ignore_errors=True)
                 return
             if not target.run:
                 self._release_singleton()
@@ -449,7 +468,7 @@ class ContinuousUnit:
                     target = new
                     continue
                 self._stopped_by_us = process.returncode is None
-                await self._stop(process, target, new, shutdown_file)
+                await self._stop_until_gone(process, target, shutdown_file)
                 break
         finally:
             if not exited.done():
@@ -471,6 +490,24 @@ class ContinuousUnit:
         self._report_exit(code)
         if self._target is target and not self._forced:
             await self._after_exit(target, uptime, code)
+
+    async def _stop_until_gone(self, process: JobProcess, old: Target, shutdown_file: Path) -> None:
+        """The stop ladder, walked again if it fails (out of file descriptors, say): a unit
+        never moves on, or ends, while its process may still run."""
+        while True:
+            try:
+                if self._forced:
+                    await process.kill()
+                else:
+                    await self._stop(process, old, self._target, shutdown_file)
+                return
+            except Exception as error:
+                log.error(
+                    "stopping the job process failed; retrying",
+                    job=str(self.key),
+                    error=repr(error),
+                )
+            await self._wait_changed(STOP_RETRY_S)
 
     async def _stop(
         self, process: JobProcess, old: Target, new: Target, shutdown_file: Path

@@ -1,0 +1,211 @@
+"""Which files of the jobs tree are open for writing, as inotify reports them.
+
+A transfer that stalls inside one file (FTP, rsync, scp over a slow link) leaves the file's mtime
+unchanged for as long as it stalls, so the quiet-period rule alone takes the job as complete and
+starts it from a truncated file. inotify says more than mtimes: a file that was written to
+(`IN_MODIFY`), or created and then opened (`IN_CREATE` + `IN_OPEN`: the creating `open`), is open
+for writing until `IN_CLOSE_WRITE`. The catalog never settles a job with such a file.
+
+Decisions:
+* Only the creator's open counts after a create: links (`ln`, `ln -s`) and `mknod` create
+  entries without opening them, and a reader's open is not a writer's. A create not followed by
+  its open within `_CREATE_OPEN_WINDOW_S` is forgotten; the creates watchdog makes up for the
+  files of a folder moved in (`is_synthetic`) are never followed by their creator's open.
+* A mark ends at `IN_CLOSE_WRITE` (a writer that dies has its files closed by the kernel, so the
+  close comes then too), at delete, and moves with a rename.
+* vim's swap files stay open for a whole editing session; they never hold a job.
+* The safety cap `OPEN_WRITE_CAP_S` (15 minutes): a file open longer than that is taken as it
+  is, with a warning naming it. It covers the close events inotify can lose (queue overflow, a
+  watch re-made) and a writer that holds a file open for good. FTP servers drop an idle data
+  connection well within it (vsftpd after 5 minutes, pure-ftpd after 15), which closes the file.
+* An open without a write yet counts (FTP servers buffer: the first bytes of a transfer that
+  stalls at once may not have reached the file; tests/test_drops.py shows it with pyftpdlib).
+* A folder renamed into place in whole may hold files still open for writing that inotify never
+  saw opened (written outside the watch). `writers_under` asks /proc before such an arrival is
+  taken without a quiet period, and again while it holds the job; when it cannot tell (a daemon
+  that may not read every process's descriptors, i.e. not root), the arrival goes the usual way,
+  quiet period included. For an arrival, /proc has the last word: only written marks count.
+* Pure and clock-driven, fed on the event loop by the watcher; the watcher maps paths to jobs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("webjobsd.openwrites")
+
+OPEN_WRITE_CAP_S = 15 * 60.0
+# The creator's open is the same system call as the create: its event follows at once.
+_CREATE_OPEN_WINDOW_S = 1.0
+_NEVER_HOLDING = ("*.swp", "*.swo", "*.swx")
+
+
+def _holds(path: str) -> bool:
+    name = os.path.basename(path)
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in _NEVER_HOLDING)
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
+class CreatorOpens:
+    """Which `opened` events are worth passing on: only the creator's, right after its create.
+
+    Runs on watchdog's thread (it only filters): every read of a job file (the catalog, a
+    working copy being made, an in-place job) opens it, and those opens must not each cost a
+    hand-over to the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._created: dict[str, float] = {}
+        # Opens passed on and not closed yet: their close is passed on too, whatever its kind
+        # (a folder moved in reports its files as created, and the next open may be a reader's).
+        self._passed: set[str] = set()
+
+    def keep(
+        self, kind: str, path: str, *, is_directory: bool, now: float, synthetic: bool = False
+    ) -> bool:
+        """Whether to pass the event on. `synthetic`: watchdog made it up (the files of a folder
+        moved in are reported as created); no open of the file followed such a create."""
+        if is_directory:
+            return kind not in ("opened", "closed_no_write")
+        # Insertion order is time order: stop at the first recent one.
+        for known, at in list(self._created.items()):
+            if now - at < _CREATE_OPEN_WINDOW_S:
+                break
+            del self._created[known]
+        if kind == "created" and not synthetic:
+            self._created[path] = now
+        elif kind == "opened":
+            if self._created.pop(path, None) is None:
+                return False
+            self._passed.add(path)
+        elif kind in ("closed", "closed_no_write", "deleted"):
+            self._created.pop(path, None)
+            if path in self._passed:
+                self._passed.discard(path)
+                return True
+        return kind != "closed_no_write"
+
+
+class OpenWrites:
+    """Fed on the event loop with the events `CreatorOpens` kept."""
+
+    def __init__(self, cap_s: float = OPEN_WRITE_CAP_S) -> None:
+        self.cap_s = cap_s
+        self._open: dict[str, float] = {}  # path -> first seen open for writing
+        self._written: set[str] = set()  # marks that saw a write, not only the creator's open
+
+    def event(self, kind: str, path: str, dest: str, *, is_directory: bool, now: float) -> None:
+        """One watchdog event (`kind` is its event_type)."""
+        if kind == "deleted" or (kind == "moved" and not dest):
+            self._drop(path, is_directory)
+        elif kind == "moved":
+            if path:  # moved in from outside the watch: nothing was known of it
+                self._move(path, dest, is_directory)
+        elif is_directory:
+            return
+        elif kind in ("opened", "modified"):
+            if _holds(path):
+                self._open.setdefault(path, now)
+                if kind == "modified":
+                    self._written.add(path)
+        elif kind == "closed" or (kind == "closed_no_write" and path not in self._written):
+            # A close without write ends an open that never wrote: it was a reader's after all.
+            self._open.pop(path, None)
+            self._written.discard(path)
+
+    def _matching(self, path: str, is_directory: bool) -> list[str]:
+        return [p for p in self._open if (_under(p, path) if is_directory else p == path)]
+
+    def _drop(self, path: str, is_directory: bool) -> None:
+        for known in self._matching(path, is_directory):
+            del self._open[known]
+            self._written.discard(known)
+
+    def _move(self, src: str, dest: str, is_directory: bool) -> None:
+        for old in self._matching(src, is_directory):
+            new = dest + old[len(src) :]
+            self._open[new] = self._open.pop(old)
+            if old in self._written:
+                self._written.discard(old)
+                self._written.add(new)
+
+    def open_paths(self, now: float, *, written_only: bool = False) -> dict[str, float]:
+        """Paths open for writing (with since when), marks past the cap dropped with a warning.
+        `written_only`: leave out opens that have not written yet (see the module docstring)."""
+        for path, since in list(self._open.items()):
+            if now - since >= self.cap_s:
+                del self._open[path]
+                self._written.discard(path)
+                log.warning(
+                    "file open for writing longer than the cap; taken as it is",
+                    file=path,
+                    open_s=round(now - since),
+                    cap_s=self.cap_s,
+                )
+        if written_only:
+            return {path: since for path, since in self._open.items() if path in self._written}
+        return dict(self._open)
+
+    def clear(self) -> None:
+        """The watch was re-made: closes of the old one will never arrive."""
+        self._open.clear()
+        self._written.clear()
+
+
+def writers_under(folder: Path) -> bool | None:
+    """True when some process holds a file under `folder` open for writing, False when none
+    does, None when it cannot be told. Blocking (reads /proc): call it in a thread."""
+    found = files_written_under(folder, first_only=True)
+    return None if found is None else bool(found)
+
+
+def files_written_under(folder: Path, *, first_only: bool = False) -> set[str] | None:
+    """The files under `folder` that some process holds open for writing (from /proc), or None
+    when it cannot be told (a process whose descriptors may not be read)."""
+    prefix = str(folder) + os.sep
+    unknown = False
+    found: set[str] = set()
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:
+            return None
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix) and _opened_for_writing(pid, fd):
+                found.add(target)
+                if first_only:
+                    return found
+    return None if unknown and not found else found
+
+
+def _opened_for_writing(pid: str, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("flags:"):
+                    flags = int(line.split()[1], 8)
+                    return flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    except (OSError, ValueError, IndexError):
+        return False  # closed meanwhile
+    return False

@@ -1,0 +1,63 @@
+"""Open-for-write bookkeeping from inotify events (pure, clock-driven)."""
+
+from __future__ import annotations
+
+from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites
+
+J = "/jobs/continuous/app"
+
+
+def test_a_write_holds_until_the_close() -> None:
+    writes = OpenWrites()
+    writes.event("modified", f"{J}/big.bin", "", is_directory=False, now=1.0)
+    writes.event("modified", f"{J}/big.bin", "", is_directory=False, now=2.0)
+    assert writes.open_paths(100.0) == {f"{J}/big.bin": 1.0}
+    writes.event("closed", f"{J}/big.bin", "", is_directory=False, now=101.0)
+    assert writes.open_paths(101.0) == {}
+
+
+def test_a_creators_open_holds_but_a_readers_close_releases_an_unwritten_one() -> None:
+    opens, writes = CreatorOpens(), OpenWrites()
+    path = f"{J}/lib.txt"
+    for kind in ("created", "opened"):
+        if opens.keep(kind, path, is_directory=False, now=0.0):
+            writes.event(kind, path, "", is_directory=False, now=0.0)
+    assert writes.open_paths(1.0) == {path: 0.0}
+    assert writes.open_paths(1.0, written_only=True) == {}
+    assert opens.keep("closed_no_write", path, is_directory=False, now=1.0)
+    writes.event("closed_no_write", path, "", is_directory=False, now=1.0)
+    assert writes.open_paths(1.0) == {}
+    # A later reader's open of the same file is not passed on at all.
+    assert not opens.keep("opened", path, is_directory=False, now=2.0)
+    assert not opens.keep("closed_no_write", path, is_directory=False, now=2.0)
+
+
+def test_a_create_without_its_open_is_forgotten() -> None:
+    opens = CreatorOpens()
+    assert opens.keep("created", f"{J}/link", is_directory=False, now=0.0)  # ln -s: no open
+    assert not opens.keep("opened", f"{J}/link", is_directory=False, now=60.0)
+
+
+def test_a_made_up_create_of_a_folder_moved_in_is_not_followed_by_its_creators_open() -> None:
+    """The files of a folder renamed in are reported as created: the next open (a reader's: the
+    daemon's own, or an in-place job's interpreter) must not count as a writer's."""
+    opens = CreatorOpens()
+    assert opens.keep("created", f"{J}/run.sh", is_directory=False, now=0.0, synthetic=True)
+    assert not opens.keep("opened", f"{J}/run.sh", is_directory=False, now=0.01)
+
+
+def test_marks_move_with_a_rename_and_go_with_a_delete() -> None:
+    writes = OpenWrites()
+    writes.event("modified", "/jobs/.staging/x/run.sh", "", is_directory=False, now=0.0)
+    writes.event("moved", "/jobs/.staging/x", J, is_directory=True, now=1.0)
+    assert writes.open_paths(1.0) == {f"{J}/run.sh": 0.0}
+    writes.event("deleted", J, "", is_directory=True, now=2.0)
+    assert writes.open_paths(2.0) == {}
+
+
+def test_vim_swap_files_never_hold_and_the_cap_releases_a_stale_mark() -> None:
+    writes = OpenWrites(cap_s=60.0)
+    writes.event("modified", f"{J}/.run.sh.swp", "", is_directory=False, now=0.0)
+    writes.event("modified", f"{J}/data.bin", "", is_directory=False, now=0.0)
+    assert writes.open_paths(59.0) == {f"{J}/data.bin": 0.0}
+    assert writes.open_paths(60.0) == {}
