@@ -32,6 +32,30 @@ def test_a_creators_open_holds_but_a_readers_close_releases_an_unwritten_one() -
     assert not opens.keep("closed_no_write", path, is_directory=False, now=2.0)
 
 
+def test_a_readers_close_does_not_end_the_mark_of_a_file_its_creator_still_holds() -> None:
+    """An FTP upload that stalls before its first byte: the file is created and held open; the
+    daemon reads it meanwhile (hashing). The reader's close must not end the writer's mark; the
+    creator's close does."""
+    opens, writes = CreatorOpens(), OpenWrites()
+    path = f"{J}/lib.txt"
+
+    def event(kind: str, now: float) -> None:
+        if opens.keep(kind, path, is_directory=False, now=now):
+            writes.event(kind, path, "", is_directory=False, now=now)
+
+    event("created", 0.0)
+    event("opened", 0.0)  # the creator's
+    for at in (1.0, 2.0):  # two reads while the upload stalls
+        event("opened", at)
+        event("closed_no_write", at + 0.1)
+        assert writes.open_paths(at + 0.2) == {path: 0.0}
+    event("opened", 3.0)  # a reader still has it open when the creator closes
+    event("closed", 4.0)
+    assert writes.open_paths(4.0) == {}
+    event("closed_no_write", 4.5)
+    assert writes.open_paths(4.5) == {}
+
+
 def test_a_create_without_its_open_is_forgotten() -> None:
     opens = CreatorOpens()
     assert opens.keep("created", f"{J}/link", is_directory=False, now=0.0)  # ln -s: no open

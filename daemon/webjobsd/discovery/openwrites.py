@@ -13,6 +13,13 @@ Decisions:
   files of a folder moved in (`is_synthetic`) are never followed by their creator's open.
 * A mark ends at `IN_CLOSE_WRITE` (a writer that dies has its files closed by the kernel, so the
   close comes then too), at delete, and moves with a rename.
+* After the creator's open, every open and close of the file is counted, and a close without
+  write is passed on only when it closes the last open one. Reads of a file being created are
+  common (the catalog hashes it, a working copy copies it): the reader's close must not end the
+  writer's mark. The kernel reports the close of a file opened for writing as `IN_CLOSE_WRITE`
+  even when nothing was written, so a close without write is never the creator's; it ends the
+  mark only when no open is left (the "creator" was a reader after all: a hard link, `ln`, read
+  at once).
 * vim's swap files stay open for a whole editing session; they never hold a job.
 * The safety cap `OPEN_WRITE_CAP_S` (15 minutes): a file open longer than that is taken as it
   is, with a warning naming it. It covers the close events inotify can lose (queue overflow, a
@@ -63,9 +70,9 @@ class CreatorOpens:
 
     def __init__(self) -> None:
         self._created: dict[str, float] = {}
-        # Opens passed on and not closed yet: their close is passed on too, whatever its kind
-        # (a folder moved in reports its files as created, and the next open may be a reader's).
-        self._passed: set[str] = set()
+        # Files whose creator's open was passed on -> opens of them not closed yet (the creator's
+        # and any reader's since). The last close is passed on, whatever its kind.
+        self._passed: dict[str, int] = {}
 
     def keep(
         self, kind: str, path: str, *, is_directory: bool, now: float, synthetic: bool = False
@@ -82,15 +89,26 @@ class CreatorOpens:
         if kind == "created" and not synthetic:
             self._created[path] = now
         elif kind == "opened":
+            if path in self._passed:
+                self._passed[path] += 1  # a reader's open while the creator's is still open
+                return False
             if self._created.pop(path, None) is None:
                 return False
-            self._passed.add(path)
-        elif kind in ("closed", "closed_no_write", "deleted"):
+            self._passed[path] = 1
+        elif kind in ("closed", "closed_no_write"):
             self._created.pop(path, None)
-            if path in self._passed:
-                self._passed.discard(path)
+            left = self._passed.get(path)
+            if left is None:
+                return kind == "closed"
+            if kind == "closed" or left <= 1:
+                del self._passed[path]
                 return True
-        return kind != "closed_no_write"
+            self._passed[path] = left - 1
+            return False
+        elif kind == "deleted":
+            self._created.pop(path, None)
+            self._passed.pop(path, None)
+        return True
 
 
 class OpenWrites:
