@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import Site, job_pids, leaders, wait_for
 from tests.test_api_jobs import api, get_json, poll
+from webjobsd.model import JobKey, JobKind
 
 
 def zip_of(files: dict[str, str | bytes], *, modes: dict[str, int] | None = None) -> bytes:
@@ -177,3 +178,26 @@ async def test_concurrent_uploads_of_one_job_all_succeed_and_one_wins(site: Site
         await wait_for(lambda: len(leaders(site, "busy")) == 1, what="one process")
         await wait_for(lambda: site.status("busy") == "Running", what="Running")
         assert len(leaders(site, "busy")) == 1
+
+
+
+
+async def test_an_upload_is_taken_at_once_while_its_own_write_events_lag(site: Site) -> None:
+    """1. the watcher has handed over the write events of the daemon's own extraction but not
+    yet their close (under load its thread lags)  2. the upload is still taken at once: a new
+    job answers 200, a new version is in the catalog when the PUT answers. The daemon completed
+    that folder itself, so no file in it is open for writing."""
+    async with api(site) as (daemon, session, base):
+        assert daemon.discovery is not None and daemon.discovery.watcher is not None
+        assert daemon.catalog is not None
+        watcher, key = daemon.discovery.watcher, JobKey(JobKind.CONTINUOUS, "lagging")
+        job_file = site.job_dir("continuous", "lagging") / "run.sh"
+        fingerprints = []
+        for version in ("1", "2"):
+            watcher._event("modified", str(job_file), "", False)  # its close still on the way
+            body = zip_of({"run.sh": f"echo v{version}\nwhile true; do sleep 0.2; done\n"})
+            url = f"{base}/api/continuouswebjobs/lagging"
+            async with session.put(url, data=body, headers=ZIP_HEADERS) as response:
+                assert response.status == 200, await response.text()
+            fingerprints.append(daemon.catalog.specs[key].fingerprint)
+        assert fingerprints[0] != fingerprints[1], "the PUT answered with the old version"

@@ -144,6 +144,11 @@ class DiscoveryService:
         )
         self._suspects -= suspects - still_written
         writing = writing_before | self._writing(written_only=written_only) | still_written
+        if not settle and not arrived:
+            # An intent: the daemon itself wrote the folder whole and closed every file. Marks
+            # of its own writes may still be on their way from the watcher's thread (the close
+            # events lag the writes); they must not hold the folder it just completed.
+            writing = set()
         result = self.catalog.apply(observations, confirm=confirm, writing=writing)
         return self._after(result, full=keys is None)
 
