@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -509,15 +510,24 @@ async def test_a_copy_that_fails_is_said_once_and_retried_when_the_files_change(
     site: Site,
 ) -> None:
     """1. the working copies' folder cannot be created  2. the job says why once and waits
-    (PendingRestart)  3. once the folder can be made, a change of the job files starts it."""
+    (PendingRestart), and the API's `error` of the job says why  3. once the folder can be made,
+    a change of the job files starts it, and `error` is null again."""
     job_dir = site.write_job("continuous", "nocopy", LOOP_PRINT)
     blocker = site.temp / "jobs" / "continuous"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
-    async with running_daemon(site) as daemon:
+
+    async def job_error(session: aiohttp.ClientSession, base: str) -> object:
+        async with session.get(f"{base}/api/continuouswebjobs/nocopy") as response:
+            return (await response.json())["error"]
+
+    async with api(site) as (daemon, session, base):
         await wait_for(
             lambda: site.status("nocopy") == "PendingRestart", timeout=15, what="says it waits"
         )
+        error = await job_error(session, base)
+        assert isinstance(error, str), error
+        assert error.startswith("test01: Failed to copy job files:"), error
         assert daemon.reconciler is not None
         passes = daemon.reconciler.passes
         await wait_for(lambda: daemon.reconciler.passes >= passes + 3, what="three passes")  # type: ignore[union-attr]
@@ -527,3 +537,5 @@ async def test_a_copy_that_fails_is_said_once_and_retried_when_the_files_change(
         blocker.unlink()
         (job_dir / "run.sh").write_text(LOOP_PRINT["run.sh"].replace("up", "up again"))
         await wait_for(lambda: "up again" in site.job_log("nocopy"), timeout=15, what="started")
+        assert site.status("nocopy") == "Running"
+        assert await job_error(session, base) is None

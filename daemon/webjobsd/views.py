@@ -42,6 +42,8 @@ class ContinuousFacts:
     status: str
     detailed_status: str
     using_sdk: bool
+    # Why the job is held in its status ("instance: reason", see records/status.py), else None.
+    error: str | None = None
 
     @property
     def moves_with_time(self) -> bool:
@@ -97,7 +99,13 @@ def common_fields(base: str, spec: JobSpec, using_sdk: bool) -> dict[str, Any]:
 
 
 def continuous_job(
-    base: str, spec: JobSpec, *, status: str, detailed_status: str, using_sdk: bool
+    base: str,
+    spec: JobSpec,
+    *,
+    status: str,
+    detailed_status: str,
+    using_sdk: bool,
+    error: str | None = None,
 ) -> dict[str, Any]:
     name = spec.key.name
     return {
@@ -106,6 +114,7 @@ def continuous_job(
         "detailed_status": detailed_status.replace("\n", "\r\n"),
         "log_url": vfs_url(base, f"data/jobs/continuous/{name}/job_log.txt"),
         **common_fields(base, spec, using_sdk),
+        "error": error,
     }
 
 
@@ -176,6 +185,7 @@ def job_json(base: str, spec: JobSpec, facts: JobFacts, now: datetime) -> dict[s
             status=facts.status,
             detailed_status=facts.detailed_status,
             using_sdk=facts.using_sdk,
+            error=facts.error,
         )
     latest = facts.latest
     return triggered_job(

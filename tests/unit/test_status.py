@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from webjobsd.model import ContinuousStatus, JobKey, JobKind
-from webjobsd.records.status import aggregate_status, read_status_file, write_continuous_status
+from webjobsd.records.status import (
+    StatusEntry,
+    aggregate_status,
+    read_status_entry,
+    read_status_file,
+    write_continuous_status,
+)
 from webjobsd.site import SiteLayout
 
 KEY = JobKey(JobKind.CONTINUOUS, "worker")
@@ -48,6 +54,21 @@ def test_write_is_compact_json_in_the_instance_file(layout: SiteLayout) -> None:
     assert [p.name for p in data_dir.iterdir()] == ["status_cccccc"]  # no temp file left
     assert (data_dir / "status_cccccc").read_bytes() == b'{"Status":"PendingRestart"}'
     assert read_status_file(data_dir / "status_cccccc") is ContinuousStatus.PENDING_RESTART
+
+
+def test_a_reason_is_written_beside_the_status_and_read_back(layout: SiteLayout) -> None:
+    """The reason a job is held in its status: an extra key Kudu's readers ignore; a reason that
+    is not text is no reason; a very long one is cut."""
+    write_continuous_status(layout, KEY, ContinuousStatus.PENDING_RESTART, "disk full")
+    path = layout.status_path(KEY)
+    assert path.read_bytes() == b'{"Status":"PendingRestart","Reason":"disk full"}'
+    assert read_status_file(path) is ContinuousStatus.PENDING_RESTART
+    assert read_status_entry(path) == StatusEntry(ContinuousStatus.PENDING_RESTART, "disk full")
+    put(layout, "cccccc", b'{"Status":"Running","Reason":["no"]}')
+    assert read_status_entry(path) == StatusEntry(ContinuousStatus.RUNNING, None)
+    write_continuous_status(layout, KEY, ContinuousStatus.STARTING, "x" * 5000)
+    entry = read_status_entry(path)
+    assert entry is not None and entry.reason == "x" * 1000
 
 
 @pytest.mark.parametrize(

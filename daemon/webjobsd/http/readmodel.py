@@ -60,9 +60,10 @@ from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec, RunStatus
 from webjobsd.records.runstore import OUTPUT_LOG_FILE, RunRecord, RunStore
 from webjobsd.records.status import (
     STATUS_FILE_PREFIX,
+    StatusEntry,
     StatusPath,
     aggregate_status_files,
-    read_status_file,
+    read_status_entry,
     status_writes,
 )
 from webjobsd.runtime.locks import FileLock
@@ -121,7 +122,7 @@ class FactsReader:
         self._kind_dirs = {
             kind: os.path.join(layout.data_jobs_root, kind.value) for kind in JobKind
         }
-        self._statuses: dict[str, tuple[tuple[int, int, int], ContinuousStatus]] = {}
+        self._statuses: dict[str, tuple[tuple[int, int, int], StatusEntry]] = {}
 
     def data_dir(self, key: JobKey) -> str:
         return f"{self._kind_dirs[key.kind]}/{key.name}"
@@ -156,12 +157,26 @@ class FactsReader:
             # is read as empty, as records.status does.
             files, using_sdk = [], False
         files.sort()
-        status, detailed = aggregate_status_files(
-            self._layout.instance_id, files, is_live, self._read_status
-        )
-        return ContinuousFacts(status=status, detailed_status=detailed, using_sdk=using_sdk)
+        reasons: list[str] = []
+        instances = {path: instance for instance, path in files}
 
-    def _read_status(self, path: StatusPath) -> ContinuousStatus | None:
+        def read(path: StatusPath) -> ContinuousStatus | None:
+            entry = self._read_status(path)
+            if entry is None:
+                return None
+            if entry.reason:
+                reasons.append(f"{instances[path]}: {entry.reason}")
+            return entry.status
+
+        status, detailed = aggregate_status_files(self._layout.instance_id, files, is_live, read)
+        return ContinuousFacts(
+            status=status,
+            detailed_status=detailed,
+            using_sdk=using_sdk,
+            error="; ".join(reasons) or None,
+        )
+
+    def _read_status(self, path: StatusPath) -> StatusEntry | None:
         where = os.fspath(path)
         try:
             st = os.stat(where)
@@ -171,11 +186,11 @@ class FactsReader:
         cached = self._statuses.get(where)
         if cached is not None and cached[0] == identity:
             return cached[1]
-        status = read_status_file(where)
+        entry = read_status_entry(where)
         # An unusable file is read again next time: it may be a passing problem.
-        if status is not None:
-            self._statuses[where] = (identity, status)
-        return status
+        if entry is not None:
+            self._statuses[where] = (identity, entry)
+        return entry
 
     def trim(self, continuous_jobs: int) -> None:
         """Forget parsed files once there are far more than jobs (deleted jobs, dead instances)."""

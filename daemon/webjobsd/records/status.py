@@ -19,6 +19,10 @@ Decisions:
   When no file is left to read (none existed, or all were stale) the result is
   `("Initializing", "{this instance} - Initializing")`, without a newline (Kudu returns a null
   status in the second case, which no client can use).
+* A status may carry the reason the job is held in it (`{"Status":"PendingRestart","Reason":
+  "Failed to copy job files: ..."}`): Kudu's readers ignore the extra key, and the API shows it
+  as the job's `error`, so "why is it not running" is answered where the status is read, not
+  only in the job log.
 * Every write bumps a process-wide count (`status_writes`), so that a reader caching what the
   files say (the HTTP API's job lists) knows without touching the disk that this process changed
   a status since it looked. It counts writes for any site: several daemons in one process only
@@ -31,6 +35,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -40,8 +45,10 @@ from webjobsd.records.atomic import write_json_atomic
 from webjobsd.site import SiteLayout
 
 __all__ = [
+    "StatusEntry",
     "aggregate_status",
     "aggregate_status_files",
+    "read_status_entry",
     "read_status_file",
     "status_writes",
     "write_continuous_status",
@@ -52,6 +59,14 @@ STATUS_FILE_PREFIX: Final = "status_"
 _MAX_STATUS_BYTES: Final = 64 * 1024
 
 StatusPath = str | os.PathLike[str]
+# A reason is one line of text for people; a longer one is cut.
+_MAX_REASON_CHARS: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEntry:
+    status: ContinuousStatus
+    reason: str | None = None
 
 
 class _WriteCount:
@@ -72,15 +87,21 @@ def status_writes() -> int:
     return _WRITES.value
 
 
-def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousStatus) -> None:
-    """Persist this instance's status of a continuous job (raises OSError on failure).
+def write_continuous_status(
+    layout: SiteLayout, key: JobKey, status: ContinuousStatus, reason: str | None = None
+) -> None:
+    """Persist this instance's status of a continuous job (raises OSError on failure), with the
+    reason it is held there when there is one.
 
     No fsync: the rename already makes the write atomic against a crash of the daemon, the status
     is rewritten at every transition and every start, and an fsync per transition on the event
     loop costs more than a stale status after a power cut is worth.
     """
     try:
-        write_json_atomic(layout.status_path(key), {"Status": status.value}, fsync=False)
+        document = {"Status": status.value}
+        if reason:
+            document["Reason"] = reason[:_MAX_REASON_CHARS]
+        write_json_atomic(layout.status_path(key), document, fsync=False)
     finally:
         # After the rename: a reader that sees the new count also sees the new file.
         _WRITES.bump()
@@ -88,6 +109,12 @@ def write_continuous_status(layout: SiteLayout, key: JobKey, status: ContinuousS
 
 def read_status_file(path: StatusPath) -> ContinuousStatus | None:
     """The status stored in `path`, or None when there is no usable one."""
+    entry = read_status_entry(path)
+    return None if entry is None else entry.status
+
+
+def read_status_entry(path: StatusPath) -> StatusEntry | None:
+    """The status stored in `path` with its reason, or None when there is no usable status."""
     try:
         raw = safeopen.read_bytes(Path(path), _MAX_STATUS_BYTES + 1)
         if len(raw) > _MAX_STATUS_BYTES:
@@ -95,7 +122,12 @@ def read_status_file(path: StatusPath) -> ContinuousStatus | None:
         document = json.loads(raw.decode("utf-8-sig").strip())
     except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
-    return _status_from_document(document)
+    status = _status_from_document(document)
+    if status is None:
+        return None
+    assert isinstance(document, dict)
+    reason = document.get("Reason")
+    return StatusEntry(status, reason[:_MAX_REASON_CHARS] if isinstance(reason, str) else None)
 
 
 def _status_from_document(document: object) -> ContinuousStatus | None:

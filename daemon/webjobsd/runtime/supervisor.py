@@ -131,7 +131,9 @@ class ContinuousUnit:
         self._context = context
         self._changed = asyncio.Event()
         self.status: ContinuousStatus | None = None
-        self._status_written: ContinuousStatus | None = None
+        # Why the job is held in its status (shown as the job's `error`), None when it is not.
+        self._reason: str | None = None
+        self._status_written: tuple[ContinuousStatus, str | None] | None = None
         self._status_flush_scheduled = False
         self.restarts = 0
         self.process: JobProcess | None = None
@@ -184,9 +186,15 @@ class ContinuousUnit:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _transition(self, status: ContinuousStatus, why: str) -> None:
+    def _transition(self, status: ContinuousStatus, why: str, *, reason: str | None = None) -> None:
+        """Move to `status`. `reason`: why the job is held there, for people; a new status
+        without one clears it, the same status without one keeps it (a retry of the same wait)."""
         if status is self.status:
+            if reason is not None and reason != self._reason:
+                self._reason = reason
+                self._schedule_status_flush()
             return
+        self._reason = reason
         log.info(
             "job status",
             job=str(self.key),
@@ -200,6 +208,9 @@ class ContinuousUnit:
         # PendingRestart, Starting and Running within a millisecond, and writing each one before
         # the spawn put three file replacements on the restart's critical path. Readers only
         # ever need the latest; the turn comes at the first await (before or during the spawn).
+        self._schedule_status_flush()
+
+    def _schedule_status_flush(self) -> None:
         if not self._status_flush_scheduled:
             self._status_flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_status)
@@ -207,14 +218,14 @@ class ContinuousUnit:
     def _flush_status(self) -> None:
         self._status_flush_scheduled = False
         status = self.status
-        if status is None or status is self._status_written:
+        if status is None or (status, self._reason) == self._status_written:
             return
         try:
-            write_continuous_status(self._context.layout, self.key, status)
+            write_continuous_status(self._context.layout, self.key, status, self._reason)
         except OSError as error:
             log.error("cannot write status file", job=str(self.key), error=str(error))
             return
-        self._status_written = status
+        self._status_written = (status, self._reason)
 
     def _status_name(self) -> str | None:
         return self.status.value if self.status else None
@@ -343,7 +354,9 @@ class ContinuousUnit:
             )
         except OSError as error:
             # The job's error (a full disk, a folder that cannot be made), not the unit's.
-            self._log.system(LogLevel.ERR, f"Failed to prepare the job's folders: {error}")
+            problem = f"Failed to prepare the job's folders: {error}"
+            self._log.system(LogLevel.ERR, problem)
+            self._transition(ContinuousStatus.PENDING_RESTART, "cannot prepare", reason=problem)
             await self._wait_changed(COPY_FAILURE_RETRY_S)
             return
         shutdown_file = self._shutdown_file()
@@ -408,7 +421,9 @@ class ContinuousUnit:
             else:
                 root = await asyncio.to_thread(self._workcopy.prepare, spec, note)
         except FolderChanged as change:
-            self._report_copy_problem(spec, LogLevel.INFO, f"Waiting for the job folder: {change}")
+            waiting = f"Waiting for the job folder: {change}"
+            self._report_copy_problem(spec, LogLevel.INFO, waiting)
+            self._transition(ContinuousStatus.STARTING, "folder changing", reason=waiting)
             await self._wait_changed(SETTLE_RETRY_S)
             return None
         except Exception as error:
@@ -423,7 +438,9 @@ class ContinuousUnit:
                     LogLevel.INFO,
                     f"Retrying when the job files change, or in {_format_seconds(delay)} seconds",
                 )
-            self._transition(ContinuousStatus.PENDING_RESTART, "cannot copy job files")
+            self._transition(
+                ContinuousStatus.PENDING_RESTART, "cannot copy job files", reason=problem
+            )
             await self._wait_changed(delay)
             return None
         self._copy_problem = None
