@@ -19,8 +19,9 @@ import pytest
 
 from tests.helpers import DaemonProcess, Site, wait_for, wait_for_sync
 from tests.test_faults import ready
-from webjobsd.http.staging import LEGACY_AGE_S
+from webjobsd.http.staging import LEGACY_AGE_S, Staging
 from webjobsd.runtime.jobprocess import free_loopback_port
+from webjobsd.site import SiteLayout
 
 STAGING = ".webjobsd-staging"
 ZIP_HEADERS = {
@@ -169,3 +170,12 @@ async def test_sigkill_at_random_moments_of_repeated_deploys(site: Site) -> None
         assert daemon.stop() == 0
     finally:
         daemon.kill_if_running()
+
+
+def test_an_empty_staging_folder_left_by_a_kill_is_removed_at_start(site: Site) -> None:
+    """A kill between the two removals of `release` leaves the staging root without this
+    instance's folder: the next start removes it, so an emptied wwwroot can be cloned into."""
+    (site.jobs / STAGING).mkdir(parents=True)
+    layout = SiteLayout.build(site.root, instance_id="test01", temp_root=site.temp)
+    Staging.of(layout).clean_at_start()
+    assert not (site.jobs / STAGING).exists()

@@ -114,6 +114,8 @@ class Staging:
         for folder in (self.folder, self.root):
             try:
                 folder.rmdir()
+            except FileNotFoundError:
+                continue  # a kill between the two removals left the root alone
             except OSError:
                 return
 
