@@ -416,8 +416,19 @@ async def test_working_copies_of_deleted_jobs_are_removed_at_start(site: Site) -
     stale = site.temp / "jobs" / "continuous" / "gone-job" / "abc123"
     stale.mkdir(parents=True)
     (stale / "run.sh").write_text("echo old\n")
+    # A copy of a job folder 1,500 levels deep (deeper than Python's recursion limit).
+    deep = site.temp / "jobs" / "continuous" / "deep-job"
+    deep.mkdir()
+    fd = os.open(deep, os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
     site.write_job("continuous", "kept", LOOP_SH)
     async with running_daemon(site):
         await wait_for(lambda: leaders(site, "kept"), what="running")
         assert not stale.parent.exists()
+        assert not deep.exists()
         assert (site.temp / "jobs" / "continuous" / "kept").is_dir()

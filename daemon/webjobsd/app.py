@@ -56,6 +56,7 @@ from webjobsd.runtime.scheduler import MAX_SLEEP_S as SCHEDULER_MAX_SLEEP_S
 from webjobsd.runtime.scheduler import Scheduler
 from webjobsd.runtime.supervisor import FORCED_STOP_BOUND_S, Supervisor, SupervisorContext
 from webjobsd.runtime.triggered import SHUTDOWN_LADDER_MAX_S, TriggeredJobs, first_of
+from webjobsd.runtime.workcopy import remove_tree
 from webjobsd.site import SiteLayout
 from webjobsd.systemd_credentials import PASSWORD_CREDENTIAL, credential_from_systemd
 from webjobsd.webhooks import events as hook_events
@@ -625,7 +626,7 @@ class Daemon:
                 continue
             for copy in folder.iterdir():
                 if JobKey(kind, copy.name) not in catalog.specs:
-                    shutil.rmtree(copy, ignore_errors=True)
+                    remove_tree(copy)  # no recursion: a job's copy may be thousands deep
                     log.info("removed the working copy of a deleted job", folder=str(copy))
         # Shutdown folders likewise: the temp root is this instance's own (see config.py).
         shutdown_root = self.layout.temp_root / "JobsShutdown" / JobKind.CONTINUOUS.value
