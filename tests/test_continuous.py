@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 
 from tests.helpers import Site, job_pids, leaders, running_daemon, wait_for
+from webjobsd.runtime.workcopy import remove_tree
 
 LOOP_SH = {
     "run.sh": """\
@@ -427,8 +428,11 @@ async def test_working_copies_of_deleted_jobs_are_removed_at_start(site: Site) -
         fd = inner
     os.close(fd)
     site.write_job("continuous", "kept", LOOP_SH)
-    async with running_daemon(site):
-        await wait_for(lambda: leaders(site, "kept"), what="running")
-        assert not stale.parent.exists()
-        assert not deep.exists()
-        assert (site.temp / "jobs" / "continuous" / "kept").is_dir()
+    try:
+        async with running_daemon(site):
+            await wait_for(lambda: leaders(site, "kept"), what="running")
+            assert not stale.parent.exists()
+            assert not deep.exists()
+            assert (site.temp / "jobs" / "continuous" / "kept").is_dir()
+    finally:
+        remove_tree(deep)  # pytest's own clean-up of its temp folders recurses
