@@ -52,6 +52,7 @@ from webjobsd.discovery.ignore import (
     is_upload_temp_name,
 )
 from webjobsd.model import JobSettings
+from webjobsd.records.safeopen import special_kind
 
 CHUNK_BYTES = 1024 * 1024
 RACY_S = 2.0
@@ -95,19 +96,6 @@ class Found:
     rel: str
     path: str
     stat: os.stat_result
-
-
-def special_kind(mode: int) -> str | None:
-    """What a non-regular, non-link, non-folder entry is, for messages; None for those three."""
-    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "special file"
 
 
 def identity_of(st: os.stat_result) -> FileIdentity:

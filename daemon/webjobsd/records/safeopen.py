@@ -47,6 +47,7 @@ __all__ = [
     "open_folder",
     "read_bytes",
     "remove_unsafe",
+    "special_kind",
 ]
 
 log = structlog.get_logger("webjobsd.safeopen")
@@ -61,18 +62,26 @@ class UnsafeFileError(OSError):
     """The name is a link, a FIFO, a socket, a device or a hard-linked file: not opened."""
 
 
+def special_kind(mode: int) -> str | None:
+    """What a non-regular, non-link, non-folder entry is, for messages; None for those three."""
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
 def _describe(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
     if stat.S_ISDIR(mode):
         return "a folder"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
+    kind = special_kind(mode)
+    return f"a {kind}" if kind not in (None, "special file") else "not a regular file"
 
 
 def _unsafe(reason: str, path: str | os.PathLike[str]) -> UnsafeFileError:

@@ -56,10 +56,10 @@ from webjobsd.discovery.contents import (
     hash_fd,
     open_regular,
     read_content,
-    special_kind,
     walk_job_folder,
 )
 from webjobsd.model import JobSpec
+from webjobsd.records.safeopen import special_kind
 
 Note = Callable[[str], None]
 CopyStat = tuple[int, int, int]  # inode, size, mtime_ns of a file as written into the copy
