@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import DaemonProcess, Site, wait_for, wait_for_sync
 from tests.test_faults import ready
-from webjobsd.http.staging import LEGACY_AGE_S, Staging
+from webjobsd.deploy.staging import LEGACY_AGE_S, Staging
 from webjobsd.runtime.jobprocess import free_loopback_port
 from webjobsd.site import SiteLayout
 

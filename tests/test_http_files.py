@@ -27,11 +27,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tests.helpers import wait_for
-from webjobsd.http import uploads
+from webjobsd.deploy import archive as archive_module
+from webjobsd.deploy.archive import UnsafeArchive, extract_zip
 from webjobsd.http.errors import ApiError, error_middleware
 from webjobsd.http.files import add_file_routes
-from webjobsd.http.limits import UploadLimits
-from webjobsd.http.uploads import UnsafeArchive, extract_zip, safe_child
+from webjobsd.http.uploads import safe_child
+from webjobsd.limits import UploadLimits
 
 LIMITS = UploadLimits(
     max_upload_bytes=1024 * 1024, max_extracted_bytes=2 * 1024 * 1024, max_entries=50
@@ -818,7 +819,7 @@ def test_backslash_names_are_folders(tmp_path: Path) -> None:
 
 def test_extraction_counts_real_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The early check on declared sizes off: the byte count while writing still stops it."""
-    monkeypatch.setattr(uploads, "_declared_size", lambda entries: 0)
+    monkeypatch.setattr(archive_module, "_declared_size", lambda entries: 0)
     archive = tmp_path / "bomb.zip"
     archive.write_bytes(make_zip({"a.bin": bytes(1024 * 1024), "b.bin": bytes(1024 * 1024 + 1)}))
     dest = tmp_path / "dest"

@@ -27,18 +27,18 @@ import structlog
 
 from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
+from webjobsd.deploy.staging import clean_after_kill
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
 from webjobsd.http.hooks import add_hook_routes
-from webjobsd.http.limits import UploadLimits
 from webjobsd.http.listener import ConnectionLimits
 from webjobsd.http.metrics import MetricsSource, add_metrics_route, build_metrics
 from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
-from webjobsd.http.staging import clean_after_kill
 from webjobsd.http.tls import ServerTls, TlsError, load_server_tls
+from webjobsd.limits import UploadLimits
 from webjobsd.logs import configure_logging
 from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec

@@ -5,6 +5,12 @@ SITE/site/wwwroot/App_Data/jobs/{continuous,triggered}/NAME/   job binaries (the
 SITE/data/jobs/{continuous,triggered}/NAME/                     status, logs, locks, run history
 SITE/data/jobs/{continuous,triggered}/NAME/job-data/            the job's own folder (writable)
 SITE/data/webjobsd/                                             the daemon's own state
+SITE/site/deployments/{id}/                                     deployment records (Kudu's place)
+SITE/site/deployments/active                                    the id of the active deployment
+SITE/site/deployments/drop/                                     whole-site zips dropped to deploy
+SITE/site/deployments/tools/PostDeploymentActions/              scripts run after a deployment
+SITE/site/locks/deployments.lock                                the site-wide deployment lock
+SITE/site/repository/                                           the git repository pushed to
 TEMP/jobs/{type}/NAME/{random}/                                 working copies
 TEMP/JobsShutdown/continuous/NAME/{random}                      shutdown notification files
 ```
@@ -100,6 +106,40 @@ class SiteLayout:
     @property
     def hooks_path(self) -> Path:
         return self.daemon_state_dir / "hooks.json"
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.site_root / "site" / "deployments"
+
+    @property
+    def active_deployment_path(self) -> Path:
+        return self.deployments_dir / "active"
+
+    @property
+    def deployments_drop_dir(self) -> Path:
+        return self.deployments_dir / "drop"
+
+    @property
+    def post_deployment_actions_dir(self) -> Path:
+        return self.deployments_dir / "tools" / "PostDeploymentActions"
+
+    @property
+    def deployments_lock_path(self) -> Path:
+        """Held (flock) for as long as a deployment runs, by whichever daemon runs it: the jobs
+        side reads it as "deployment in progress" and holds its decisions (Part A #4)."""
+        return self.site_root / "site" / "locks" / "deployments.lock"
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.site_root / "site" / "repository"
+
+    @property
+    def scripts_dir(self) -> Path:
+        return self.site_root / "site" / "scripts"
+
+    @property
+    def libs_dir(self) -> Path:
+        return self.site_root / "site" / "libs"
 
     def kind_dir(self, kind: JobKind) -> Path:
         return self.jobs_root / kind.value

@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from webjobsd.config import AppSettings
-from webjobsd.http.limits import UploadLimits
+from webjobsd.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
 from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunStore

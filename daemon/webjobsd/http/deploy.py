@@ -8,7 +8,7 @@ watcher never sees half a job and a refused upload leaves the existing job untou
 a successful upload replaces the whole folder (an old `settings.job` or `disable.job` goes too).
 
 The staging folder, the one-step swap and the cleaning after a killed deploy are
-`http.staging`'s.
+`deploy.staging`'s.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+from webjobsd.deploy.archive import extract_zip
+from webjobsd.deploy.staging import Staging
 from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
 from webjobsd.discovery.scripts import select_command
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.errors import bad_request, clean_text
 from webjobsd.http.jobrequest import add_job_locks, job_lock, job_name
 from webjobsd.http.readmodel import JOB_LISTS
-from webjobsd.http.staging import Staging
-from webjobsd.http.uploads import extract_zip, receive_to_file
+from webjobsd.http.uploads import receive_to_file
 from webjobsd.model import JobKey, JobKind
 
 MISSING_DISPOSITION = "Missing Content-Disposition header."

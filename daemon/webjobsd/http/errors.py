@@ -12,17 +12,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from webjobsd.refusal import Refusal
+
+# Handlers raise the same type as the parts below the API (archives, deployments).
+ApiError = Refusal
+
 log = structlog.get_logger("webjobsd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -106,19 +106,11 @@ from urllib.parse import quote, unquote_to_bytes
 import structlog
 from aiohttp import hdrs, web
 
+from webjobsd.deploy.archive import CHUNK_SIZE, NOT_A_ZIP, UnsafeArchive, extract_zip
 from webjobsd.http.errors import ApiError, clean_text, conflict, not_found
-from webjobsd.http.limits import UploadLimits
 from webjobsd.http.numbers import whole_number
-from webjobsd.http.uploads import (
-    CHUNK_SIZE,
-    NOT_A_ZIP,
-    UnsafeArchive,
-    extract_zip,
-    fd_path,
-    is_within,
-    receive_to_file,
-    safe_child,
-)
+from webjobsd.http.uploads import fd_path, is_within, receive_to_file, safe_child
+from webjobsd.limits import UploadLimits
 
 log = structlog.get_logger("webjobsd.http.files")
 

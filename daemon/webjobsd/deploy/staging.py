@@ -1,5 +1,5 @@
 """Where a deployed job is prepared, how it replaces the live folder, and the cleaning of what a
-killed daemon left behind (`http.deploy` prepares; `app` cleans at start).
+killed daemon left behind (`http.deploy` and the deployments prepare; `app` cleans at start).
 
 Decisions:
 
@@ -46,7 +46,7 @@ import structlog
 from webjobsd.model import JobKey, JobKind, is_valid_job_name
 from webjobsd.site import SiteLayout
 
-log = structlog.get_logger("webjobsd.http.staging")
+log = structlog.get_logger("webjobsd.deploy.staging")
 
 STAGING: Final = ".webjobsd-staging"
 LEGACY_AGE_S: Final = 3600.0
