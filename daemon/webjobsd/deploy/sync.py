@@ -72,7 +72,7 @@ BUILT_IN_FIRST_MANIFEST: Final = ("hostingstart.html",)
 _KINDS: Final = frozenset(kind.value for kind in JobKind)
 _COPY_CHUNK: Final = 1024 * 1024
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], object]
 
 
 class SyncError(Exception):
