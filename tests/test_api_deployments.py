@@ -452,7 +452,8 @@ async def test_unfinished_record_is_failed_at_start(site: Site) -> None:
     record.mark_building()
     store.save(record)
     async with api(site) as (_daemon, session, base):
-        # Repaired before the API listened: the very first read already says Failed.
+        # Repaired before the API listened, not by the read below.
+        assert store.get("stuck1").status == DeployStatus.FAILED  # type: ignore[union-attr]
         body = await get_json(session, f"{base}/api/deployments/stuck1")
         assert body["status"] == 3 and body["complete"] is True and body["end_time"]
         entries = await get_json(session, body["log_url"])
