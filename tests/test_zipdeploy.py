@@ -225,12 +225,21 @@ async def test_async_answers_202_with_a_location_and_tracks_the_id(site: Site) -
         assert len(tracked) == 36 and tracked.count("-") == 4
         record = daemon.deployment_store.get(tracked)
         assert record is not None, "the record exists before the 202"
-        await wait_for(
-            lambda: (r := daemon.deployment_store.get(tracked)) is not None and r.complete,
-            what="deployment complete",
-        )
-        final = daemon.deployment_store.get(tracked)
-        assert final is not None and final.status == DeployStatus.SUCCESS
+        seen: list[tuple[int, int]] = []
+
+        async def poll() -> bool:
+            async with session.get(location) as response:
+                body = await response.json()
+                seen.append((response.status, body["status"]))
+                assert body["id"] == tracked
+                return bool(body["status"] in (3, 4))
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await poll():
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.05)
+        assert seen[-1] == (200, 4), seen
+        assert all(code == 202 for code, status in seen[:-1]), seen
         await wait_for(lambda: len(starts(site, "a")) == 1, what="a started")
         assert log_lines(daemon, tracked)[:2] == [
             "Fetching changes.",
