@@ -442,3 +442,29 @@ async def test_onedeploy_of_a_zip_into_a_job_folder_rebuilds_that_job(site: Site
         await wait_for(lambda: "started version 2" in site.job_log("a"), what="a's new version")
         await settled(daemon)
         assert (len(starts(site, "a")), len(starts(site, "b"))) == (2, 1)
+
+
+async def test_a_daemon_that_stops_lets_the_running_deployment_finish(site: Site) -> None:
+    actions = site.root / "site" / "deployments" / "tools" / "PostDeploymentActions"
+    gate = site.root / "gate"
+    action(actions / "wait.sh", f'#!/bin/sh\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    async with api(site) as (daemon, session, base):
+        status, text, headers = await post(
+            session,
+            f"{base}/api/zipdeploy?isAsync=true&trackDeploymentProgress=true",
+            site_zip({"a.txt": "1"}),
+        )
+        assert status == 202, text
+        deployment = headers["SCM-DEPLOYMENT-ID"]
+        await wait_for(lambda: "Running 'wait.sh'." in log_lines(daemon, deployment))
+        daemon.request_shutdown("test: stop during a deployment")
+        await wait_for(lambda: daemon.deployments.closing, what="the stop waits")
+        record = daemon.deployment_store.get(deployment)
+        assert record is not None and not record.complete
+        gate.write_text("go")
+        await wait_for(
+            lambda: (r := daemon.deployment_store.get(deployment)) is not None and r.complete,
+            what="the deployment finished during the stop",
+        )
+        record = daemon.deployment_store.get(deployment)
+        assert record is not None and record.status == DeployStatus.SUCCESS

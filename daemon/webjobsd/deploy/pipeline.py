@@ -136,6 +136,11 @@ class Deployments:
         self._tasks: set[asyncio.Task[DeploymentRecord | None]] = set()
         self._closing = False
 
+    @property
+    def closing(self) -> bool:
+        """The daemon stops: no new deployment begins (503)."""
+        return self._closing
+
     def is_deploying(self) -> bool:
         """A deployment runs on this site, here or in another daemon sharing it."""
         return self.current is not None or deployment_in_progress(self.layout)
