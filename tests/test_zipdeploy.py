@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.helpers import Site, wait_for
+from tests.helpers import Site, job_pids, wait_for
 from tests.test_api_jobs import api
 from webjobsd.app import Daemon
 from webjobsd.deploy.lock import IN_PROGRESS
@@ -143,6 +143,15 @@ async def test_zipdeploy_runs_the_jobs_and_restarts_only_the_changed_one(site: S
         assert newest(daemon).changed_jobs == []
         await settled(daemon)
         assert [len(starts(site, n)) for n in ("a", "b", "c")] == [2, 1, 1]
+
+        third = site_zip(jobs_site({"a": "2", "b": "1"}))
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", third)
+        assert status == 200, text
+        assert newest(daemon).removed_jobs == ["continuous/c"]
+        assert not site.job_dir("continuous", "c").exists()
+        await wait_for(lambda: not job_pids(site, "c"), what="the removed job stopped")
+        await settled(daemon)
+        assert [len(starts(site, n)) for n in ("a", "b")] == [2, 1]
 
 
 async def test_chunked_bodies_from_curl_and_multipart(site: Site, tmp_path: Path) -> None:
