@@ -13,6 +13,7 @@ OneDeploy and wardeploy (`http/zipdeploy.py`), a git push (`deploy/git.py`), a d
    KuduSync's rules with the manifests, job folders swapped whole (`deploy.sync`).
 3. `finish`: PostDeploymentActions after a success (`deploy.postactions`; a failing one fails the
    deployment), Success or Failed, the active deployment, retention, the lock released.
+   `discard` instead ends a deployment that found nothing to deploy (its temp record goes).
 
 Decisions:
 
