@@ -477,3 +477,24 @@ async def test_a_daemon_that_stops_lets_the_running_deployment_finish(site: Site
         )
         record = daemon.deployment_store.get(deployment)
         assert record is not None and record.status == DeployStatus.SUCCESS
+
+
+async def test_bodies_past_the_limit_or_without_a_file_part_are_refused(site: Site) -> None:
+    async with api(site, max_upload_bytes=64 * 1024) as (daemon, session, base):
+        big = site_zip({"big.bin": os.urandom(128 * 1024)})
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", big)
+        assert status == 413, text
+        record = newest(daemon)
+        assert record.status == DeployStatus.FAILED
+        assert log_lines(daemon, record.id)[-2].startswith("Receiving the package failed:")
+        form = aiohttp.FormData(default_to_multipart=True)
+        form.add_field("comment", "no file here")
+        form.add_field("other", "nor here")
+        async with session.post(f"{base}/api/zipdeploy", data=form) as response:
+            assert response.status == 400
+            assert (await response.json())["message"] == (
+                "The multipart/form-data body has no file part."
+            )
+        # The lock was released each time: a good deployment goes through.
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", site_zip({"a": "a"}))
+        assert status == 200, text
