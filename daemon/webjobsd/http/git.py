@@ -1,0 +1,132 @@
+"""git's smart HTTP protocol at `/{site}.git/...` and `/git/...` (KUDU-DEPLOY.md Part A #10).
+
+Routes only: the repository, git's services and the deployment after a push are
+`deploy.git`'s. `{site}` is Kudu's GitServerRoot: WEBSITE_SITE_NAME up to the first `_`, else
+the site folder's name; another name is 404 (there is one repository per site).
+
+Design choices (keep them):
+
+* **Errors are `text/plain`**, not the API's JSON: git shows a text/plain body of a failed
+  `info/refs` to the user as `remote:` lines and nothing of any other type, so a 409 "There is a
+  deployment currently in progress..." reaches the pusher only this way.
+* **A push that finds a deployment running is refused at `info/refs`** already (a probe of the
+  site's lock), because git shows nothing of a refused POST but "RPC failed; HTTP 409". The POST
+  still takes the lock with zero wait and answers 409 itself (Kudu's place for it), for the
+  push that races another deployment between the two requests.
+* **Authentication** is the daemon's Basic auth middleware: an anonymous request gets 401 with
+  `WWW-Authenticate: Basic`, which is what makes a stock git client send credentials. The
+  deployer is the authenticated user name; with authentication off (`--no-auth`) it is
+  "anonymous".
+* **Bodies** stream: aiohttp inflates `Content-Encoding: gzip` (git gzips large fetch
+  negotiations) while we read, and the request body goes to git's stdin chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from webjobsd.deploy.git import (
+    DUMB_PROTOCOL,
+    RECEIVE_PACK,
+    SERVICES,
+    UPLOAD_PACK,
+    Repository,
+    advertise,
+    run_service,
+    server_root_name,
+)
+from webjobsd.http.auth import authenticated_user
+from webjobsd.http.context import CONTEXT
+from webjobsd.refusal import Refusal
+
+log = structlog.get_logger("webjobsd.http.git")
+
+ANONYMOUS = "anonymous"
+_CHUNK = 64 * 1024
+
+NO_CACHE = {
+    "Expires": "Fri, 01 Jan 1980 00:00:00 GMT",
+    "Pragma": "no-cache",
+    "Cache-Control": "no-cache, max-age=0, must-revalidate",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _text(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        text=message + "\n",
+        content_type="text/plain",
+        headers={**NO_CACHE, **(headers or {})},
+    )
+
+
+def _plain_errors(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Refusal as refusal:
+            return _text(refusal.status, refusal.message, refusal.headers)
+
+    return wrapped
+
+
+def _repository(request: web.Request) -> Repository:
+    ctx = request.app[CONTEXT]
+    asked = request.match_info.get("site")
+    if asked is not None:
+        name = server_root_name(ctx.app_settings.get("WEBSITE_SITE_NAME"), ctx.layout)
+        if asked.casefold() != name.casefold():
+            raise Refusal(404, f"Repository '{asked}.git' not found; this site's is '{name}.git'.")
+    return Repository.of(ctx.layout)
+
+
+def deployer(request: web.Request) -> str:
+    return authenticated_user(request) or ANONYMOUS
+
+
+async def info_refs(request: web.Request) -> web.StreamResponse:
+    repository = _repository(request)
+    service = request.query.get("service", "")
+    if not service:
+        raise Refusal(501, DUMB_PROTOCOL)
+    if service not in SERVICES:
+        raise Refusal(403, f"Unsupported service '{service}'.")
+    body = await advertise(repository, service)
+    # No charset: jgit recognises the smart protocol only by the bare type (Kudu's note).
+    return web.Response(
+        body=body,
+        headers={**NO_CACHE, "Content-Type": f"application/x-{service}-advertisement"},
+    )
+
+
+async def _stream(request: web.Request, service: str) -> web.StreamResponse:
+    repository = _repository(request)
+    await asyncio.to_thread(repository.ensure)
+    response = web.StreamResponse(
+        headers={**NO_CACHE, "Content-Type": f"application/x-{service}-result"}
+    )
+    await response.prepare(request)
+    await run_service(repository, service, request.content.iter_chunked(_CHUNK), response.write)
+    await response.write_eof()
+    return response
+
+
+async def upload_pack(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, UPLOAD_PACK)
+
+
+async def receive_pack(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, RECEIVE_PACK)
+
+
+def add_git_routes(app: web.Application) -> None:
+    for root in ("/{site}.git", "/git"):
+        app.router.add_get(root + "/info/refs", _plain_errors(info_refs))
+        app.router.add_post(root + "/git-upload-pack", _plain_errors(upload_pack))
+        app.router.add_post(root + "/git-receive-pack", _plain_errors(receive_pack))

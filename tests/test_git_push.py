@@ -1,0 +1,202 @@
+"""git push deployments with the system `git` against a real daemon on a loopback port.
+
+1. The smart protocol: info/refs with the service header, receive-pack into the site's
+   repository, upload-pack (clone, fetch with a gzip body), the 401 challenge that makes git send
+   credentials, the dumb protocol refused with 501, `/{site}.git` and `/git`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from tests.helpers import Site, running_daemon
+from tests.test_api_jobs import CREDENTIALS, basic
+from webjobsd.app import Daemon
+
+USER = CREDENTIALS["WEBJOBSD_USERNAME"]
+PASSWORD = CREDENTIALS["WEBJOBSD_PASSWORD"]
+
+
+@dataclass
+class Git:
+    """The system git, isolated from the user's configuration and never prompting."""
+
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update(
+            HOME=str(self.home),
+            GIT_CONFIG_NOSYSTEM="1",
+            GIT_TERMINAL_PROMPT="0",
+            GIT_AUTHOR_NAME="Ada Author",
+            GIT_AUTHOR_EMAIL="ada@example.com",
+            GIT_COMMITTER_NAME="Ada Author",
+            GIT_COMMITTER_EMAIL="ada@example.com",
+        )
+        return env
+
+    def run(self, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["git", "-c", "credential.helper=", "-c", "init.defaultBranch=master", *args],
+            cwd=cwd,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"git {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+    async def __call__(
+        self, *args: str, cwd: Path, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        # In a thread: the daemon under test answers on this very event loop.
+        return await asyncio.to_thread(self.run, *args, cwd=cwd, check=check)
+
+
+def write_files(root: Path, files: dict[str, str]) -> None:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        if rel.endswith(".sh"):
+            path.chmod(0o755)
+
+
+@dataclass
+class Remote:
+    daemon: Daemon
+    base: str  # http://127.0.0.1:PORT
+
+    def url(self, path: str, *, credentials: bool = True) -> str:
+        host = self.base.removeprefix("http://")
+        user = f"{USER}:{PASSWORD}@" if credentials else ""
+        return f"http://{user}{host}{path}"
+
+
+@asynccontextmanager
+async def serving(site: Site, **config: object) -> AsyncIterator[Remote]:
+    environ = {**config.pop("environ", {}), **CREDENTIALS}  # type: ignore[dict-item]
+    async with running_daemon(site, auth=True, environ=environ, **config) as daemon:
+        assert daemon.http is not None
+        yield Remote(daemon, f"http://127.0.0.1:{daemon.http.port}")
+
+
+async def new_work_tree(git: Git, tmp_path: Path, files: dict[str, str]) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    await git("init", "--quiet", cwd=work)
+    write_files(work, files)
+    await git("add", "-A", cwd=work)
+    await git("commit", "--quiet", "-m", "First version", cwd=work)
+    return work
+
+
+async def test_push_needs_credentials_then_clone_and_fetch_return_the_commits(
+    site: Site, tmp_path: Path
+) -> None:
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    work = await new_work_tree(git, tmp_path, {"index.html": "<p>one</p>\n"})
+    async with serving(site) as remote:
+        # Anonymous: the challenge git needs, and git fails without credentials to send.
+        async with aiohttp.ClientSession() as session:
+            url = f"{remote.base}/site-root.git/info/refs?service=git-receive-pack"
+            async with session.get(url) as response:
+                assert response.status == 401
+                assert response.headers["WWW-Authenticate"].startswith("Basic ")
+        refused = await git(
+            "push", remote.url("/site-root.git", credentials=False), "master", cwd=work, check=False
+        )
+        assert refused.returncode != 0
+        assert "terminal prompts disabled" in refused.stderr, refused.stderr
+        wrong = remote.url("/site-root.git").replace(PASSWORD, "wrong")
+        refused = await git("push", wrong, "master", cwd=work, check=False)
+        assert refused.returncode != 0
+        assert "Authentication failed" in refused.stderr, refused.stderr
+        repository = site.root / "site" / "repository"
+        assert not (repository / ".git" / "refs" / "heads" / "master").exists()
+
+        pushed = await git("push", remote.url("/site-root.git"), "master", cwd=work)
+        first = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+        assert "master -> master" in pushed.stderr
+        in_repository = await git("rev-parse", "refs/heads/master", cwd=repository)
+        assert in_repository.stdout.strip() == first
+
+        (work / "index.html").write_text("<p>two</p>\n")
+        await git("commit", "--quiet", "-am", "Second version", cwd=work)
+        await git("push", remote.url("/git"), "master", cwd=work)  # the other route
+        second = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+
+        clone = tmp_path / "clone"
+        await git("clone", "--quiet", remote.url("/site-root.git"), str(clone), cwd=tmp_path)
+        history = (await git("log", "--format=%H %s", "master", cwd=clone)).stdout.split("\n")
+        assert history[:2] == [f"{second} Second version", f"{first} First version"]
+        assert (clone / "index.html").read_text() == "<p>two</p>\n"
+
+        # upload-pack with a gzip body (git gzips large negotiations): the pack comes back.
+        request = f"0032want {second}\n".encode() + b"0000" + b"0009done\n"
+        auth = basic(USER, PASSWORD)
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": auth}) as session,
+            session.post(
+                f"{remote.base}/git/git-upload-pack",
+                data=gzip.compress(request),
+                headers={
+                    "Content-Type": "application/x-git-upload-pack-request",
+                    "Content-Encoding": "gzip",
+                },
+            ) as response,
+        ):
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "application/x-git-upload-pack-result"
+            body = await response.read()
+            assert body.startswith(b"0008NAK\n")
+            assert b"PACK" in body
+
+
+async def test_advertisement_headers_dumb_protocol_and_unknown_names(
+    site: Site, tmp_path: Path
+) -> None:
+    auth = basic(USER, PASSWORD)
+    async with (
+        serving(site, environ={"WEBSITE_SITE_NAME": "shop_staging"}) as remote,
+        aiohttp.ClientSession(headers={"Authorization": auth}) as session,
+    ):
+        for service in ("git-upload-pack", "git-receive-pack"):
+            url = f"{remote.base}/shop.git/info/refs?service={service}"
+            async with session.get(url) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == f"application/x-{service}-advertisement"
+                assert response.headers["Cache-Control"] == "no-cache, max-age=0, must-revalidate"
+                assert response.headers["Pragma"] == "no-cache"
+                body = await response.read()
+                header = f"# service={service}\n".encode()
+                assert body.startswith(f"{len(header) + 4:04x}".encode() + header + b"0000")
+                if service == "git-receive-pack":  # git's advertisement of an empty repository
+                    assert b"capabilities^{}" in body
+        async with session.get(f"{remote.base}/shop.git/info/refs") as response:
+            assert response.status == 501
+            assert response.content_type == "text/plain"
+            assert (await response.text()).strip() == "The dumb protocol is not supported."
+        async with session.get(f"{remote.base}/git/info/refs") as response:
+            assert response.status == 501
+        url = f"{remote.base}/site-root.git/info/refs?service=git-upload-pack"
+        async with session.get(url) as response:
+            assert response.status == 404
+            assert "shop.git" in await response.text()
+        url = f"{remote.base}/git/info/refs?service=git-frobnicate"
+        async with session.get(url) as response:
+            assert response.status == 403
