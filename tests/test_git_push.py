@@ -21,6 +21,7 @@ import aiohttp
 from tests.helpers import Site, running_daemon
 from tests.test_api_jobs import CREDENTIALS, basic
 from webjobsd.app import Daemon
+from webjobsd.deploy.lock import IN_PROGRESS, DeploymentLock
 
 USER = CREDENTIALS["WEBJOBSD_USERNAME"]
 PASSWORD = CREDENTIALS["WEBJOBSD_PASSWORD"]
@@ -200,3 +201,27 @@ async def test_advertisement_headers_dumb_protocol_and_unknown_names(
         url = f"{remote.base}/git/info/refs?service=git-frobnicate"
         async with session.get(url) as response:
             assert response.status == 403
+
+
+async def test_a_push_while_a_deployment_holds_the_lock_fails_with_kudus_text(
+    site: Site, tmp_path: Path
+) -> None:
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    work = await new_work_tree(git, tmp_path, {"index.html": "<p>one</p>\n"})
+    async with serving(site) as remote:
+        # Another deployment (any daemon of the site) holds the site's lock.
+        layout = remote.daemon.layout
+        holder = DeploymentLock(layout)
+        assert await asyncio.to_thread(holder.try_acquire, {"deployer": "someone else"})
+        try:
+            refused = await git(
+                "push", remote.url("/site-root.git"), "master", cwd=work, check=False
+            )
+        finally:
+            holder.release()
+        assert refused.returncode != 0
+        assert f"remote: {IN_PROGRESS}" in refused.stderr, refused.stderr
+        assert "409" in refused.stderr
+        assert not (layout.repository_dir / ".git" / "refs" / "heads" / "master").exists()
+        await git("push", remote.url("/site-root.git"), "master", cwd=work)

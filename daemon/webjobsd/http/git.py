@@ -39,6 +39,7 @@ from webjobsd.deploy.git import (
     run_service,
     server_root_name,
 )
+from webjobsd.deploy.lock import IN_PROGRESS, deployment_in_progress
 from webjobsd.http.auth import authenticated_user
 from webjobsd.http.context import CONTEXT
 from webjobsd.refusal import Refusal
@@ -97,6 +98,9 @@ async def info_refs(request: web.Request) -> web.StreamResponse:
         raise Refusal(501, DUMB_PROTOCOL)
     if service not in SERVICES:
         raise Refusal(403, f"Unsupported service '{service}'.")
+    ctx = request.app[CONTEXT]
+    if service == RECEIVE_PACK and await asyncio.to_thread(deployment_in_progress, ctx.layout):
+        raise Refusal(409, IN_PROGRESS)
     body = await advertise(repository, service)
     # No charset: jgit recognises the smart protocol only by the bare type (Kudu's note).
     return web.Response(
