@@ -49,9 +49,11 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
+from webjobsd.deploy.records import DeploymentRecord, DeployStatus, LogType
 from webjobsd.refusal import Refusal
 from webjobsd.site import SiteLayout
 
@@ -414,3 +416,149 @@ async def run_service(
             stderr=stderr.decode("utf-8", "replace")[-2000:],
         )
     return ServiceResult(exit_code=code, held_flush=held, commands=commands)
+
+
+# --- the deployment after a push ---------------------------------------------------------------
+
+
+class PushDeployment(Protocol):
+    """What a push needs of the pipeline's `Deployment` (begun, with a temp record, before
+    receive-pack ran)."""
+
+    def log(
+        self, message: str, type: LogType = LogType.MESSAGE, parent: str | None = None
+    ) -> str: ...
+
+    def subscribe(self) -> AsyncIterator[str]: ...
+
+    async def adopt_id(self, id: str, *, author: str, author_email: str, message: str) -> None: ...
+
+    async def deploy_folder(
+        self, source: Path, *, target: Path | None = None, clean: bool = False
+    ) -> None: ...
+
+    async def finish(self, error: str | None = None) -> DeploymentRecord: ...
+
+    async def discard(self) -> None: ...
+
+
+class RemoteLines:
+    """`remote:` lines for the pusher: band-2 packets, when the client reads a side band."""
+
+    def __init__(self, write: Write, side_band_max: int) -> None:
+        self._client = _ClientWriter(write)
+        self.side_band_max = side_band_max
+
+    async def __call__(self, text: str) -> None:
+        if self.side_band_max:
+            await self._client(progress_packets(text, self.side_band_max))
+
+    async def end(self) -> None:
+        """The flush-pkt held back from receive-pack's answer."""
+        if self.side_band_max:
+            await self._client(FLUSH_PKT)
+
+
+def _moved(before: Mapping[str, str], after: Mapping[str, str]) -> set[str]:
+    return {ref for ref in before.keys() | after.keys() if before.get(ref) != after.get(ref)}
+
+
+def _short(ref: str) -> str:
+    return ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+
+
+async def receive_and_deploy(
+    repository: Repository,
+    deployment: PushDeployment,
+    body: AsyncIterator[bytes],
+    write: Write,
+    *,
+    branch_setting: str | None,
+) -> DeploymentRecord | None:
+    """receive-pack, then the deployment of the deployment branch if the push moved it.
+
+    `deployment` holds the site's lock; it is finished (a record) or discarded (nothing to
+    deploy) before this returns, whatever happens. Returns the finished record, if any.
+    """
+    try:
+        before = await asyncio.to_thread(repository.refs)
+        received = await run_service(repository, RECEIVE_PACK, body, write, hold_final_flush=True)
+        after = await asyncio.to_thread(repository.refs)
+    except BaseException:
+        await deployment.discard()
+        raise
+    side_band = received.commands.side_band_max if received.commands and received.held_flush else 0
+    remote = RemoteLines(write, side_band)
+    moved = _moved(before, after)
+    branch = deployment_branch(branch_setting, after)
+    ref = f"refs/heads/{branch}"
+    try:
+        if not moved:
+            await deployment.discard()
+            return None
+        if ref not in after:
+            await deployment.discard()
+            await remote(
+                f"The current deployment branch is '{branch}', but nothing has been pushed to "
+                "it: nothing was deployed."
+            )
+            return None
+        if ref not in moved:
+            await deployment.discard()
+            pushed = ", ".join(sorted(_short(name) for name in moved))
+            await remote(
+                f"Pushed {pushed}; the deployment branch is '{branch}' (setting "
+                "deployment_branch): nothing was deployed."
+            )
+            return None
+        return await _deploy(repository, deployment, branch, after[ref], remote)
+    finally:
+        await remote.end()
+
+
+async def _deploy(
+    repository: Repository,
+    deployment: PushDeployment,
+    branch: str,
+    sha: str,
+    remote: RemoteLines,
+) -> DeploymentRecord:
+    """Check out `branch` and sync it into wwwroot as deployment `sha`, with the log streamed
+    to the pusher as it is written."""
+
+    async def forward() -> None:
+        async for line in deployment.subscribe():
+            await remote(line)
+
+    forwarding = asyncio.create_task(forward(), name=f"git-push-log-{sha[:8]}")
+    error: str | None = None
+    try:
+        commit = await asyncio.to_thread(repository.commit, sha)
+        await deployment.adopt_id(
+            sha, author=commit.author, author_email=commit.author_email, message=commit.message
+        )
+        deployment.log(f"Updating branch '{branch}'.")
+        await asyncio.to_thread(repository.checkout, branch)
+        await deployment.deploy_folder(repository.path)
+    except Refusal as refusal:
+        error = refusal.message
+    except (GitFailed, OSError) as failure:
+        error = str(failure)
+    except Exception as failure:
+        # The lock must be released and the record finished whatever went wrong.
+        log.exception("git push deployment broke", id=sha)
+        error = f"Unexpected error: {failure}"
+    record = await deployment.finish(error)
+    try:
+        # The subscription ends with the deployment; a bound in case a client stalls.
+        async with asyncio.timeout(10):
+            await forwarding
+    except TimeoutError:
+        pass
+    finally:
+        if not forwarding.done():
+            forwarding.cancel()
+            await asyncio.gather(forwarding, return_exceptions=True)
+    if record.status != DeployStatus.SUCCESS:
+        await remote(DEPLOYMENT_FAILED)
+    return record
