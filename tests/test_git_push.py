@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import psutil
 
-from tests.helpers import Site, running_daemon
+from tests.helpers import Site, running_daemon, wait_for
 from tests.test_api_jobs import CREDENTIALS, basic
 from webjobsd.app import Daemon
-from webjobsd.deploy.lock import IN_PROGRESS, DeploymentLock
+from webjobsd.deploy.git import DEPLOYMENT_FAILED
+from webjobsd.deploy.lock import IN_PROGRESS, DeploymentLock, deployment_in_progress
+from webjobsd.deploy.records import DeploymentStore, DeployStatus
 
 USER = CREDENTIALS["WEBJOBSD_USERNAME"]
 PASSWORD = CREDENTIALS["WEBJOBSD_PASSWORD"]
@@ -225,3 +228,234 @@ async def test_a_push_while_a_deployment_holds_the_lock_fails_with_kudus_text(
         assert "409" in refused.stderr
         assert not (layout.repository_dir / ".git" / "refs" / "heads" / "master").exists()
         await git("push", remote.url("/site-root.git"), "master", cwd=work)
+
+
+# --- deployments ------------------------------------------------------------------------------
+
+
+def job_script(starts: Path, name: str, version: str) -> str:
+    """A continuous job that writes its pid to `starts/name` each time it starts."""
+    return f'echo "$$" >> "{starts / name}"\n# {version}\nwhile true; do sleep 0.2; done\n'
+
+
+def starts_of(starts: Path, name: str) -> list[int]:
+    try:
+        return [int(line) for line in (starts / name).read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def settled(remote: Remote) -> bool:
+    """No deployment running and nothing the watcher still has to act on."""
+    daemon = remote.daemon
+    assert daemon.discovery is not None
+    return (
+        not deployment_in_progress(daemon.layout) and daemon.discovery.debouncer.next_due() is None
+    )
+
+
+async def test_a_push_deploys_its_jobs_and_a_second_push_restarts_only_the_changed_job(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. A site with two continuous jobs is pushed: both run; the record is the commit's.
+    2. A push changing one job restarts that job once; the other keeps its process.
+    3. The pusher saw the deployment's progress as `remote:` lines."""
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    jobs = "App_Data/jobs/continuous"
+    work = await new_work_tree(
+        git,
+        tmp_path,
+        {
+            "index.html": "<p>one</p>\n",
+            f"{jobs}/alpha/run.sh": job_script(starts, "alpha", "v1"),
+            f"{jobs}/beta/run.sh": job_script(starts, "beta", "v1"),
+        },
+    )
+    async with serving(site) as remote:
+        store = DeploymentStore(remote.daemon.layout)
+        pushed = await git("push", remote.url("/site-root.git"), "master", cwd=work)
+        first = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+        assert "remote: Updating branch 'master'." in pushed.stderr, pushed.stderr
+        assert "remote: Deployment successful." in pushed.stderr
+        assert DEPLOYMENT_FAILED not in pushed.stderr
+        await wait_for(lambda: starts_of(starts, "alpha") and starts_of(starts, "beta"), 20)
+        wwwroot = remote.daemon.layout.wwwroot
+        assert (wwwroot / "index.html").read_text() == "<p>one</p>\n"
+        assert not (wwwroot / ".git").exists()
+
+        record = store.get(first)
+        assert record is not None
+        assert record.status == DeployStatus.SUCCESS
+        assert (record.deployer, record.author, record.author_email, record.message) == (
+            USER,
+            "Ada Author",
+            "ada@example.com",
+            "First version",
+        )
+        assert not record.is_temp
+        assert store.active_id() == first
+        assert [r.id for r in store.all()] == [first]
+
+        await wait_for(lambda: settled(remote), 20, what="first deployment settled")
+        beta_pid = starts_of(starts, "beta")[0]
+        (work / jobs / "alpha" / "run.sh").write_text(job_script(starts, "alpha", "v2"))
+        (work / "index.html").write_text("<p>two</p>\n")
+        await git("commit", "--quiet", "-am", "Second version", cwd=work)
+        pushed = await git("push", remote.url("/site-root.git"), "master", cwd=work)
+        second = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+        assert "remote: Updating branch 'master'." in pushed.stderr, pushed.stderr
+
+        await wait_for(lambda: len(starts_of(starts, "alpha")) >= 2, 20, what="alpha restarted")
+        await wait_for(lambda: settled(remote), 20, what="second deployment settled")
+        await wait_for(lambda: site.status("alpha") == "Running", 20, what="alpha running")
+        assert len(starts_of(starts, "alpha")) == 2, "the changed job restarts exactly once"
+        assert starts_of(starts, "beta") == [beta_pid], "the unchanged job was restarted"
+        assert pid_alive(beta_pid)
+        assert (wwwroot / "index.html").read_text() == "<p>two</p>\n"
+        assert [r.id for r in store.all()] == [second, first]
+        assert store.active_id() == second
+
+
+async def test_the_deployment_branch_rules(site: Site, tmp_path: Path) -> None:
+    """1. Only `main` pushed (no setting): `main` deploys.
+    2. Another branch: nothing deployed, and the pusher is told so; no record.
+    3. `deployment_branch` set (settings store) to a branch never pushed: nothing deployed.
+    4. Pushing that branch deploys it."""
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    work = await new_work_tree(git, tmp_path, {"index.html": "<p>main</p>\n"})
+    await git("branch", "-m", "master", "main", cwd=work)
+    async with serving(site) as remote:
+        store = DeploymentStore(remote.daemon.layout)
+        url = remote.url("/site-root.git")
+        pushed = await git("push", url, "main", cwd=work)
+        main = (await git("rev-parse", "main", cwd=work)).stdout.strip()
+        assert "remote: Updating branch 'main'." in pushed.stderr, pushed.stderr
+        assert [(r.id, r.status) for r in store.all()] == [(main, DeployStatus.SUCCESS)]
+        wwwroot = remote.daemon.layout.wwwroot
+        assert (wwwroot / "index.html").read_text() == "<p>main</p>\n"
+
+        await git("checkout", "--quiet", "-b", "feature", cwd=work)
+        (work / "index.html").write_text("<p>feature</p>\n")
+        await git("commit", "--quiet", "-am", "Feature", cwd=work)
+        pushed = await git("push", url, "feature", cwd=work)
+        assert (
+            "remote: Pushed feature; the deployment branch is 'main' (setting "
+            "deployment_branch): nothing was deployed." in pushed.stderr
+        ), pushed.stderr
+        assert [r.id for r in store.all()] == [main]
+        assert (wwwroot / "index.html").read_text() == "<p>main</p>\n"
+
+        auth = basic(USER, PASSWORD)
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": auth}) as session,
+            session.post(
+                f"{remote.base}/api/settings", json={"deployment_branch": "release"}
+            ) as response,
+        ):
+            assert response.status == 200
+        await git("checkout", "--quiet", "main", cwd=work)
+        (work / "index.html").write_text("<p>main 2</p>\n")
+        await git("commit", "--quiet", "-am", "Main again", cwd=work)
+        pushed = await git("push", url, "main", cwd=work)
+        assert (
+            "remote: The current deployment branch is 'release', but nothing has been pushed "
+            "to it: nothing was deployed." in pushed.stderr
+        ), pushed.stderr
+        assert [r.id for r in store.all()] == [main]
+
+        pushed = await git("push", url, "main:release", cwd=work)
+        release = (await git("rev-parse", "main", cwd=work)).stdout.strip()
+        assert "remote: Updating branch 'release'." in pushed.stderr, pushed.stderr
+        assert [r.id for r in store.all()] == [release, main]
+        assert (wwwroot / "index.html").read_text() == "<p>main 2</p>\n"
+
+
+async def test_a_failed_deployment_keeps_the_push_and_says_why(site: Site, tmp_path: Path) -> None:
+    """A checkout that fails (an index.lock a crashed git left behind) fails the deployment:
+    the push is kept, the pusher reads Kudu's error line, the record says why; the next push
+    deploys."""
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    work = await new_work_tree(git, tmp_path, {"index.html": "<p>one</p>\n"})
+    async with serving(site) as remote:
+        layout = remote.daemon.layout
+        store = DeploymentStore(layout)
+        url = remote.url("/site-root.git")
+        async with aiohttp.ClientSession() as session:  # creates the repository
+            info = f"{remote.base}/git/info/refs?service=git-receive-pack"
+            async with session.get(info, headers={"Authorization": basic(USER, PASSWORD)}):
+                pass
+        stale_lock = layout.repository_dir / ".git" / "index.lock"
+        stale_lock.write_text("")
+        pushed = await git("push", url, "master", cwd=work)
+        first = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+        assert (
+            "remote: Error - Changes committed to remote repository but deployment to website "
+            "failed." in pushed.stderr
+        ), pushed.stderr
+        assert "master -> master" in pushed.stderr
+        record = store.get(first)
+        assert record is not None
+        assert record.status == DeployStatus.FAILED
+        messages = [entry.message for entry in store.log(first).entries()]
+        assert any("index.lock" in message for message in messages), messages
+        assert not (layout.wwwroot / "index.html").exists()
+
+        stale_lock.unlink()
+        (work / "index.html").write_text("<p>two</p>\n")
+        await git("commit", "--quiet", "-am", "Second version", cwd=work)
+        pushed = await git("push", url, "master", cwd=work)
+        assert "remote: Deployment successful." in pushed.stderr, pushed.stderr
+        assert DEPLOYMENT_FAILED not in pushed.stderr
+        assert (layout.wwwroot / "index.html").read_text() == "<p>two</p>\n"
+
+
+async def test_a_receive_pack_while_a_deployment_holds_the_lock_is_409(
+    site: Site, tmp_path: Path
+) -> None:
+    """The push that lost the race between info/refs and its POST: 409, no record, git not run."""
+    async with serving(site) as remote:
+        layout = remote.daemon.layout
+        holder = DeploymentLock(layout)
+        assert await asyncio.to_thread(holder.try_acquire, {"deployer": "someone else"})
+        try:
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": basic(USER, PASSWORD)}) as s,
+                s.post(f"{remote.base}/git/git-receive-pack", data=b"0000") as response,
+            ):
+                assert response.status == 409
+                assert response.content_type == "text/plain"
+                assert (await response.text()).strip() == IN_PROGRESS
+        finally:
+            holder.release()
+        assert DeploymentStore(layout).all() == []
+
+
+async def test_without_authentication_the_deployer_is_anonymous_and_app_settings_count(
+    site: Site, tmp_path: Path
+) -> None:
+    git = Git(tmp_path / "home")
+    git.home.mkdir()
+    work = await new_work_tree(git, tmp_path, {"index.html": "<p>one</p>\n"})
+    environ = {"APPSETTING_deployment_branch": "prod"}
+    async with running_daemon(site, auth=False, environ=environ) as daemon:
+        assert daemon.http is not None
+        url = f"http://127.0.0.1:{daemon.http.port}/git"
+        pushed = await git("push", url, "master:prod", cwd=work)
+        sha = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
+        assert "remote: Updating branch 'prod'." in pushed.stderr, pushed.stderr
+        record = DeploymentStore(daemon.layout).get(sha)
+        assert record is not None
+        assert record.deployer == "anonymous"
+        assert record.status == DeployStatus.SUCCESS

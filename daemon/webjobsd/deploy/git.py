@@ -28,6 +28,8 @@ Design choices (keep them):
   deployment log line is sent as a band-2 packet as it is written, then the flush ends the
   response. git's client reads band 2 until that flush, so the lines arrive live. A client that
   asked for no side band gets receive-pack's answer unchanged, and the deployment still runs.
+  The `quiet` capability is not honoured for these lines: git sends it whenever its stderr is
+  not a terminal (CI logs), exactly where the outcome matters most; Kudu's hook shows them too.
 * **Refs are compared before and after** receive-pack rather than parsing its report: a push that
   updated nothing (rejected, up to date, failed) deploys nothing, whatever git printed.
 * **Only a push that moved the deployment branch deploys.** Kudu redeploys the deployment branch
@@ -49,10 +51,10 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 
+from webjobsd.deploy.pipeline import Deployment, DeploymentFailed, Deployments
 from webjobsd.deploy.records import DeploymentRecord, DeployStatus, LogType
 from webjobsd.refusal import Refusal
 from webjobsd.site import SiteLayout
@@ -64,6 +66,7 @@ RECEIVE_PACK = "git-receive-pack"
 SERVICES = (UPLOAD_PACK, RECEIVE_PACK)
 
 DUMB_PROTOCOL = "The dumb protocol is not supported."
+BRANCH_SETTING = "deployment_branch"
 DEFAULT_BRANCH = "master"
 FALLBACK_BRANCH = "main"
 DEPLOYMENT_FAILED = (
@@ -421,27 +424,6 @@ async def run_service(
 # --- the deployment after a push ---------------------------------------------------------------
 
 
-class PushDeployment(Protocol):
-    """What a push needs of the pipeline's `Deployment` (begun, with a temp record, before
-    receive-pack ran)."""
-
-    def log(
-        self, message: str, type: LogType = LogType.MESSAGE, parent: str | None = None
-    ) -> str: ...
-
-    def subscribe(self) -> AsyncIterator[str]: ...
-
-    async def adopt_id(self, id: str, *, author: str, author_email: str, message: str) -> None: ...
-
-    async def deploy_folder(
-        self, source: Path, *, target: Path | None = None, clean: bool = False
-    ) -> None: ...
-
-    async def finish(self, error: str | None = None) -> DeploymentRecord: ...
-
-    async def discard(self) -> None: ...
-
-
 class RemoteLines:
     """`remote:` lines for the pusher: band-2 packets, when the client reads a side band."""
 
@@ -469,7 +451,8 @@ def _short(ref: str) -> str:
 
 async def receive_and_deploy(
     repository: Repository,
-    deployment: PushDeployment,
+    deployments: Deployments,
+    deployment: Deployment,
     body: AsyncIterator[bytes],
     write: Write,
     *,
@@ -477,15 +460,18 @@ async def receive_and_deploy(
 ) -> DeploymentRecord | None:
     """receive-pack, then the deployment of the deployment branch if the push moved it.
 
-    `deployment` holds the site's lock; it is finished (a record) or discarded (nothing to
-    deploy) before this returns, whatever happens. Returns the finished record, if any.
+    `deployment` (begun with a temp record before receive-pack ran) holds the site's lock; it
+    is finished (a record) or discarded (nothing to deploy) before this returns, whatever
+    happens. The deployment itself runs as a task of `deployments`, so that a client that goes
+    away, or a handler cancelled at shutdown, never leaves a sync half done. Returns the
+    finished record, if any.
     """
     try:
         before = await asyncio.to_thread(repository.refs)
         received = await run_service(repository, RECEIVE_PACK, body, write, hold_final_flush=True)
         after = await asyncio.to_thread(repository.refs)
     except BaseException:
-        await deployment.discard()
+        await asyncio.shield(deployment.discard())
         raise
     side_band = received.commands.side_band_max if received.commands and received.held_flush else 0
     remote = RemoteLines(write, side_band)
@@ -493,72 +479,68 @@ async def receive_and_deploy(
     branch = deployment_branch(branch_setting, after)
     ref = f"refs/heads/{branch}"
     try:
-        if not moved:
-            await deployment.discard()
+        if not moved or ref not in after or ref not in moved:
+            await asyncio.shield(deployment.discard())
+            if not moved:
+                return None
+            if ref not in after:
+                await remote(
+                    f"The current deployment branch is '{branch}', but nothing has been pushed "
+                    "to it: nothing was deployed."
+                )
+            else:
+                pushed = ", ".join(sorted(_short(name) for name in moved))
+                await remote(
+                    f"Pushed {pushed}; the deployment branch is '{branch}' (setting "
+                    f"{BRANCH_SETTING}): nothing was deployed."
+                )
             return None
-        if ref not in after:
-            await deployment.discard()
-            await remote(
-                f"The current deployment branch is '{branch}', but nothing has been pushed to "
-                "it: nothing was deployed."
-            )
-            return None
-        if ref not in moved:
-            await deployment.discard()
-            pushed = ", ".join(sorted(_short(name) for name in moved))
-            await remote(
-                f"Pushed {pushed}; the deployment branch is '{branch}' (setting "
-                "deployment_branch): nothing was deployed."
-            )
-            return None
-        return await _deploy(repository, deployment, branch, after[ref], remote)
+        return await _deploy(repository, deployments, deployment, branch, after[ref], remote)
     finally:
         await remote.end()
 
 
 async def _deploy(
     repository: Repository,
-    deployment: PushDeployment,
+    deployments: Deployments,
+    deployment: Deployment,
     branch: str,
     sha: str,
     remote: RemoteLines,
-) -> DeploymentRecord:
+) -> DeploymentRecord | None:
     """Check out `branch` and sync it into wwwroot as deployment `sha`, with the log streamed
     to the pusher as it is written."""
 
-    async def forward() -> None:
-        async for line in deployment.subscribe():
-            await remote(line)
-
-    forwarding = asyncio.create_task(forward(), name=f"git-push-log-{sha[:8]}")
-    error: str | None = None
-    try:
+    async def work() -> None:
         commit = await asyncio.to_thread(repository.commit, sha)
         await deployment.adopt_id(
             sha, author=commit.author, author_email=commit.author_email, message=commit.message
         )
-        deployment.log(f"Updating branch '{branch}'.")
-        await asyncio.to_thread(repository.checkout, branch)
+        await asyncio.to_thread(deployment.log, f"Updating branch '{branch}'.")
+        try:
+            await asyncio.to_thread(repository.checkout, branch)
+        except (GitFailed, OSError) as error:
+            message = f"Updating branch '{branch}' failed: {error}"
+            await asyncio.to_thread(deployment.log, message, LogType.ERROR)
+            raise DeploymentFailed(message) from error
+        await asyncio.to_thread(deployment.log, f"Preparing deployment for commit id '{sha[:10]}'.")
         await deployment.deploy_folder(repository.path)
-    except Refusal as refusal:
-        error = refusal.message
-    except (GitFailed, OSError) as failure:
-        error = str(failure)
-    except Exception as failure:
-        # The lock must be released and the record finished whatever went wrong.
-        log.exception("git push deployment broke", id=sha)
-        error = f"Unexpected error: {failure}"
-    record = await deployment.finish(error)
+
+    async def forward() -> None:
+        # Replays from the first line and ends when the deployment finishes.
+        async for line in deployment.subscribe():
+            await remote(line)
+
+    forwarding = asyncio.create_task(forward(), name=f"git-push-log-{sha[:8]}")
     try:
-        # The subscription ends with the deployment; a bound in case a client stalls.
-        async with asyncio.timeout(10):
-            await forwarding
-    except TimeoutError:
-        pass
+        record = await asyncio.shield(deployments.run(deployment, work))
     finally:
-        if not forwarding.done():
+        try:
+            async with asyncio.timeout(10):  # a client that stops reading: lines are dropped
+                await asyncio.shield(forwarding)
+        except TimeoutError:
             forwarding.cancel()
             await asyncio.gather(forwarding, return_exceptions=True)
-    if record.status != DeployStatus.SUCCESS:
+    if record is None or record.status != DeployStatus.SUCCESS:
         await remote(DEPLOYMENT_FAILED)
     return record

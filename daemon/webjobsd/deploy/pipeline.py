@@ -507,6 +507,21 @@ class Deployment:
         )
         return record
 
+    async def discard(self) -> None:
+        """Nothing to deploy after all (a git push that moved no deployment branch): the temp
+        record goes, as Kudu's temporary deployment always does, and the lock is released."""
+        if self._finished is not None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self._store.delete, self.record.id)
+        finally:
+            self._lock.release()
+            self._finished = self.record
+            if self._owner.current is self:
+                self._owner.current = None
+            self._loop.call_soon_threadsafe(self._publish, None)
+
     def _close_record(self, success: bool) -> None:
         store = self._store
         self._save()

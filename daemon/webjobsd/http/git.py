@@ -30,16 +30,19 @@ import structlog
 from aiohttp import web
 
 from webjobsd.deploy.git import (
+    BRANCH_SETTING,
     DUMB_PROTOCOL,
     RECEIVE_PACK,
     SERVICES,
     UPLOAD_PACK,
     Repository,
     advertise,
+    receive_and_deploy,
     run_service,
     server_root_name,
 )
 from webjobsd.deploy.lock import IN_PROGRESS, deployment_in_progress
+from webjobsd.deploy.pipeline import DeployRequest
 from webjobsd.http.auth import authenticated_user
 from webjobsd.http.context import CONTEXT
 from webjobsd.refusal import Refusal
@@ -126,7 +129,31 @@ async def upload_pack(request: web.Request) -> web.StreamResponse:
 
 
 async def receive_pack(request: web.Request) -> web.StreamResponse:
-    return await _stream(request, RECEIVE_PACK)
+    """receive-pack under the deployment lock (zero wait: 409), then the push's deployment."""
+    ctx = request.app[CONTEXT]
+    repository = _repository(request)
+    if ctx.deployments is None:
+        raise Refusal(503, "Deployments are not available on this daemon.")
+    await asyncio.to_thread(repository.ensure)
+    deployment = await ctx.deployments.begin(DeployRequest(deployer=deployer(request), temp=True))
+    try:
+        response = web.StreamResponse(
+            headers={**NO_CACHE, "Content-Type": f"application/x-{RECEIVE_PACK}-result"}
+        )
+        await response.prepare(request)
+    except BaseException:
+        await asyncio.shield(deployment.discard())
+        raise
+    await receive_and_deploy(
+        repository,
+        ctx.deployments,
+        deployment,
+        request.content.iter_chunked(_CHUNK),
+        response.write,
+        branch_setting=ctx.app_settings.get(BRANCH_SETTING),
+    )
+    await response.write_eof()
+    return response
 
 
 def add_git_routes(app: web.Application) -> None:
