@@ -221,6 +221,8 @@ async def test_a_push_while_a_deployment_holds_the_lock_fails_with_kudus_text(
             refused = await git(
                 "push", remote.url("/site-root.git"), "master", cwd=work, check=False
             )
+            # Reading is not a deployment: fetches and clones go on meanwhile.
+            await git("ls-remote", remote.url("/site-root.git"), cwd=work)
         finally:
             holder.release()
         assert refused.returncode != 0

@@ -13,9 +13,10 @@ This module owns:
   stdout streamed to the client in chunks (a pack is never held in memory). We add only what the
   HTTP transport needs: the `# service=...` pkt-line header of the advertisement, and side-band
   packets of our own after receive-pack's report.
-* **The deployment after a push** (`deploy_push`): which branch deploys (`deployment_branch`),
-  the checkout, the record (id = the commit sha, author and message from the commit, deployer =
-  the pusher), and the pipeline's sync into wwwroot.
+* **The deployment after a push** (`receive_and_deploy`): which branch deploys
+  (`deployment_branch`), the checkout, the record (id = the commit sha, author and message from
+  the commit, deployer = the pusher), and the pipeline's sync into wwwroot (`deploy.pipeline`,
+  whose sync never copies `.git`).
 
 Design choices (keep them):
 
@@ -35,7 +36,14 @@ Design choices (keep them):
 * **Only a push that moved the deployment branch deploys.** Kudu redeploys the deployment branch
   on every push, even of another branch; we say in a `remote:` line that nothing was deployed.
   When `deployment_branch` is not set and `master` was never pushed but `main` was, `main`
-  deploys (Kudu fails there: git's default branch is `main` on most clients today).
+  deploys (Kudu fails there; GitHub and many git setups name the first branch `main` today).
+* **The temporary record** ("Receiving changes.", taken with the lock before receive-pack runs)
+  becomes the commit's record (`adopt_id`), or is discarded when nothing deploys, as Kudu's
+  temporary deployment always is.
+* **The deployment is a task of `Deployments`** (`run`): a pusher that goes away, or a request
+  cancelled at shutdown, never leaves a sync half done; the `remote:` lines are then dropped. A
+  request body that stalls for `IDLE_TIMEOUT_S` ends the push, so a stuck client cannot hold the
+  site's deployment lock for ever.
 * **The push succeeds even when the deployment fails** (as Kudu): receive-pack's report already
   went out; the record says why and the pusher reads "Error - Changes committed to remote
   repository but deployment to website failed."
