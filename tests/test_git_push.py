@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+import pytest
 
 from tests.helpers import Site, running_daemon, wait_for
 from tests.test_api_jobs import CREDENTIALS, basic
 from webjobsd.app import Daemon
+from webjobsd.deploy import git as git_module
 from webjobsd.deploy.git import DEPLOYMENT_FAILED
 from webjobsd.deploy.lock import IN_PROGRESS, DeploymentLock, deployment_in_progress
 from webjobsd.deploy.records import DeploymentStore, DeployStatus
@@ -461,3 +464,48 @@ async def test_without_authentication_the_deployer_is_anonymous_and_app_settings
         assert record is not None
         assert record.deployer == "anonymous"
         assert record.status == DeployStatus.SUCCESS
+
+
+async def test_a_stalled_push_gives_the_lock_back(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pusher whose body stops mid-way cannot hold the site's deployment lock for ever: after
+    the idle timeout git's stdin ends, nothing is kept, the temporary record goes."""
+    monkeypatch.setattr(git_module, "IDLE_TIMEOUT_S", 0.5)
+    stalled = asyncio.Event()
+    given_up = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        command = f"{'0' * 40} {'1' * 40} refs/heads/master\0report-status side-band-64k"
+        yield f"{len(command) + 4:04x}{command}0000".encode() + b"PACK"
+        stalled.set()
+        await given_up.wait()  # no other byte until the test ends
+
+    async with serving(site) as remote:
+        layout = remote.daemon.layout
+        auth = {"Authorization": basic(USER, PASSWORD)}
+        async with aiohttp.ClientSession(headers=auth) as session:
+            posting = asyncio.create_task(
+                session.post(f"{remote.base}/git/git-receive-pack", data=body())
+            )
+            try:
+                await wait_for(stalled.is_set, what="the body sent in part")
+                await wait_for(
+                    lambda: deployment_in_progress(layout), what="the push holds the lock"
+                )
+                await wait_for(
+                    lambda: not deployment_in_progress(layout), 15, what="the lock given back"
+                )
+                assert DeploymentStore(layout).all() == []
+            finally:
+                given_up.set()
+                # The daemon closed the connection: git's answer is cut short.
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with await posting as response:
+                        await response.read()
+        # And the site takes the next push.
+        git = Git(tmp_path / "home")
+        git.home.mkdir()
+        work = await new_work_tree(git, tmp_path, {"index.html": "<p>one</p>\n"})
+        pushed = await git("push", remote.url("/git"), "master", cwd=work)
+        assert "remote: Deployment successful." in pushed.stderr, pushed.stderr

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from webjobsd.deploy.git import (
     BRANCH_SETTING,
@@ -58,6 +59,10 @@ NO_CACHE = {
     "Cache-Control": "no-cache, max-age=0, must-revalidate",
 }
 
+# A body that stalls (deploy.git's idle timeout) or a client that goes away mid-body: the
+# answer has begun, so there is nobody left to tell; git saw its stdin end and kept nothing.
+BROKEN_OFF = (TimeoutError, ConnectionError, HttpProcessingError)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -78,6 +83,13 @@ def _plain_errors(handler: Handler) -> Handler:
             return _text(refusal.status, refusal.message, refusal.headers)
 
     return wrapped
+
+
+def _closing(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Close the connection after a broken request: aiohttp would otherwise linger reading
+    the rest of a body that a stalled client may never send."""
+    request.protocol.force_close()
+    return response
 
 
 def _repository(request: web.Request) -> Repository:
@@ -119,7 +131,11 @@ async def _stream(request: web.Request, service: str) -> web.StreamResponse:
         headers={**NO_CACHE, "Content-Type": f"application/x-{service}-result"}
     )
     await response.prepare(request)
-    await run_service(repository, service, request.content.iter_chunked(_CHUNK), response.write)
+    try:
+        await run_service(repository, service, request.content.iter_chunked(_CHUNK), response.write)
+    except BROKEN_OFF as error:
+        log.info("git request broke off", service=service, error=repr(error))
+        return _closing(request, response)
     await response.write_eof()
     return response
 
@@ -144,14 +160,18 @@ async def receive_pack(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await asyncio.shield(deployment.discard())
         raise
-    await receive_and_deploy(
-        repository,
-        ctx.deployments,
-        deployment,
-        request.content.iter_chunked(_CHUNK),
-        response.write,
-        branch_setting=ctx.app_settings.get(BRANCH_SETTING),
-    )
+    try:
+        await receive_and_deploy(
+            repository,
+            ctx.deployments,
+            deployment,
+            request.content.iter_chunked(_CHUNK),
+            response.write,
+            branch_setting=ctx.app_settings.get(BRANCH_SETTING),
+        )
+    except BROKEN_OFF as error:
+        log.info("git push broke off", error=repr(error))
+        return _closing(request, response)
     await response.write_eof()
     return response
 
