@@ -143,6 +143,10 @@ async def test_push_needs_credentials_then_clone_and_fetch_return_the_commits(
         assert in_repository.stdout.strip() == first
 
         (work / "index.html").write_text("<p>two</p>\n")
+        # Incompressible and over git's postBuffer (1 MiB): git probes with a tiny POST, then
+        # sends the pack chunked; it streams through, never whole in memory.
+        (work / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        await git("add", "blob.bin", cwd=work)
         await git("commit", "--quiet", "-am", "Second version", cwd=work)
         await git("push", remote.url("/git"), "master", cwd=work)  # the other route
         second = (await git("rev-parse", "HEAD", cwd=work)).stdout.strip()
@@ -152,6 +156,7 @@ async def test_push_needs_credentials_then_clone_and_fetch_return_the_commits(
         history = (await git("log", "--format=%H %s", "master", cwd=clone)).stdout.split("\n")
         assert history[:2] == [f"{second} Second version", f"{first} First version"]
         assert (clone / "index.html").read_text() == "<p>two</p>\n"
+        assert (clone / "blob.bin").read_bytes() == (work / "blob.bin").read_bytes()
 
         # upload-pack with a gzip body (git gzips large negotiations): the pack comes back.
         request = f"0032want {second}\n".encode() + b"0000" + b"0009done\n"
