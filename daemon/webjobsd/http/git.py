@@ -24,6 +24,7 @@ Design choices (keep them):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -136,7 +137,8 @@ async def _stream(request: web.Request, service: str) -> web.StreamResponse:
     except BROKEN_OFF as error:
         log.info("git request broke off", service=service, error=repr(error))
         return _closing(request, response)
-    await response.write_eof()
+    with contextlib.suppress(ConnectionError):  # the pusher left: the deployment went on
+        await response.write_eof()
     return response
 
 
@@ -172,7 +174,8 @@ async def receive_pack(request: web.Request) -> web.StreamResponse:
     except BROKEN_OFF as error:
         log.info("git push broke off", error=repr(error))
         return _closing(request, response)
-    await response.write_eof()
+    with contextlib.suppress(ConnectionError):  # the pusher left: the deployment went on
+        await response.write_eof()
     return response
 
 
