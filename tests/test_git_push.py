@@ -334,6 +334,22 @@ async def test_a_push_deploys_its_jobs_and_a_second_push_restarts_only_the_chang
         assert (wwwroot / "index.html").read_text() == "<p>two</p>\n"
         assert [r.id for r in store.all()] == [second, first]
         assert store.active_id() == second
+        # The history API shows the push as Kudu does: the sha, the pusher, the commit.
+        auth = basic(USER, PASSWORD)
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": auth}) as session,
+            session.get(f"{remote.base}/api/deployments/latest") as response,
+        ):
+            assert response.status == 200
+            latest = await response.json()
+        assert (latest["id"], latest["status"], latest["deployer"], latest["message"]) == (
+            second,
+            4,
+            USER,
+            "Second version",
+        )
+        assert latest["active"] is True
+        assert latest["site_name"] == "site-root"
 
 
 async def test_the_deployment_branch_rules(site: Site, tmp_path: Path) -> None:
