@@ -205,6 +205,9 @@ async def test_advertisement_headers_dumb_protocol_and_unknown_names(
             assert (await response.text()).strip() == "The dumb protocol is not supported."
         async with session.get(f"{remote.base}/git/info/refs") as response:
             assert response.status == 501
+        url = f"{remote.base}/info/refs?service=git-upload-pack"  # the host root, as Kudu
+        async with session.get(url) as response:
+            assert response.status == 200
         url = f"{remote.base}/site-root.git/info/refs?service=git-upload-pack"
         async with session.get(url) as response:
             assert response.status == 404

@@ -1,4 +1,5 @@
-"""git's smart HTTP protocol at `/{site}.git/...` and `/git/...` (KUDU-DEPLOY.md Part A #10).
+"""git's smart HTTP protocol at `/{site}.git/...`, `/git/...` and the host root (KUDU-DEPLOY.md
+Part A #10).
 
 Routes only: the repository, git's services and the deployment after a push are
 `deploy.git`'s. `{site}` is Kudu's GitServerRoot: WEBSITE_SITE_NAME up to the first `_`, else
@@ -180,7 +181,8 @@ async def receive_pack(request: web.Request) -> web.StreamResponse:
 
 
 def add_git_routes(app: web.Application) -> None:
-    for root in ("/{site}.git", "/git"):
+    # The host root too, as Kudu: `git remote add azure https://HOST/` works.
+    for root in ("/{site}.git", "/git", ""):
         app.router.add_get(root + "/info/refs", _plain_errors(info_refs))
         app.router.add_post(root + "/git-upload-pack", _plain_errors(upload_pack))
         app.router.add_post(root + "/git-receive-pack", _plain_errors(receive_pack))
