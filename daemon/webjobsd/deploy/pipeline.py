@@ -13,6 +13,7 @@ OneDeploy and wardeploy (`http/zipdeploy.py`), a git push (`deploy/git.py`), a d
    KuduSync's rules with the manifests, job folders swapped whole (`deploy.sync`).
 3. `finish`: PostDeploymentActions after a success (`deploy.postactions`; a failing one fails the
    deployment), Success or Failed, the active deployment, retention, the lock released.
+   `discard` instead ends a deployment that found nothing to deploy (its temp record goes).
 
 Decisions:
 
@@ -135,6 +136,11 @@ class Deployments:
         self.current: Deployment | None = None
         self._tasks: set[asyncio.Task[DeploymentRecord | None]] = set()
         self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        """The daemon stops: no new deployment begins (503)."""
+        return self._closing
 
     def is_deploying(self) -> bool:
         """A deployment runs on this site, here or in another daemon sharing it."""
