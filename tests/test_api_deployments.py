@@ -426,7 +426,12 @@ def concrete_path(template: str, record_id: str) -> str:
     }
     path = re.sub(r"\{(\w+)(?::[^}]*)?\}", lambda match: values.get(match[1], "x"), template)
     # Streams end at once instead of following the log.
-    return path + ("?follow=false" if path.endswith("/logstream") else "")
+    if path.endswith("/logstream"):
+        return path + "?follow=false"
+    # git's smart protocol (without `service`, git's dumb protocol, is 501 by design).
+    if path.endswith("/info/refs"):
+        return path + "?service=git-upload-pack"
+    return path
 
 
 async def test_gets_with_a_json_content_type_work_everywhere(site: Site) -> None:

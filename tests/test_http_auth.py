@@ -72,7 +72,10 @@ class Holder:
 @asynccontextmanager
 async def serve(holder: Holder, **options: Any) -> AsyncIterator[str]:
     async def private(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "path": request.path})
+        body = {"ok": True, "path": request.path}
+        if (user := auth.authenticated_user(request)) is not None:
+            body["user"] = user
+        return web.json_response(body)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -138,7 +141,8 @@ async def test_right_credentials_pass(client: aiohttp.ClientSession, base_url: s
     status, body, _ = await get(
         client, base_url + "/private", {"Authorization": basic(USER, PASSWORD)}
     )
-    assert (status, body) == (200, {"ok": True, "path": "/private"})
+    # The handler sees who the request was authenticated as (git records it as the deployer).
+    assert (status, body) == (200, {"ok": True, "path": "/private", "user": USER})
     # aiohttp's own encoder, as a third-party client would use it.
     header = aiohttp.encode_basic_auth(USER, PASSWORD)
     status, _, _ = await get(client, base_url + "/private", {"Authorization": header})
@@ -261,8 +265,9 @@ async def test_unknown_route_needs_auth_first(client: aiohttp.ClientSession, bas
 
 async def test_auth_disabled_lets_everything_through(client: aiohttp.ClientSession) -> None:
     async with serve(Holder(None)) as url:
-        status, _, _ = await get(client, url + "/private")
+        status, body, _ = await get(client, url + "/private")
         assert status == 200
+        assert "user" not in body  # nobody was authenticated
         status, _, _ = await get(client, url + "/private", {"Authorization": "Basic !!!"})
         assert status == 200
 

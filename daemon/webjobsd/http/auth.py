@@ -421,6 +421,15 @@ class _VerifiedCache:
         return len(self._entries)
 
 
+# The user name a request was authenticated as (git push records it as the deployer).
+AUTHENTICATED_USER = web.RequestKey("webjobsd_authenticated_user", str)
+
+
+def authenticated_user(request: web.Request) -> str | None:
+    """Who the request was authenticated as; None for exempt requests or with auth off."""
+    return request.get(AUTHENTICATED_USER)
+
+
 def unauthorized(message: str) -> web.Response:
     return json_error(401, message, {hdrs.WWW_AUTHENTICATE: WWW_AUTHENTICATE})
 
@@ -461,6 +470,7 @@ def basic_auth_middleware(
                         log.info("wrong credentials", peer=request.remote, path=request.path)
                         return unauthorized("Invalid username or password.")
                     cache.add(credentials, key)
+        request[AUTHENTICATED_USER] = parsed[0]
         return await handler(request)
 
     return basic_auth

@@ -19,6 +19,7 @@ from webjobsd.http.dashboard import add_dashboard_routes
 from webjobsd.http.deployments import add_deployment_routes
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.files import add_file_routes
+from webjobsd.http.git import add_git_routes
 from webjobsd.http.jobs import add_job_routes
 from webjobsd.http.listener import ConnectionGuard, ConnectionLimits, Listener, track_requests
 from webjobsd.http.schedules import add_schedule_routes
@@ -79,6 +80,7 @@ def build_app(
         on_change=ctx.on_file_change,
         base_url=base_url,
     )
+    add_git_routes(app)
     return app
 
 
