@@ -690,18 +690,21 @@ function deploymentLog(id, followed) {
   };
 }
 
-function deploymentView(id) {
+// One record, followed until it ends; `changed` hears of each new status (the history's row).
+function deploymentView(id, changed) {
   const statusBox = h("span", { id: "deployment-status", "aria-live": "polite" });
   const facts = h("dl", { class: "stats facts" });
-  const changed = h("div", { id: "changed-jobs" });
+  const changedJobs = h("div", { id: "changed-jobs" });
   const removed = h("div", { id: "removed-jobs" });
   const followed = followedLog("Deployment log");
+  followed.box.classList.add("fits");
+  let lastStatus = null;
   const update = deploymentLog(id, followed);
   const section = h("section", { id: "deployment", "aria-labelledby": "deployment-h" },
     h("h2", { id: "deployment-h" }, "Deployment ", h("code", { text: id })),
     h("p", { class: "row" }, "Status: ", statusBox),
     facts,
-    h("h3", { text: "Jobs it replaced (each restarted once)" }), changed,
+    h("h3", { text: "Jobs it changed (a continuous one restarts once)" }), changedJobs,
     h("h3", { text: "Jobs it removed" }), removed,
     h("h3", { text: "Log" }), followed.controls, followed.box);
   const stop = every(LIVE_MS, async () => {
@@ -720,10 +723,12 @@ function deploymentView(id) {
         "deployment-received"),
       stat("Ended", record.end_time ? localTime(record.end_time) : "not yet", "deployment-ended"),
       stat(finished ? "Took" : "Running for", deployDuration(record), "deployment-duration"));
-    changed.replaceChildren(jobList(record.changed_jobs, true));
+    changedJobs.replaceChildren(jobList(record.changed_jobs, true));
     removed.replaceChildren(jobList(record.removed_jobs, false));
     await update(finished);
     if (finished) followed.state.textContent = `The deployment has ended: ${deployStatus(record)}.`;
+    if (record.status !== lastStatus && lastStatus !== null) changed(record);
+    lastStatus = record.status;
     return !finished;
   });
   return { section, stop };
@@ -742,7 +747,7 @@ function deploymentsPage(selected) {
 
   function show(id) {
     if (current) current.stop();
-    current = id ? deploymentView(id) : null;
+    current = id ? deploymentView(id, () => refresh().catch(showError)) : null;
     detailSlot.replaceChildren(current ? current.section : "");
     render();
   }
@@ -787,9 +792,8 @@ function deploymentsPage(selected) {
         { "Content-Type": "application/zip" }, progress);
       // The 202's Location is Kudu's `latest` poll URL: the record the upload just made.
       const record = await getJson(localPath(xhr.getResponseHeader("Location")));
-      message.replaceChildren(`Uploaded ${file.name}; `, h("a", {
-        href: `#/deployments/${enc(record.id)}`, text: `deployment ${shortId(record.id)}` }),
-        " is under way.");
+      message.replaceChildren(`Uploaded ${file.name} as `, h("a", {
+        href: `#/deployments/${enc(record.id)}`, text: `deployment ${shortId(record.id)}` }), ".");
       // The address names the record without rebuilding the page, which keeps the bar at 100 %.
       history.pushState(null, "", `#/deployments/${enc(record.id)}`);
       selected = record.id;
