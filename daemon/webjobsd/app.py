@@ -27,6 +27,7 @@ import structlog
 
 from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
+from webjobsd.deploy.records import DeploymentStore
 from webjobsd.deploy.staging import clean_after_kill
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
@@ -115,6 +116,7 @@ class Daemon:
         self.discovery: DiscoveryService | None = None
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
+        self.deployment_store = DeploymentStore(self.layout)
         self.http: HttpServer | None = None
         self.webhooks = WebhookDispatcher(HookStore(self.layout.hooks_path))
         self._webhooks_task: asyncio.Task[None] | None = None
@@ -354,6 +356,7 @@ class Daemon:
         # Before the API listens (no deploy runs yet) and before the first scan (a job folder
         # a killed deploy had moved aside is back in place for it).
         await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
+        await asyncio.to_thread(self._repair_deployments)
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
@@ -411,6 +414,7 @@ class Daemon:
             trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
             log_wakeups=self.log_wakeups,
             schedules=lambda: self.scheduler.schedules if self.scheduler else {},
+            deployment_store=self.deployment_store,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -582,6 +586,16 @@ class Daemon:
                 log.warning(
                     "run left by a stopped daemon marked Aborted", job=name, run=record.run_id
                 )
+
+    def _repair_deployments(self) -> None:
+        """Deployment records a killed daemon left unfinished become Failed (Part B §1.6).
+
+        Under the deployment lock, taken for the moment: when another daemon on the site holds
+        it, it is deploying and its records are its own, so they are left alone.
+        """
+        repaired = self.deployment_store.repair_if_lock_free(purge=True)
+        if repaired is None:
+            log.info("a deployment is in progress on the site; its records are left alone")
 
     def _run_finished(self, record: RunRecord) -> None:
         """Seam for webhooks and metrics: every run ends here, whatever its trigger."""
