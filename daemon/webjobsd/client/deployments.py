@@ -12,10 +12,11 @@ Decisions:
   once, which names the record; the record is then polled by its id, so a deployment started by
   someone else after ours cannot be mistaken for ours. A 404 by id (a temporary record replaced
   by its real one) falls back to the `Location`.
-* **The log is polled** (there is no stream of a deployment's log over HTTP): each top-level
-  entry is printed once, in order, with its children indented under it. A parent's children
-  are read again until a later entry has appeared after them (the pipeline writes a parent's
-  children before it moves on), and once more at the end, so no child line is lost or repeated.
+* **The log is polled** (there is no stream of a deployment's log over HTTP): each entry is
+  printed once, in order, with its details (Kudu's child entries) indented under it. An
+  entry's details are read again until a later sibling has appeared (the pipeline writes an
+  entry's details before it moves on), and once more at the end, so no line is lost or
+  repeated.
 * **Exit codes as for runs** (`commands.outcome`): 0 when the deployment succeeded, RUN_FAILED
   when it failed or the wait timed out; refusals (409 while another deployment runs, 400 for a
   file that is not a zip) keep the client's usual codes.
@@ -157,53 +158,43 @@ def _poll(client: ApiClient, record_id: str, location: str) -> dict[str, Any]:
 
 @dataclass
 class LogPrinter:
-    """Prints a deployment's log entries once each, in order, children under their parent."""
+    """Prints a deployment's log entries once each, in order, details under their entry (at
+    any depth: an entry's details may have details of their own)."""
 
     client: ApiClient
     record_id: str
     out: TextIO
-    printed: int = 0  # top-level entries printed
-    children_printed: dict[str, int] = field(default_factory=dict)
-    settled: set[str] = field(default_factory=set)  # parents whose children are all printed
+    printed: dict[str, int] = field(default_factory=dict)  # entries printed, by parent id
+    settled: set[str] = field(default_factory=set)  # entries whose details are all printed
 
     def print_new(self, *, final: bool = False) -> None:
-        entries = self._entries()
-        for index, entry in enumerate(entries):
-            if index >= self.printed:
-                write_entry(entry, self.out)
-                self.printed = index + 1
-            entry_id = str(entry.get("id") or "")
-            if not entry_id or entry_id in self.settled or not entry.get("details_url"):
-                continue
-            children = self._children(entry_id)
-            for child in children[self.children_printed.get(entry_id, 0) :]:
-                write_entry(child, self.out, indent="  ")
-            self.children_printed[entry_id] = len(children)
-            # Read once more after a later entry exists, then never again.
-            if final or index + 1 < len(entries):
-                self.settled.add(entry_id)
+        self._walk(self._read(_record_path(self.record_id) + "/log"), "", 0, final)
         self.out.flush()
 
-    def _entries(self) -> list[dict[str, Any]]:
+    def _walk(self, entries: list[dict[str, Any]], parent: str, depth: int, final: bool) -> None:
+        for index, entry in enumerate(entries):
+            if index >= self.printed.get(parent, 0):
+                write_entry(entry, self.out, indent="  " * depth)
+                self.printed[parent] = index + 1
+            entry_id = str(entry.get("id") or "")
+            if not entry_id or not entry.get("details_url") or entry_id in self.settled:
+                continue
+            # Read once more after a later entry exists (its details were all written
+            # before it), then never again.
+            closed = final or index + 1 < len(entries)
+            path = f"{_record_path(self.record_id)}/log/{urllib.parse.quote(entry_id, safe='')}"
+            self._walk(self._read(path), entry_id, depth + 1, closed)
+            if closed:
+                self.settled.add(entry_id)
+
+    def _read(self, path: str) -> list[dict[str, Any]]:
         try:
-            entries: list[dict[str, Any]] = self.client.request(
-                "GET", _record_path(self.record_id) + "/log"
-            ).json()
+            entries: list[dict[str, Any]] = self.client.request("GET", path).json()
         except ClientError as error:
-            if error.code == ExitCode.NOT_FOUND:  # no log written yet
+            if error.code == ExitCode.NOT_FOUND:  # nothing written yet
                 return []
             raise
         return entries
-
-    def _children(self, entry_id: str) -> list[dict[str, Any]]:
-        path = f"{_record_path(self.record_id)}/log/{urllib.parse.quote(entry_id, safe='')}"
-        try:
-            children: list[dict[str, Any]] = self.client.request("GET", path).json()
-        except ClientError as error:
-            if error.code == ExitCode.NOT_FOUND:
-                return []
-            raise
-        return children
 
 
 def write_entry(entry: dict[str, Any], out: TextIO, indent: str = "") -> None:

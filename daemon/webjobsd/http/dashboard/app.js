@@ -652,40 +652,46 @@ function jobList(keys, linked) {
   }));
 }
 
-// A deployment's structured log, polled: each top-level entry once, in order, with its
-// children under it. A parent's children are read again until a later entry exists (the
-// pipeline writes a parent's children before it moves on), and once more when it has ended.
+// A deployment's structured log, polled: each entry once, in order, with its details (Kudu's
+// child entries, at any depth) under it. An entry's details are read again until a later
+// sibling exists (the pipeline writes an entry's details before it moves on), and once more
+// when the deployment has ended.
 function deploymentLog(id, followed) {
   const base = `/api/deployments/${enc(id)}/log`;
-  const shown = []; // [{ line, children, count }] per top-level entry
+  // By parent id ("" the top): the lines shown and the box of each one's details.
+  const shown = new Map([["", { lines: [], details: [], box: followed.box }]]);
   const settled = new Set();
   const kindOf = (entry) => (entry.type === 2 ? " err" : entry.type === 1 ? " warn" : "");
-  const line = (entry, child) => h("div", { class: `line${child ? " child" : ""}${kindOf(entry)}` },
-    h("time", { datetime: entry.log_time, title: entry.log_time,
-      text: (entry.log_time || "").slice(11, 19) }), "  ", entry.message);
   const read = async (path) => {
     try { return await getJson(path); } catch (error) {
       if (error.status === 404) return []; // nothing written yet
       throw error;
     }
   };
-  return async function update(final) {
-    const entries = await read(base);
+  async function walk(entries, parent, final) {
+    const known = shown.get(parent);
     for (const [index, entry] of entries.entries()) {
-      if (!shown[index]) {
-        const children = h("div", { class: "children" });
-        const parent = line(entry, false);
-        followed.box.append(h("div", { class: "entry" }, parent, children));
-        shown[index] = { line: parent, children, count: 0 };
+      if (!known.lines[index]) {
+        const line = h("div", { class: "line" }, h("time", { datetime: entry.log_time,
+          title: entry.log_time, text: (entry.log_time || "").slice(11, 19) }), "  ", entry.message);
+        const details = h("div", { class: "details" });
+        known.box.append(h("div", { class: "entry" }, line, details));
+        known.lines[index] = line;
+        known.details[index] = details;
       }
-      const known = shown[index];
-      known.line.className = line(entry, false).className; // raised to its worst child's type
-      if (!entry.id || !entry.details_url || settled.has(index)) continue;
-      const children = await read(`${base}/${enc(entry.id)}`);
-      for (const child of children.slice(known.count)) known.children.append(line(child, true));
-      known.count = Math.max(known.count, children.length);
-      if (final || index + 1 < entries.length) settled.add(index);
+      // An entry has an id once it has details, which may come after it was shown.
+      if (entry.id && !shown.has(entry.id)) {
+        shown.set(entry.id, { lines: [], details: [], box: known.details[index] });
+      }
+      known.lines[index].className = `line${kindOf(entry)}`; // raised to its worst detail's type
+      if (!entry.id || !entry.details_url || settled.has(entry.id)) continue;
+      const closed = final || index + 1 < entries.length;
+      await walk(await read(`${base}/${enc(entry.id)}`), entry.id, closed);
+      if (closed) settled.add(entry.id);
     }
+  }
+  return async function update(final) {
+    await walk(await read(base), "", final);
     followed.keepToEnd();
   };
 }
