@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from webjobsd.config import AppSettings
+from webjobsd.deploy.pipeline import Deployments
 from webjobsd.deploy.records import DeploymentStore
 from webjobsd.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
@@ -49,6 +50,8 @@ class ApiContext:
     schedules: Callable[[], Mapping[str, JobSchedule]] | None = None
     # The site's deployment records (`deploy.records`), for the deployment history API.
     deployment_store: DeploymentStore | None = None
+    # Starts site deployments (`deploy.pipeline`): zipdeploy, OneDeploy, git push.
+    deployments: Deployments | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)
