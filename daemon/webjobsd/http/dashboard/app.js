@@ -717,9 +717,11 @@ function deploymentView(id, changed) {
     const record = await getJson(`/api/deployments/${enc(id)}`);
     showError(null);
     const finished = deployFinished(record);
+    // Not `progress` beside it: the record is saved less often than its log is written, and
+    // the log is right below.
     statusBox.replaceChildren(badge(deployStatus(record)), " ",
       record.active ? h("span", { class: "badge s-info", id: "deployment-active", text: "active" })
-        : "", " ", h("span", { class: "muted", text: record.progress || "" }));
+        : "");
     facts.replaceChildren(
       stat("Deployer", record.deployer || "—", "deployment-deployer"),
       stat("Author", record.author_email && record.author_email !== "N/A"
@@ -761,8 +763,8 @@ function deploymentsPage(selected) {
   function render() {
     const chosen = current ? selected : null;
     if (records === null) return;
-    summary.textContent = records.length ? `${records.length} deployments, newest first`
-      : "No deployments yet.";
+    summary.textContent = records.length > 1 ? `${records.length} deployments, newest first`
+      : records.length ? "1 deployment" : "No deployments yet.";
     body.replaceChildren(...records.map((record) => h("tr", { class: "deployment",
       "data-id": record.id, "aria-current": record.id === chosen ? "true" : null },
       h("td", { "data-label": "Status" }, badge(deployStatus(record)),
