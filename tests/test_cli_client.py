@@ -347,7 +347,7 @@ def test_deploy_site_prints_the_log_as_it_comes_and_exits_as_runs_do(
        post-deployment action, which then waits on a gate), and exits 0 once it has succeeded;
        the site's job runs.
     2. `deploy-site ZIP --wait` of a changed job: 0, the job's new code runs, the job named.
-    3. Without --wait it prints the record's id, which `deployments ID` shows.
+    3. Without --wait it prints the record's id, which `deployments ID` shows; --clean.
     4. A deployment that fails (its post-deployment action exits 3): exit 1, Failed.
     5. `deployments`: a table, newest first, the active one marked; `deployments latest --log`:
        the failed one's log, children indented."""
@@ -402,9 +402,12 @@ def test_deploy_site_prints_the_log_as_it_comes_and_exits_as_runs_do(
     assert not (site.root / "site" / "wwwroot" / "hold-me").exists()  # the manifest's work
     wait_for_sync(lambda: "tick v2" in site.job_log("ticker"), timeout=20, what="ticker v2")
 
-    # 3. Not waiting: the id, which names a record that ends in Success.
+    # 3. Not waiting, and clean: the id, which names a record that ends in Success; a file
+    # the deployments never wrote is gone.
+    wwwroot = site.root / "site" / "wwwroot"
+    (wwwroot / "written-at-run-time.txt").write_text("")
     third = site_tree(tmp_path / "site-v3", {"index.html": "v3\n", TICKER: ticker("v2")})
-    started = cli("deploy-site", str(third), "--message", "third of three", env=env)
+    started = cli("deploy-site", str(third), "--clean", "--message", "third of three", env=env)
     assert started.returncode == 0, started.stderr
     record_id = started.stdout.strip()
     assert len(record_id) == 32, started.stdout
@@ -417,6 +420,7 @@ def test_deploy_site_prints_the_log_as_it_comes_and_exits_as_runs_do(
     )
     assert f"id: {record_id}\n" in shown.stdout and "message: third of three\n" in shown.stdout
     assert "active: true\n" in shown.stdout
+    assert not (wwwroot / "written-at-run-time.txt").exists()
 
     # 4. A failed deployment: RUN_FAILED, as a failed run.
     broken = site_tree(tmp_path / "site-v4", {"index.html": "v4\n", "fail-me": ""})

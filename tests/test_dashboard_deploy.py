@@ -86,7 +86,7 @@ async def test_deploy_the_site_and_redeploy_a_job_from_the_dashboard(
     """1. The Deployments page, reached from the navigation, starts empty.
     2. A site zip chosen with the file input: the bar reaches 100 %; while the deployment runs
        (its post-deployment action waits on a gate) the record says so and its log shows the
-       action's line; then Success, the job it added, which runs.
+       action's line, and another zip is refused; then Success, the job it added, which runs.
     3. A second zip dropped on the page: a new record, the changed job named, the new code runs.
     4. A job zip dropped on the job's row (jobs page) and chosen on the job's page replaces it.
     5. A file that is not a zip is refused with a message, and nothing is uploaded."""
@@ -125,6 +125,16 @@ async def test_deploy_the_site_and_redeploy_a_job_from_the_dashboard(
         await expect(page.locator("#follow-state")).to_have_text("Following the end.")
         await expect(page.locator("#deployment-ended")).to_have_text("not yet")
         await page.screenshot(path=shots / "deployment-running.png", full_page=True)
+        # Another zip meanwhile: refused with Kudu's words, and the running one stays shown.
+        await page.get_by_label("Site zip to deploy").set_input_files(
+            chosen("other.zip", zip_of({"index.html": "other\n"}))
+        )
+        await expect(page.locator("#deploy-message")).to_have_text(
+            "Not deployed: There is a deployment currently in progress. "
+            "Please try again when it completes.",
+            timeout=WAIT_MS,
+        )
+        await expect(status).to_contain_text(re.compile("Pending|Building"))
         gate.write_text("")
         await expect(log).to_contain_text("gate open", timeout=WAIT_MS)
         await expect(status).to_contain_text("Success", timeout=WAIT_MS)
