@@ -88,6 +88,7 @@ async def test_deploy_the_site_and_redeploy_a_job_from_the_dashboard(
        (its post-deployment action waits on a gate) the record says so and its log shows the
        action's line, and another zip is refused; then Success, the job it added, which runs.
     3. A second zip dropped on the page: a new record, the changed job named, the new code runs.
+       The page without a record's id follows the latest: one posted by another client shows.
     4. A job zip dropped on the job's row (jobs page) and chosen on the job's page replaces it.
     5. A file that is not a zip is refused with a message, and nothing is uploaded."""
     shots = tmp_path / "screenshots"
@@ -177,6 +178,27 @@ async def test_deploy_the_site_and_redeploy_a_job_from_the_dashboard(
         await expect(page.locator("#deployment-h")).to_contain_text(record["id"])
         await expect(page.locator("#log .entry").first).to_be_visible(timeout=WAIT_MS)
         await expect(page.locator("#deployment-active")).to_have_count(0)
+
+        # The page without an id shows the latest, and the next one as soon as it begins,
+        # wherever it comes from (here a client of the API).
+        await page.get_by_role("link", name="Deployments").click()
+        heading = page.locator("#deployment-h")
+        await expect(heading).to_contain_text(second["id"], timeout=WAIT_MS)
+        third = zip_of(
+            {"index.html": "<p>v3</p>\n", f"{JOBS}/continuous/ticker/run.sh": ticker("v2")}, day=3
+        )
+        async with session.post(
+            f"{base}/api/zipdeploy?isAsync=true&deployer=elsewhere", data=third
+        ) as response:
+            assert response.status == 202, await response.text()
+        await expect(page.locator("#deployment-deployer")).to_have_text(
+            "elsewhere", timeout=WAIT_MS
+        )
+        await expect(status).to_contain_text("Success", timeout=WAIT_MS)
+        await expect(page.locator("tr.deployment")).to_have_count(3)
+        latest = await get_json(session, f"{base}/api/deployments/latest")
+        await expect(heading).to_contain_text(latest["id"])
+        assert page.url.endswith("#/deployments")
 
         # 4. A job zip dropped on the job's row replaces that job alone.
         await page.get_by_role("link", name="Jobs", exact=True).click()

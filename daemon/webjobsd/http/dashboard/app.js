@@ -631,8 +631,6 @@ const DEPLOY_STATUS = ["Pending", "Building", "Deploying", "Failed", "Success"];
 const deployStatus = (record) => DEPLOY_STATUS[record.status] || String(record.status);
 const deployFinished = (record) => record.status === 3 || record.status === 4;
 const shortId = (id) => (/^[0-9a-f-]{20,}$/i.test(id) ? id.slice(0, 8) : id);
-const timeOf = (iso) => (iso ? h("time", { datetime: iso, title: iso, text: localTime(iso) })
-  : h("span", { class: "muted", text: "—" }));
 
 function deployDuration(record) {
   const end = record.end_time ? Date.parse(record.end_time) : Date.now();
@@ -739,9 +737,12 @@ function deploymentView(id, changed) {
     lastStatus = record.status;
     return !finished;
   });
-  return { section, stop };
+  return { id, section, stop };
 }
 
+// #/deployments/{id} shows that record; #/deployments shows the latest (Kudu's `latest`: the
+// one under way, else the last to finish) and moves to the next one when it begins, wherever
+// it came from (this page, the CLI, a GitHub action, a git push).
 function deploymentsPage(selected) {
   const progress = uploadProgress();
   const message = h("p", { id: "deploy-message", role: "status" });
@@ -752,6 +753,7 @@ function deploymentsPage(selected) {
   const detailSlot = h("div");
   let current = null;
   let records = null; // until the first answer
+  let followLatest = !selected;
 
   function show(id) {
     if (current) current.stop();
@@ -761,7 +763,7 @@ function deploymentsPage(selected) {
   }
 
   function render() {
-    const chosen = current ? selected : null;
+    const chosen = current ? current.id : null;
     if (records === null) return;
     summary.textContent = records.length > 1 ? `${records.length} deployments, newest first`
       : records.length ? "1 deployment" : "No deployments yet.";
@@ -782,6 +784,10 @@ function deploymentsPage(selected) {
 
   async function refresh() {
     records = await getJson("/api/deployments");
+    if (followLatest && records.length) {
+      const latest = await getJson("/api/deployments/latest"); // 202 while one is under way
+      if (!current || current.id !== latest.id) show(latest.id);
+    }
     showError(null);
     render();
   }
@@ -799,12 +805,14 @@ function deploymentsPage(selected) {
       const xhr = await upload("POST", `/api/zipdeploy?${query}`, file,
         { "Content-Type": "application/zip" }, progress);
       // The 202's Location is Kudu's `latest` poll URL: the record the upload just made.
-      const record = await getJson(localPath(xhr.getResponseHeader("Location")));
+      const where = xhr.getResponseHeader("Location");
+      if (!where) throw new Error("the daemon did not say where the deployment is");
+      const record = await getJson(localPath(where));
       message.replaceChildren(`Uploaded ${file.name} as `, h("a", {
         href: `#/deployments/${enc(record.id)}`, text: `deployment ${shortId(record.id)}` }), ".");
       // The address names the record without rebuilding the page, which keeps the bar at 100 %.
       history.pushState(null, "", `#/deployments/${enc(record.id)}`);
-      selected = record.id;
+      followLatest = false;
       show(record.id);
       await refresh();
     } catch (error) {
