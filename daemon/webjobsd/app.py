@@ -372,8 +372,8 @@ class Daemon:
         # Before the API listens (no deploy runs yet) and before the first scan (a job folder
         # a killed deploy had moved aside is back in place for it).
         await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
-        await asyncio.to_thread(self._repair_deployments)
         await asyncio.to_thread(self.deployments.clean_after_kill)
+        await asyncio.to_thread(self._repair_deployments)
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.

@@ -69,8 +69,8 @@ def build_app(
     add_dashboard_routes(app)
     add_schedule_routes(app)
     add_settings_routes(app)
-    add_deployment_routes(app)
     add_zipdeploy_routes(app)
+    add_deployment_routes(app)
     add_file_routes(
         app,
         site_root=ctx.layout.site_root,
