@@ -438,7 +438,7 @@ def test_deploy_site_prints_the_log_as_it_comes_and_exits_as_runs_do(
     log = cli("deployments", "latest", "--log", env=env)
     assert log.returncode == 0, log.stderr
     assert "refusing this site" in log.stdout
-    child = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d    \S", re.MULTILINE)
+    child = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ    \S", re.MULTILINE)
     assert child.search(log.stdout), log.stdout
     for result in (zipped, started, failed, listed, log):
         assert "Traceback" not in result.stderr

@@ -197,8 +197,14 @@ class LogPrinter:
         return entries
 
 
+def utc_time(value: object) -> str:
+    """Kudu's `2026-12-02T07:11:48.1234560Z` to the second, and still saying it is UTC."""
+    stamp = str(value or "")
+    return stamp[:19].replace("T", " ") + ("Z" if stamp.endswith("Z") else "")
+
+
 def write_entry(entry: dict[str, Any], out: TextIO, indent: str = "") -> None:
-    when = str(entry.get("log_time") or "")[:19].replace("T", " ")
+    when = utc_time(entry.get("log_time"))
     mark = LOG_MARKS.get(entry.get("type", 0), "")
     lines = str(entry.get("message") or "").splitlines() or [""]
     out.write(f"{when}  {indent}{mark}{lines[0]}\n")
@@ -237,7 +243,7 @@ def _history(client: ApiClient, out: TextIO) -> int:
                 str(record["id"]),
                 status_words(record),
                 "*" if record.get("active") else "",
-                str(record.get("received_time") or "")[:19].replace("T", " "),
+                utc_time(record.get("received_time")),
                 str(record.get("deployer") or ""),
                 str(record.get("author") or ""),
                 " ".join(str(record.get("message") or "").split()),
