@@ -87,7 +87,7 @@ def _client_verbs(verbs: Any) -> None:
     site.add_argument("--message", help="the deployment's message")
     site.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     deployments = verb("deployments", "the site's deployments, or one (an id or `latest`)")
-    deployments.add_argument("id", nargs="?", metavar="ID")
+    deployments.add_argument("id", nargs="?", metavar="ID", help="a deployment's id, or latest")
     deployments.add_argument("--log", action="store_true", help="print its log (default latest)")
 
 
