@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -309,3 +310,135 @@ def test_progress_bar_counts_to_the_end() -> None:
     assert received == payload
     assert terminal.getvalue().rstrip().endswith("100% 3.0/3.0 MiB")
     assert terminal.getvalue().count("\r") > 10, "the bar moves as the upload goes"
+
+
+def site_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        if rel.endswith(".sh"):
+            path.chmod(0o755)
+    return root
+
+
+# A post-deployment action (run after the sync, its output in the deployment's log as it comes):
+# it holds the deployment until a gate file exists when the site carries `hold-me`, and fails
+# it when the site carries `fail-me`.
+POST_ACTION = """#!/bin/sh
+if [ -e "$WEBROOT_PATH/hold-me" ]; then
+  echo "holding for the gate"
+  while [ ! -e "{gate}" ]; do sleep 0.05; done
+  echo "gate open"
+fi
+if [ -e "$WEBROOT_PATH/fail-me" ]; then echo "refusing this site" >&2; exit 3; fi
+"""
+TICKER = "App_Data/jobs/continuous/ticker/run.sh"
+
+
+def ticker(version: str) -> str:
+    return f"echo tick {version}\nexec sleep 1000\n"
+
+
+def test_deploy_site_prints_the_log_as_it_comes_and_exits_as_runs_do(
+    served: tuple[DaemonProcess, dict[str, str]], site: Site, tmp_path: Path
+) -> None:
+    """1. `deploy-site FOLDER --wait` prints the log while the deployment runs (a line of the
+       post-deployment action, which then waits on a gate), and exits 0 once it has succeeded;
+       the site's job runs.
+    2. `deploy-site ZIP --wait` of a changed job: 0, the job's new code runs, the job named.
+    3. Without --wait it prints the record's id, which `deployments ID` shows; --clean.
+    4. A deployment that fails (its post-deployment action exits 3): exit 1, Failed.
+    5. `deployments`: a table, newest first, the active one marked; `deployments latest --log`:
+       the failed one's log, children indented."""
+    _daemon, env = served
+    gate = tmp_path / "gate"
+    site_tree(
+        site.root / "site" / "deployments" / "tools" / "PostDeploymentActions",
+        {"10-check.sh": POST_ACTION.replace("{gate}", str(gate))},
+    )
+    first = site_tree(
+        tmp_path / "site-v1", {"index.html": "v1\n", "hold-me": "", TICKER: ticker("v1")}
+    )
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "webjobsd", "deploy-site", str(first), "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(waiting.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_for_sync(
+            lambda: any("holding for the gate" in line for line in lines),
+            timeout=20,
+            what="the action's line printed while it runs",
+        )
+        assert waiting.poll() is None, "deploy-site --wait returned before the deployment ended"
+        gate.write_text("")
+        assert waiting.wait(timeout=30) == 0, waiting.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        reader.join(timeout=10)
+        waiting.stdout.close()  # type: ignore[union-attr]
+        stderr = waiting.stderr.read()  # type: ignore[union-attr]
+        waiting.stderr.close()  # type: ignore[union-attr]
+    assert any("gate open" in line for line in lines), lines
+    assert "Success" in stderr and "changed jobs: continuous/ticker" in stderr, stderr
+    assert (site.root / "site" / "wwwroot" / "index.html").read_text() == "v1\n"
+    wait_for_sync(lambda: "tick v1" in site.job_log("ticker"), timeout=20, what="ticker v1")
+
+    # 2. A zip of the next version: the changed job is named and its new code runs.
+    second = site_tree(tmp_path / "site-v2", {"index.html": "v2\n", TICKER: ticker("v2")})
+    package = tmp_path / "site-v2.zip"
+    subprocess.run(["zip", "-qr", str(package), "."], cwd=second, check=True)
+    zipped = cli("deploy-site", str(package), "--wait", env=env)
+    assert zipped.returncode == 0, zipped.stderr
+    assert "changed jobs: continuous/ticker" in zipped.stderr
+    assert not (site.root / "site" / "wwwroot" / "hold-me").exists()  # the manifest's work
+    wait_for_sync(lambda: "tick v2" in site.job_log("ticker"), timeout=20, what="ticker v2")
+
+    # 3. Not waiting, and clean: the id, which names a record that ends in Success; a file
+    # the deployments never wrote is gone.
+    wwwroot = site.root / "site" / "wwwroot"
+    (wwwroot / "written-at-run-time.txt").write_text("")
+    third = site_tree(tmp_path / "site-v3", {"index.html": "v3\n", TICKER: ticker("v2")})
+    started = cli("deploy-site", str(third), "--clean", "--message", "third of three", env=env)
+    assert started.returncode == 0, started.stderr
+    record_id = started.stdout.strip()
+    assert len(record_id) == 32, started.stdout
+    shown = wait_for_sync(
+        lambda: (
+            (r := cli("deployments", record_id, env=env)).stdout.count("status: Success (4)") and r
+        ),
+        timeout=20,
+        what="the third deployment done",
+    )
+    assert f"id: {record_id}\n" in shown.stdout and "message: third of three\n" in shown.stdout
+    assert "active: true\n" in shown.stdout
+    assert not (wwwroot / "written-at-run-time.txt").exists()
+
+    # 4. A failed deployment: RUN_FAILED, as a failed run.
+    broken = site_tree(tmp_path / "site-v4", {"index.html": "v4\n", "fail-me": ""})
+    failed = cli("deploy-site", str(broken), "--wait", env=env)
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert "Failed" in failed.stderr and "refusing this site" in failed.stdout
+
+    # 5. The history and the failed one's log.
+    listed = cli("deployments", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "STATUS", "ACTIVE", "RECEIVED"]
+    assert [row.split()[1] for row in rows] == ["Failed", "Success", "Success", "Success"]
+    assert rows[1].split()[:3] == [record_id, "Success", "*"]
+    log = cli("deployments", "latest", "--log", env=env)
+    assert log.returncode == 0, log.stderr
+    assert "refusing this site" in log.stdout
+    child = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ    \S", re.MULTILINE)
+    assert child.search(log.stdout), log.stdout
+    for result in (zipped, started, failed, listed, log):
+        assert "Traceback" not in result.stderr

@@ -80,15 +80,25 @@ def _client_verbs(verbs: Any) -> None:
     settings.add_argument("name")
     settings.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     typed(settings)
+    site = verb("deploy-site", "deploy the whole site from a folder or a zip (Kudu's zipdeploy)")
+    site.add_argument("path", type=Path, metavar="PATH|ZIP")
+    site.add_argument("--clean", action="store_true", help="delete files the package lacks")
+    site.add_argument("--wait", action="store_true", help="print the log; exit 0 only on Success")
+    site.add_argument("--message", help="the deployment's message")
+    site.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    deployments = verb("deployments", "the site's deployments, or one (an id or `latest`)")
+    deployments.add_argument("id", nargs="?", metavar="ID", help="a deployment's id, or latest")
+    deployments.add_argument("--log", action="store_true", help="print its log (default latest)")
 
 
 CLIENT_VERBS = frozenset(
     {"jobs", "show", "run", "logs", "history", "stop", "start", "deploy", "delete", "settings"}
+    | {"deploy-site", "deployments"}
 )
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    from webjobsd.client import commands
+    from webjobsd.client import commands, deployments
     from webjobsd.client.connection import ApiClient, ClientError, resolve_target
 
     out = sys.stdout
@@ -130,6 +140,19 @@ def _run_client(args: argparse.Namespace) -> int:
                 )
             case "delete":
                 return commands.cmd_delete(client, out, args.name, kind)
+            case "deploy-site":
+                return deployments.cmd_deploy_site(
+                    client,
+                    out,
+                    args.path,
+                    clean=args.clean,
+                    wait=args.wait,
+                    message=args.message,
+                    timeout_s=args.timeout,
+                    progress=sys.stderr.isatty(),
+                )
+            case "deployments":
+                return deployments.cmd_deployments(client, out, args.id, log=args.log)
             case _:
                 return commands.cmd_settings(client, out, args.name, kind, args.pairs)
     except ClientError as error:

@@ -148,11 +148,17 @@ def cmd_run(
         run = client.request("GET", location).json()
         if run.get("status") in FINISHED:
             print(f"run {run['id']}: {run['status']} in {run.get('duration')}", file=sys.stderr)
-            return ExitCode.OK if run["status"] == "Success" else ExitCode.RUN_FAILED
+            return outcome(succeeded=run["status"] == "Success")
         if deadline is not None and time.monotonic() > deadline:
             message = f"run {run['id']} still {run['status']} at the timeout"
             raise ClientError(message, ExitCode.RUN_FAILED)
         time.sleep(FOLLOW_POLL_S)  # polling the API is the wait here
+
+
+def outcome(*, succeeded: bool) -> ExitCode:
+    """The exit code of a verb that waited for something the daemon ran (a run, a deployment):
+    the command itself worked, so anything but success is RUN_FAILED, not an error of ours."""
+    return ExitCode.OK if succeeded else ExitCode.RUN_FAILED
 
 
 def follow_stream(
@@ -295,14 +301,19 @@ def zip_folder(folder: Path) -> bytes:
     """The folder's files (not the folder itself) in a zip; links are stored as their targets'
     contents would be refused by the daemon, so they are skipped with a note."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    write_folder_zip(folder, buffer)
+    return buffer.getvalue()
+
+
+def write_folder_zip(folder: Path, target: IO[bytes]) -> None:
+    """`zip_folder` into any binary file (a temp file for a whole site)."""
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(_files(folder)):
             relative = path.relative_to(folder).as_posix()
             if path.is_symlink():
                 print(f"skipping symbolic link {relative}", file=sys.stderr)
                 continue
             archive.write(path, relative)
-    return buffer.getvalue()
 
 
 def _files(folder: Path) -> Iterable[Path]:

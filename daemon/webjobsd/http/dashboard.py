@@ -12,6 +12,10 @@ Decisions:
   files can be served, and each route is an operation documented in `openapi.yaml`.
 * **No caching** (`Cache-Control: no-cache`): after an upgrade the page and its script must
   not come from two versions.
+* **Deploying from the page uses the clients' routes**: a site zip is posted to
+  `/api/zipdeploy?isAsync=true` and a job zip put to `/api/{type}webjobs/{name}`, through
+  XMLHttpRequest (only it reports upload progress); a deployment is then followed by polling
+  its record and log, as Kudu's clients do, since a deployment's log has no stream.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 // webjobsd dashboard: hash-routed pages over the daemon's own REST API and log streams.
-// Routes: #/ (jobs), #/job/{type}/{name}, #/run/{name}/{id}, #/log/{name}.
+// Routes: #/ (jobs), #/job/{type}/{name}, #/run/{name}/{id}, #/log/{name},
+// #/deployments[/{id}].
 "use strict";
 
 const REFRESH_MS = 3000;
+const LIVE_MS = 1000; // a running deployment's record and log
 const view = document.getElementById("view");
 const crumbs = document.getElementById("crumbs");
 let leaving = []; // timers and streams of the page shown now, ended on navigation
@@ -39,21 +41,25 @@ async function api(path, options = {}) {
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).message || message; } catch (_) { /* not JSON */ }
-    throw new Error(message);
+    throw Object.assign(new Error(message), { status: response.status });
   }
   return response;
 }
 const getJson = async (path) => (await api(path)).json();
 
+// Calls fn now and every ms until the page is left, the returned stop is called, or fn
+// returns false (a finished deployment has nothing more to show).
 function every(ms, fn) {
   let stopped = false;
   let timer = null;
+  const stop = () => { stopped = true; clearTimeout(timer); };
   const tick = async () => {
-    try { await fn(); } catch (error) { showError(error); }
+    try { if (await fn() === false) stop(); } catch (error) { showError(error); }
     if (!stopped) timer = setTimeout(tick, ms);
   };
   tick();
-  leaving.push(() => { stopped = true; clearTimeout(timer); });
+  leaving.push(stop);
+  return stop;
 }
 
 function showError(error) {
@@ -64,7 +70,7 @@ function showError(error) {
 const STATUS_CLASS = {
   Running: "ok", Success: "ok", Failed: "bad", Aborted: "bad", Stopped: "idle",
   Disabled: "idle", "Never run": "idle", Initializing: "warn", Starting: "warn",
-  PendingRestart: "warn", Stopping: "warn",
+  PendingRestart: "warn", Stopping: "warn", Pending: "warn", Building: "warn", Deploying: "warn",
 };
 const statusKind = (status) => STATUS_CLASS[status] || "info";
 const badge = (status) => h("span", { class: `badge s-${statusKind(status)}`, text: status });
@@ -160,8 +166,11 @@ function jobsPage() {
     h("option", { value: "", text: "All statuses" }));
   const body = h("tbody");
   const summary = h("p", { class: "muted", "aria-live": "polite" });
+  const progress = uploadProgress();
+  const uploadMessage = h("p", { id: "redeploy-message", role: "status" });
   let jobs = [];
   let schedules = new Map();
+  let refresh = async () => {};
 
   function render() {
     const type = typeSelect.value;
@@ -175,7 +184,7 @@ function jobsPage() {
     body.replaceChildren(...shown.map((job) => {
       const run = job.latest_run;
       const schedule = job.type === "triggered" && schedules.get(job.name);
-      return h("tr", { class: "job", "data-name": job.name },
+      const row = h("tr", { class: "job", "data-name": job.name },
         h("td", { "data-label": "Name" },
           h("a", { href: `#/job/${job.type}/${enc(job.name)}`, text: job.name })),
         h("td", { "data-label": "Type", text: job.type }),
@@ -189,6 +198,12 @@ function jobsPage() {
           : job.type === "continuous"
             ? h("a", { href: `#/log/${enc(job.name)}`, text: "live log" })
             : h("span", { class: "muted", text: "—" })));
+      acceptDrops(row, async (file) => {
+        if (await redeployJob(job.type, job.name, file, progress, uploadMessage)) {
+          await refresh().catch(showError);
+        }
+      });
+      return row;
     }));
   }
 
@@ -198,19 +213,21 @@ function jobsPage() {
     h("div", { class: "filters", role: "search" },
       h("label", { for: "filter-type" }, "Type", typeSelect),
       h("label", { for: "filter-status" }, "Status", statusSelect)),
-    summary,
+    summary, progress.box, uploadMessage,
     h("table", { class: "jobs" },
-      h("caption", { class: "muted", style: "text-align:left", text: "Every job on this site" }),
+      h("caption", { class: "muted", style: "text-align:left", text: "Every job on this site " +
+        "(drop a zip on a job's row to redeploy that job)" }),
       h("thead", {}, h("tr", {}, ["Name", "Type", "Status", "Command", "Schedule", "Latest run"]
         .map((t) => h("th", { scope: "col", text: t })))),
       body));
-  every(REFRESH_MS, async () => {
+  refresh = async () => {
     const [all, scheduled] = await Promise.all([getJson("/api/webjobs"), getJson("/api/schedules")]);
     jobs = all;
     schedules = new Map(scheduled.map((entry) => [entry.name, entry]));
     showError(null);
     render();
-  });
+  };
+  every(REFRESH_MS, refresh);
 }
 
 // -- the job pages ---------------------------------------------------------------------------
@@ -315,7 +332,7 @@ function triggeredPage(name) {
     h("section", { "aria-labelledby": "history-h" },
       h("h2", { id: "history-h", text: "Run history" }), stats, chartBox,
       h("h3", { text: "Latest runs" }), recent),
-    settingsSection(`${base}/settings`));
+    settingsSection(`${base}/settings`), redeploySection("triggered", name, refresh));
   every(REFRESH_MS, refresh);
 }
 
@@ -399,7 +416,7 @@ function continuousPage(name) {
       h("p", { class: "row" }, "Status: ", statusBox, stopButton, startButton,
         h("a", { href: `#/log/${enc(name)}`, text: "Live log" })),
       stats, lastEnd, h("h3", { text: "Starts over time" }), starts),
-    settingsSection(`${base}/settings`));
+    settingsSection(`${base}/settings`), redeploySection("continuous", name, refresh));
   every(REFRESH_MS, refresh);
 }
 
@@ -407,9 +424,10 @@ function continuousPage(name) {
 
 const ERR_LINE = /: (SYS )?ERR\s*\]/;
 
-function logViewer(url, onEnd) {
-  const box = h("div", { class: "log", id: "log", role: "log", tabindex: "0",
-    "aria-label": "Log lines" });
+// A log box that keeps to its end while the reader is there, and stays put (with a way back)
+// once they scroll up to read.
+function followedLog(label) {
+  const box = h("div", { class: "log", id: "log", role: "log", tabindex: "0", "aria-label": label });
   const state = h("span", { class: "muted", id: "follow-state", text: "Following the end." });
   const jump = h("button", { type: "button", class: "secondary", hidden: true, text: "Jump to end",
     onclick: () => { box.scrollTop = box.scrollHeight; } });
@@ -419,9 +437,16 @@ function logViewer(url, onEnd) {
     state.textContent = follow ? "Following the end." : "Paused: scroll to the bottom to follow.";
     jump.hidden = follow;
   });
+  return { box, state, controls: h("div", { class: "follow" }, state, jump),
+    following: () => follow,
+    keepToEnd: () => { if (follow) box.scrollTop = box.scrollHeight; } };
+}
+
+function logViewer(url, onEnd) {
+  const { box, state, controls, following, keepToEnd } = followedLog("Log lines");
   function add(text, kind) {
     box.append(h("div", { class: `line${kind ? ` ${kind}` : ""}`, text }));
-    if (follow) box.scrollTop = box.scrollHeight;
+    keepToEnd();
   }
   const stream = new EventSource(sameOrigin(url));
   stream.onmessage = (event) => {
@@ -441,9 +466,9 @@ function logViewer(url, onEnd) {
   stream.onerror = () => {
     if (stream.readyState === EventSource.CONNECTING) state.textContent = "Reconnecting…";
   };
-  stream.onopen = () => { state.textContent = follow ? "Following the end." : state.textContent; };
+  stream.onopen = () => { state.textContent = following() ? "Following the end." : state.textContent; };
   leaving.push(() => stream.close());
-  return [h("div", { class: "follow" }, state, jump), box];
+  return [controls, box];
 }
 
 function runPage(name, id) {
@@ -467,6 +492,362 @@ function logPage(name) {
     ...logViewer(`/api/continuouswebjobs/${enc(name)}/logstream`));
 }
 
+// -- uploads: drop a zip, or choose one ------------------------------------------------------
+
+const isZip = (file) => /\.zip$/i.test(file.name);
+const localPath = (url) => { const u = new URL(url, location.origin); return u.pathname + u.search; };
+
+function formatBytes(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1048576) return `${(bytes / 1024).toFixed(1)} KiB`;
+  return `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
+// A bar that shows how much of an upload has been sent; hidden until the first upload.
+function uploadProgress() {
+  const bar = h("progress", { id: "upload-progress", max: "100", value: "0",
+    "aria-label": "Upload progress" });
+  const text = h("span", { class: "muted", id: "upload-percent" });
+  const box = h("div", { class: "upload-progress", hidden: true }, bar, text);
+  return { box, set(sent, total) {
+    const percent = total ? Math.min(100, Math.floor(100 * sent / total)) : 100;
+    box.hidden = false;
+    bar.value = percent;
+    text.textContent = `${percent} % of ${formatBytes(total)}`;
+  } };
+}
+
+// XMLHttpRequest rather than fetch: only it reports how much of a request body has been sent.
+function upload(method, path, file, headers, progress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(method, sameOrigin(path));
+    xhr.setRequestHeader("Accept", "application/json");
+    for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
+    progress.set(0, file.size);
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) progress.set(event.loaded, event.total);
+    });
+    // A small body may be sent before any progress event: its end is 100 % all the same.
+    xhr.upload.addEventListener("load", () => progress.set(file.size, file.size));
+    xhr.addEventListener("load", () => {
+      if (xhr.status >= 200 && xhr.status < 300) { resolve(xhr); return; }
+      let message = `${xhr.status} ${xhr.statusText}`;
+      try { message = JSON.parse(xhr.responseText).message || message; } catch (_) { /* not JSON */ }
+      reject(new Error(message));
+    });
+    xhr.addEventListener("error", () => reject(new Error("the upload was cut off")));
+    xhr.send(file);
+  });
+}
+
+const carriesFiles = (event) => Boolean(event.dataTransfer) &&
+  Array.from(event.dataTransfer.types || []).includes("Files");
+
+// Makes `target` take a dropped file; returns how to stop. Nested targets (a job's row inside
+// the page) take the drop first and keep it from their parents.
+function acceptDrops(target, onFile) {
+  const over = (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.stopPropagation();
+    event.dataTransfer.dropEffect = "copy";
+    target.classList.add("drop-over");
+  };
+  const out = (event) => {
+    if (!target.contains(event.relatedTarget)) target.classList.remove("drop-over");
+  };
+  const drop = (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.stopPropagation();
+    target.classList.remove("drop-over");
+    const file = event.dataTransfer.files[0];
+    if (file) onFile(file);
+  };
+  target.addEventListener("dragenter", over);
+  target.addEventListener("dragover", over);
+  target.addEventListener("dragleave", out);
+  target.addEventListener("drop", drop);
+  return () => {
+    target.classList.remove("drop-over");
+    for (const [kind, fn] of [["dragenter", over], ["dragover", over], ["dragleave", out],
+      ["drop", drop]]) target.removeEventListener(kind, fn);
+  };
+}
+
+// A file dropped where nothing takes it must not make the browser open it (and leave the page).
+document.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = "none";
+});
+document.addEventListener("drop", (event) => { if (carriesFiles(event)) event.preventDefault(); });
+
+// PUT /api/{type}webjobs/{name} with the zip: Kudu's way of replacing one job.
+async function redeployJob(type, name, file, progress, message) {
+  if (!isZip(file)) {
+    message.textContent = `Not deployed: ${file.name} is not a .zip file.`;
+    return false;
+  }
+  // The header is Latin-1 only; the daemon reads just the .zip ending from it.
+  const filename = /^[\x20-\x7e]+$/.test(name) ? name.replace(/["\\]/g, "\\$&") : "job";
+  message.textContent = `Uploading ${file.name} to ${name}…`;
+  try {
+    await upload("PUT", `/api/${type}webjobs/${enc(name)}`, file, {
+      "Content-Type": "application/zip",
+      "Content-Disposition": `attachment; filename="${filename}.zip"` }, progress);
+    message.textContent = `${name} redeployed from ${file.name}.`;
+    return true;
+  } catch (error) {
+    message.textContent = `Not deployed: ${error.message}`;
+    return false;
+  }
+}
+
+// The job pages' way to replace the job: drop a zip on the page, or choose one.
+function redeploySection(type, name, refresh) {
+  const progress = uploadProgress();
+  const message = h("p", { id: "redeploy-message", role: "status" });
+  const input = h("input", { type: "file", id: "job-zip", accept: ".zip,application/zip" });
+  const take = async (file) => {
+    input.disabled = true;
+    if (await redeployJob(type, name, file, progress, message)) await refresh().catch(showError);
+    input.disabled = false;
+    input.value = "";
+  };
+  input.addEventListener("change", () => { if (input.files[0]) take(input.files[0]); });
+  leaving.push(acceptDrops(view, take));
+  return h("section", { "aria-labelledby": "redeploy-h" },
+    h("h2", { id: "redeploy-h", text: "Redeploy" }),
+    h("p", { class: "muted", text: "Drop a zip anywhere on this page to replace the job's " +
+      "files with it (the whole folder, settings.job included), or choose one:" }),
+    h("label", { for: "job-zip" }, "Zip to replace this job", input), progress.box, message);
+}
+
+// -- deployments -----------------------------------------------------------------------------
+
+const DEPLOY_STATUS = ["Pending", "Building", "Deploying", "Failed", "Success"]; // Kudu's numbers
+const deployStatus = (record) => DEPLOY_STATUS[record.status] || String(record.status);
+const deployFinished = (record) => record.status === 3 || record.status === 4;
+const shortId = (id) => (/^[0-9a-f-]{20,}$/i.test(id) ? id.slice(0, 8) : id);
+
+function deployDuration(record) {
+  const end = record.end_time ? Date.parse(record.end_time) : Date.now();
+  const start = Date.parse(record.start_time || record.received_time);
+  return Number.isFinite(start) ? formatSeconds(Math.max(0, (end - start) / 1000)) : "—";
+}
+
+// "continuous/name" entries of a record's changed_jobs / removed_jobs.
+function jobList(keys, linked) {
+  if (!Array.isArray(keys) || !keys.length) return h("span", { class: "muted", text: "none" });
+  return h("ul", { class: "inline" }, keys.map((key) => {
+    const [type, ...rest] = key.split("/");
+    const name = rest.join("/");
+    const label = name ? `${name} (${type})` : key;
+    return h("li", {}, linked && name ? h("a", { href: `#/job/${type}/${enc(name)}`, text: label })
+      : label);
+  }));
+}
+
+// A deployment's structured log, polled: each entry once, in order, with its details (Kudu's
+// child entries, at any depth) under it. An entry's details are read again until a later
+// sibling exists (the pipeline writes an entry's details before it moves on), and once more
+// when the deployment has ended.
+function deploymentLog(id, followed) {
+  const base = `/api/deployments/${enc(id)}/log`;
+  // By parent id ("" the top): the lines shown and the box of each one's details.
+  const shown = new Map([["", { lines: [], details: [], box: followed.box }]]);
+  const settled = new Set();
+  const kindOf = (entry) => (entry.type === 2 ? " err" : entry.type === 1 ? " warn" : "");
+  const read = async (path) => {
+    try { return await getJson(path); } catch (error) {
+      if (error.status === 404) return []; // nothing written yet
+      throw error;
+    }
+  };
+  async function walk(entries, parent, final) {
+    const known = shown.get(parent);
+    for (const [index, entry] of entries.entries()) {
+      if (!known.lines[index]) {
+        const line = h("div", { class: "line" }, h("time", { datetime: entry.log_time,
+          title: entry.log_time, text: (entry.log_time || "").slice(11, 19) }), "  ", entry.message);
+        const details = h("div", { class: "details" });
+        known.box.append(h("div", { class: "entry" }, line, details));
+        known.lines[index] = line;
+        known.details[index] = details;
+      }
+      // An entry has an id once it has details, which may come after it was shown.
+      if (entry.id && !shown.has(entry.id)) {
+        shown.set(entry.id, { lines: [], details: [], box: known.details[index] });
+      }
+      known.lines[index].className = `line${kindOf(entry)}`; // raised to its worst detail's type
+      if (!entry.id || !entry.details_url || settled.has(entry.id)) continue;
+      const closed = final || index + 1 < entries.length;
+      await walk(await read(`${base}/${enc(entry.id)}`), entry.id, closed);
+      if (closed) settled.add(entry.id);
+    }
+  }
+  return async function update(final) {
+    await walk(await read(base), "", final);
+    followed.keepToEnd();
+  };
+}
+
+// One record, followed until it ends; `changed` hears of each new status (the history's row).
+function deploymentView(id, changed) {
+  const statusBox = h("span", { id: "deployment-status", "aria-live": "polite" });
+  const facts = h("dl", { class: "stats facts" });
+  const changedJobs = h("div", { id: "changed-jobs" });
+  const removed = h("div", { id: "removed-jobs" });
+  const followed = followedLog("Deployment log");
+  followed.box.classList.add("fits");
+  let lastStatus = null;
+  const update = deploymentLog(id, followed);
+  const section = h("section", { id: "deployment", "aria-labelledby": "deployment-h" },
+    h("h2", { id: "deployment-h" }, "Deployment ", h("code", { text: id })),
+    h("p", { class: "row" }, "Status: ", statusBox),
+    facts,
+    h("h3", { text: "Jobs it changed (a continuous one restarts once)" }), changedJobs,
+    h("h3", { text: "Jobs it removed" }), removed,
+    h("h3", { text: "Log" }), followed.controls, followed.box);
+  const stop = every(LIVE_MS, async () => {
+    const record = await getJson(`/api/deployments/${enc(id)}`);
+    showError(null);
+    const finished = deployFinished(record);
+    // Not `progress` beside it: the record is saved less often than its log is written, and
+    // the log is right below.
+    statusBox.replaceChildren(badge(deployStatus(record)), " ",
+      record.active ? h("span", { class: "badge s-info", id: "deployment-active", text: "active" })
+        : "");
+    facts.replaceChildren(
+      stat("Deployer", record.deployer || "—", "deployment-deployer"),
+      stat("Author", record.author_email && record.author_email !== "N/A"
+        ? `${record.author} <${record.author_email}>` : record.author || "—", "deployment-author"),
+      stat("Message", record.message || "—", "deployment-message"),
+      stat("Received", record.received_time ? localTime(record.received_time) : "—",
+        "deployment-received"),
+      stat("Ended", record.end_time ? localTime(record.end_time) : "not yet", "deployment-ended"),
+      stat(finished ? "Took" : "Running for", deployDuration(record), "deployment-duration"));
+    changedJobs.replaceChildren(jobList(record.changed_jobs, true));
+    removed.replaceChildren(jobList(record.removed_jobs, false));
+    await update(finished);
+    if (finished) followed.state.textContent = `The deployment has ended: ${deployStatus(record)}.`;
+    if (record.status !== lastStatus && lastStatus !== null) changed(record);
+    lastStatus = record.status;
+    return !finished;
+  });
+  return { id, section, stop };
+}
+
+// #/deployments/{id} shows that record; #/deployments shows the latest (Kudu's `latest`: the
+// one under way, else the last to finish) and moves to the next one when it begins, wherever
+// it came from (this page, the CLI, a GitHub action, a git push).
+function deploymentsPage(selected) {
+  const progress = uploadProgress();
+  const message = h("p", { id: "deploy-message", role: "status" });
+  const input = h("input", { type: "file", id: "site-zip", accept: ".zip,application/zip" });
+  const clean = h("input", { type: "checkbox", id: "deploy-clean" });
+  const body = h("tbody");
+  const summary = h("p", { class: "muted", "aria-live": "polite", text: "Loading…" });
+  const detailSlot = h("div");
+  let current = null;
+  let records = null; // until the first answer
+  let followLatest = !selected;
+
+  function show(id) {
+    if (current) current.stop();
+    current = id ? deploymentView(id, () => refresh().catch(showError)) : null;
+    detailSlot.replaceChildren(current ? current.section : "");
+    render();
+  }
+
+  function render() {
+    const chosen = current ? current.id : null;
+    if (records === null) return;
+    summary.textContent = records.length > 1 ? `${records.length} deployments, newest first`
+      : records.length ? "1 deployment" : "No deployments yet.";
+    body.replaceChildren(...records.map((record) => h("tr", { class: "deployment",
+      "data-id": record.id, "aria-current": record.id === chosen ? "true" : null },
+      h("td", { "data-label": "Status" }, badge(deployStatus(record)),
+        record.active ? [" ", h("span", { class: "badge s-info", text: "active" })] : ""),
+      h("td", { "data-label": "Deployment" }, h("a", { href: `#/deployments/${enc(record.id)}`,
+        title: record.id, "aria-label": `Deployment ${record.id}`, text: shortId(record.id) })),
+      h("td", { "data-label": "Message", text: record.message || "" }),
+      h("td", { "data-label": "Author", text: record.author || "" }),
+      h("td", { "data-label": "Deployer", text: record.deployer || "" }),
+      h("td", { "data-label": "Received" }, h("time", { datetime: record.received_time,
+        title: record.received_time, text: ago(record.received_time) })),
+      h("td", { "data-label": "Took", text: deployFinished(record) ? deployDuration(record)
+        : "running" }))));
+  }
+
+  async function refresh() {
+    records = await getJson("/api/deployments");
+    if (followLatest && records.length) {
+      const latest = await getJson("/api/deployments/latest"); // 202 while one is under way
+      if (!current || current.id !== latest.id) show(latest.id);
+    }
+    showError(null);
+    render();
+  }
+
+  async function deploySite(file) {
+    if (!isZip(file)) {
+      message.textContent = `Not deployed: ${file.name} is not a .zip file.`;
+      return;
+    }
+    input.disabled = true;
+    message.textContent = `Uploading ${file.name}…`;
+    try {
+      const query = `isAsync=true&deployer=dashboard${clean.checked ? "&clean=true" : ""}` +
+        `&message=${enc(`${file.name} dropped on the dashboard`)}`;
+      const xhr = await upload("POST", `/api/zipdeploy?${query}`, file,
+        { "Content-Type": "application/zip" }, progress);
+      // The 202's Location is Kudu's `latest` poll URL: the record the upload just made.
+      const where = xhr.getResponseHeader("Location");
+      if (!where) throw new Error("the daemon did not say where the deployment is");
+      const record = await getJson(localPath(where));
+      message.replaceChildren(`Uploaded ${file.name} as `, h("a", {
+        href: `#/deployments/${enc(record.id)}`, text: `deployment ${shortId(record.id)}` }), ".");
+      // The address names the record without rebuilding the page, which keeps the bar at 100 %.
+      history.pushState(null, "", `#/deployments/${enc(record.id)}`);
+      followLatest = false;
+      show(record.id);
+      await refresh();
+    } catch (error) {
+      message.textContent = `Not deployed: ${error.message}`;
+    } finally {
+      input.disabled = false;
+      input.value = "";
+    }
+  }
+
+  input.addEventListener("change", () => { if (input.files[0]) deploySite(input.files[0]); });
+  leaving.push(acceptDrops(view, deploySite));
+  leaving.push(() => { if (current) current.stop(); });
+  setPage("Deployments", [],
+    h("section", { id: "site-drop", "aria-labelledby": "deploy-h" },
+      h("h2", { id: "deploy-h", text: "Deploy the site" }),
+      h("p", { class: "muted", text: "Drop a zip of the site (wwwroot: App_Data/jobs/… inside " +
+        "it) anywhere on this page, or choose one. Files the previous deployment left and this " +
+        "zip lacks are deleted; other files stay unless the box is ticked." }),
+      h("div", { class: "row" },
+        h("label", { for: "site-zip" }, "Site zip to deploy", input),
+        h("label", { for: "deploy-clean", class: "check" }, clean,
+          "Clean: delete every file the zip does not have")),
+      progress.box, message),
+    detailSlot,
+    h("section", { "aria-labelledby": "history-h" },
+      h("h2", { id: "history-h", text: "History" }), summary,
+      h("table", { class: "deployments" },
+        h("thead", {}, h("tr", {}, ["Status", "Deployment", "Message", "Author", "Deployer",
+          "Received", "Took"].map((t) => h("th", { scope: "col", text: t })))),
+        body)));
+  show(selected);
+  every(REFRESH_MS, refresh);
+}
+
 // -- routing ---------------------------------------------------------------------------------
 
 function route() {
@@ -477,7 +858,13 @@ function route() {
   else if (parts[0] === "job" && parts[1] === "continuous" && parts[2]) continuousPage(parts[2]);
   else if (parts[0] === "run" && parts[1] && parts[2]) runPage(parts[1], parts[2]);
   else if (parts[0] === "log" && parts[1]) logPage(parts[1]);
+  else if (parts[0] === "deployments") deploymentsPage(parts[1] || null);
   else jobsPage();
+  const section = parts[0] === "deployments" ? "#/deployments" : "#/";
+  for (const link of document.querySelectorAll(".sections a")) {
+    if (link.getAttribute("href") === section) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
   view.focus({ preventScroll: true });
 }
 
