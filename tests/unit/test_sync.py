@@ -97,6 +97,24 @@ def test_copies_only_what_differs_and_keeps_mtimes(tmp_path: Path) -> None:
     assert (sync.wwwroot / "index.html").stat().st_mtime_ns == OLD
 
 
+def test_same_size_and_mtime_with_other_bytes_is_copied(tmp_path: Path) -> None:
+    """Reproducible builds (`zip -X`, SOURCE_DATE_EPOCH) give every version the same mtimes: a
+    change of the same size must still deploy, or the old code keeps running."""
+    sync = Sync(tmp_path)
+    sync.deploy(JOBS)
+    source = tree(tmp_path / "src-same-stamp", JOBS)
+    changed = source / "App_Data/jobs/continuous/a/run.sh"
+    changed.write_text("echo a2")  # the same length as "echo a1"
+    stamp = mtime_of(JOBS["App_Data/jobs/continuous/a/run.sh"])
+    os.utime(changed, ns=(stamp, stamp))
+    result = sync_tree(
+        source, sync.wwwroot, jobs_root=sync.jobs_root, staging=sync.staging, previous=set()
+    )
+    assert result.copied == 1
+    assert result.changed_jobs == ["continuous/a"]
+    assert (sync.wwwroot / "App_Data/jobs/continuous/a/run.sh").read_text() == "echo a2"
+
+
 def test_the_manifest_lists_files_and_folders_but_never_ignored_names(tmp_path: Path) -> None:
     sync = Sync(tmp_path)
     result = sync.deploy(

@@ -4,7 +4,10 @@
 holds, the way Kudu's KuduSync does (Part B §1.5.5, Part A #3):
 
 * a file is copied only when the target has none, or its size or mtime differs; the copy gets
-  the source's mtime (so the next deployment of the same content copies nothing);
+  the source's mtime (so the next deployment of the same content copies nothing). Where size
+  and mtime are the same, we also compare the bytes (KuduSync does not): reproducible builds
+  stamp every version with the same time, and a same-size change must still deploy. That reads
+  both files only in that case, which is what an identical redeploy costs;
 * every source path visited (folders included) goes into the *next manifest*, one relative path
   a line;
 * a target path the source does not have is deleted only when the *previous manifest* lists it
@@ -190,7 +193,9 @@ def _is_real_dir(entry: os.DirEntry[str] | None) -> bool:
 
 
 def _same_file(source: os.DirEntry[str], target: os.DirEntry[str]) -> bool:
-    """KuduSync's test: same size and same mtime (a link: the same link text)."""
+    """KuduSync's test (same size and same mtime; a link: the same link text), and when both
+    are the same, the bytes: builds with fixed timestamps (`zip -X`, SOURCE_DATE_EPOCH) give
+    every version of a file the same mtime, and KuduSync would keep the old code running."""
     if source.is_symlink() or target.is_symlink():
         return (
             source.is_symlink()
@@ -200,7 +205,20 @@ def _same_file(source: os.DirEntry[str], target: os.DirEntry[str]) -> bool:
     if target.is_dir(follow_symlinks=False):
         return False
     a, b = source.stat(follow_symlinks=False), target.stat(follow_symlinks=False)
-    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+    if a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns:
+        return False
+    return _same_bytes(source.path, target.path)
+
+
+def _same_bytes(first: str, second: str) -> bool:
+    # Not filecmp.cmp: it caches its answer by (path, size, mtime), exactly what is equal here.
+    with open(first, "rb") as a, open(second, "rb") as b:
+        while True:
+            chunk = a.read(_COPY_CHUNK)
+            if chunk != b.read(_COPY_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 class _Planner:
