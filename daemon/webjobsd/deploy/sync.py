@@ -207,6 +207,8 @@ def _same_file(source: os.DirEntry[str], target: os.DirEntry[str]) -> bool:
     a, b = source.stat(follow_symlinks=False), target.stat(follow_symlinks=False)
     if a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns:
         return False
+    if not (stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)):
+        return stat.S_IFMT(a.st_mode) == stat.S_IFMT(b.st_mode)  # never open a FIFO to compare
     return _same_bytes(source.path, target.path)
 
 
