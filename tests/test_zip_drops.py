@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import io
+import shutil
 import subprocess
 import time
 import zipfile
 from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
 
 from tests.helpers import Site, running_daemon, wait_for, wait_for_sync
 from tests.test_api_deploy import zip_of
@@ -222,3 +226,53 @@ async def test_a_zip_present_at_start_is_deployed(site: Site) -> None:
         await wait_for(lambda: "early bird" in site.job_log("early"), timeout=15, what="early")
         await wait_for(lambda: not (kind_dir / "early.zip").exists(), what="zip consumed")
     assert starts(site, "early") == 1
+
+
+def chattr(flag: str, path: Path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+async def test_a_zip_the_daemon_may_not_remove_is_deployed_once_and_named_in_the_log(
+    site: Site,
+) -> None:
+    """The daemon's user may not own a dropped zip. As root, an immutable file stands for one
+    the daemon may read but not remove or rename (both there at start): 1. a good one deploys
+    its job once; the log names the file it could not remove, and a sweep does not deploy it
+    again  2. a bad one cannot be renamed `.failed`: the log names it, it is left as it is."""
+    kind_dir = site.jobs / "continuous"
+    kind_dir.mkdir(parents=True)
+    stuck, broken = kind_dir / "stuck.zip", kind_dir / "broken.zip"
+    stuck.write_bytes(zip_of({"run.sh": looping("stuck but deployed")}))
+    broken.write_bytes(b"not a zip")
+    if shutil.which("chattr") is None or not chattr("+i", stuck):
+        pytest.skip("needs chattr +i (ext4 and the like, as root)")
+    try:
+        # Present at start (an immutable file cannot be renamed into place).
+        assert chattr("+i", broken)
+        with capture_logs() as daemon_log:
+            async with running_daemon(site) as daemon:
+                drops = drops_of(daemon)
+                await wait_for(
+                    lambda: "stuck but deployed" in site.job_log("stuck"), timeout=15, what="run"
+                )
+
+                def named(problem: str, path: Path) -> bool:
+                    return any(
+                        entry.get("file") == str(path) and problem in entry["event"]
+                        for entry in daemon_log
+                    )
+
+                await wait_for(lambda: named("cannot remove", stuck), what="stuck.zip logged")
+                await wait_for(lambda: named("cannot rename", broken), what="broken logged")
+                looks = drops.looked
+                drops.sweep()
+                await wait_for(
+                    lambda: drops.looked >= looks + 2 and drops.idle(), what="a sweep looked again"
+                )
+                assert drops.deployed == 1
+                assert broken.read_bytes() == b"not a zip"
+                assert not (kind_dir / "broken.zip.failed.txt").exists()
+    finally:
+        for path in (stuck, broken):
+            chattr("-i", path)
+    assert starts(site, "stuck") == 1

@@ -268,6 +268,7 @@ class DropService:
         self._watches = _Watches([*self._kind_dirs, self._drop_dir], _Handler(self._from_thread))
         self.deployed = 0  # drops deployed (jobs and sites)
         self.looked = 0  # looks at a dropped file (whether its writer is done, and so on)
+        self._in_pass = False
 
     # -- noticing ----------------------------------------------------------------------------
 
@@ -384,6 +385,7 @@ class DropService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._timeout())
             self._wake.clear()
+            self._in_pass = True
             try:
                 if self._clock() >= self._next_sweep:
                     self.sweep()
@@ -391,6 +393,15 @@ class DropService:
             except Exception:
                 # One odd file must not end the service for every later drop.
                 log.exception("drop pass failed; trying again at the next sweep")
+            finally:
+                self._in_pass = False
+
+    def idle(self) -> bool:
+        """No pass running and nothing due now (files waiting for their writer are not due)."""
+        now = self._clock()
+        return not self._in_pass and not any(
+            c.due is not None and c.due <= now for c in self._candidates.values()
+        )
 
     async def _act_on_due(self) -> None:
         now = self._clock()
@@ -548,7 +559,13 @@ def _mark_failed(path: Path, identity: Identity, target: DropTarget, reason: str
         return None  # a new version arrived meanwhile: it is looked at on its own
     try:
         _write_atomically(reason_path(path), reason_text(path.name, target.what, reason))
+    except OSError as error:
+        return error
+    try:
         os.replace(path, failed_path(path))
     except OSError as error:
+        # No reason beside a zip that is not `.failed` (the log has it).
+        with contextlib.suppress(OSError):
+            reason_path(path).unlink()
         return error
     return None
