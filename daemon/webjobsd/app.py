@@ -28,6 +28,8 @@ import structlog
 from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
 from webjobsd.deploy.drops import DropService
+from webjobsd.deploy.pipeline import Deployments
+from webjobsd.deploy.records import DeploymentStore
 from webjobsd.deploy.staging import clean_after_kill
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
@@ -116,6 +118,22 @@ class Daemon:
         self.discovery: DiscoveryService | None = None
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
+        self.deployment_store = DeploymentStore(self.layout)
+        self.upload_limits = UploadLimits(
+            max_upload_bytes=config.max_upload_bytes,
+            max_extracted_bytes=config.max_extracted_bytes,
+            max_entries=config.max_archive_entries,
+        )
+        # Site deployments (zipdeploy, OneDeploy, git, dropped zips); their extraction folders
+        # live in this instance's temp root, never in wwwroot.
+        self.deployments = Deployments(
+            self.layout,
+            self.deployment_store,
+            app_settings=self.app_settings.all_for_jobs,
+            limits=self.upload_limits,
+            temp_dir=self.layout.temp_root / "deployments",
+            environ=self._environ,
+        )
         self.http: HttpServer | None = None
         self.webhooks = WebhookDispatcher(HookStore(self.layout.hooks_path))
         self._webhooks_task: asyncio.Task[None] | None = None
@@ -356,6 +374,7 @@ class Daemon:
         # Before the API listens (no deploy runs yet) and before the first scan (a job folder
         # a killed deploy had moved aside is back in place for it).
         await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
+        await asyncio.to_thread(self.deployments.clean_after_kill)
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
@@ -417,15 +436,13 @@ class Daemon:
             wait_stopped=self.wait_stopped,
             on_file_change=self._file_changed,
             readiness=self.readiness,
-            limits=UploadLimits(
-                max_upload_bytes=config.max_upload_bytes,
-                max_extracted_bytes=config.max_extracted_bytes,
-                max_entries=config.max_archive_entries,
-            ),
+            limits=self.upload_limits,
             upload_dir=self.layout.temp_root / "uploads",
             trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
             log_wakeups=self.log_wakeups,
             schedules=lambda: self.scheduler.schedules if self.scheduler else {},
+            deployment_store=self.deployment_store,
+            deployments=self.deployments,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -685,6 +702,8 @@ class Daemon:
             self.triggered.begin_shutdown()
         if self.http is not None:
             await self.http.stop()
+        # A deployment in the background gets a bounded time to end before the jobs stop.
+        await self.deployments.close()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         if self.drops is not None:
