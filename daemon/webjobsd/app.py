@@ -375,6 +375,7 @@ class Daemon:
         # a killed deploy had moved aside is back in place for it).
         await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
         await asyncio.to_thread(self.deployments.clean_after_kill)
+        await asyncio.to_thread(self._repair_deployments)
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
@@ -614,6 +615,16 @@ class Daemon:
                 log.warning(
                     "run left by a stopped daemon marked Aborted", job=name, run=record.run_id
                 )
+
+    def _repair_deployments(self) -> None:
+        """Deployment records a killed daemon left unfinished become Failed (Part B §1.6).
+
+        Under the deployment lock, taken for the moment: when another daemon on the site holds
+        it, it is deploying and its records are its own, so they are left alone.
+        """
+        repaired = self.deployment_store.repair_if_lock_free(purge=True)
+        if repaired is None:
+            log.info("a deployment is in progress on the site; its records are left alone")
 
     def _run_finished(self, record: RunRecord) -> None:
         """Seam for webhooks and metrics: every run ends here, whatever its trigger."""

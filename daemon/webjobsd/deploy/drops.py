@@ -28,12 +28,13 @@ Decisions:
   watches on the two kind folders and the drop folder (three watches, whatever the number of
   jobs). A folder that does not exist yet is waited for by a watch on its nearest existing
   ancestor, which follows it down as folders appear (as the discovery watcher does for the jobs
-  root), and the folder is swept for zips once watched. The daemon creates nothing inside
-  wwwroot; it does create the drop folder (outside wwwroot, beside the records) so that people
-  find where to drop. A sweep every rescan period catches what an event missed (a queue
-  overflow). Discovery is not asked for anything and does not know of drops: data flows one
-  way, the drop service writes a job folder (renamed into place in whole) and discovery sees it
-  as any other arrival, starting or restarting the job once.
+  root), and the folder is swept for zips once watched. The daemon creates none of the three:
+  nothing inside wwwroot (`git clone` needs it absent or empty), and no drop folder among the
+  deployment records (whoever drops makes it, `mkdir -p site/deployments/drop`). A sweep every
+  rescan period catches what an event missed (a queue overflow). Discovery is not asked for
+  anything and does not know of drops: data flows one way, the drop service writes a job folder
+  (renamed into place in whole) and discovery sees it as any other arrival, starting or
+  restarting the job once.
 * **Zips are not jobs.** The catalog takes only folders as jobs, so `*.zip`, `*.zip.failed` and
   `*.zip.failed.txt` files in a kind folder are never jobs nor job errors (a test holds it).
 * **One drop at a time, in arrival order.** The service is one task; a job drop waits while a
@@ -273,14 +274,8 @@ class DropService:
     # -- noticing ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the drop folder, watch, and sweep everything at the first turn of `run`."""
+        """Watch, and sweep everything at the first turn of `run`."""
         self._loop = asyncio.get_running_loop()
-        try:
-            self._drop_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            log.warning(
-                "cannot create the drop folder", folder=str(self._drop_dir), error=str(error)
-            )
         self._watches.start()
         self._watches.sync()
         self._next_sweep = self._clock()
