@@ -18,10 +18,11 @@ from structlog.testing import capture_logs
 
 from tests.helpers import Site, running_daemon, wait_for, wait_for_sync
 from tests.test_api_deploy import zip_of
-from tests.test_api_jobs import api
+from tests.test_api_jobs import api, get_json
 from tests.test_drops import PASSWORD, USER, ftp_server, starts
 from webjobsd.app import Daemon
 from webjobsd.deploy.drops import DropService
+from webjobsd.deploy.pipeline import DeployRequest
 from webjobsd.model import INVALID_JOB_NAME, JobKey, JobKind
 
 
@@ -276,3 +277,74 @@ async def test_a_zip_the_daemon_may_not_remove_is_deployed_once_and_named_in_the
         for path in (stuck, broken):
             chattr("-i", path)
     assert starts(site, "stuck") == 1
+
+
+async def test_a_site_zip_dropped_in_deployments_drop_is_a_zipdeploy_with_a_record(
+    site: Site,
+) -> None:
+    """1. `site.zip` copied into `site/deployments/drop/`: a deployment by `drop` (its record in
+    `GET /api/deployments`), the zip's job runs, the zip is gone  2. while another deployment
+    holds the lock, `later.zip` waits (no error) and deploys once the lock is free  3. a zip
+    that is no zip fails with a record and is kept as `.failed` + `.failed.txt`."""
+    drop_dir = site.root / "site" / "deployments" / "drop"
+    drop_dir.mkdir(parents=True)
+    sources = site.root.parent / "sources"
+    sources.mkdir()
+    job = "App_Data/jobs/continuous/sitejob/run.sh"
+    (sources / "site.zip").write_bytes(
+        zip_of({"index.html": "<p>hello</p>", job: looping("sitejob v1")})
+    )
+    (sources / "later.zip").write_bytes(
+        # KuduSync copies a file whose size or mtime differ (zip_of's entries share one mtime).
+        zip_of({"index.html": "<p>later</p>", job: looping("sitejob, second version")})
+    )
+    (sources / "broken.zip").write_bytes(b"no zip at all")
+
+    async with api(site) as (daemon, session, base):
+        drops = drops_of(daemon)
+
+        async def records() -> list[dict[str, object]]:
+            return list(await get_json(session, f"{base}/api/deployments"))
+
+        await asyncio.to_thread(cp, sources / "site.zip", drop_dir / "site.zip")
+        await wait_for(lambda: "sitejob v1" in site.job_log("sitejob"), timeout=20, what="v1")
+        await wait_for(lambda: not (drop_dir / "site.zip").exists(), what="site.zip consumed")
+        [first] = await records()
+        assert (first["deployer"], first["message"], first["status"]) == (
+            "drop",
+            "Dropped site.zip",
+            4,
+        )
+        assert (site.root / "site" / "wwwroot" / "index.html").read_text() == "<p>hello</p>"
+
+        holder = await daemon.deployments.begin(DeployRequest(deployer="test", message="held"))
+        looks = drops.looked
+        await asyncio.to_thread(cp, sources / "later.zip", drop_dir / "later.zip")
+        await wait_for(lambda: drops.looked >= looks + 3, what="later.zip tried while locked")
+        assert (drop_dir / "later.zip").exists() and not (drop_dir / "later.zip.failed").exists()
+        await holder.finish()
+        await wait_for(lambda: "second version" in site.job_log("sitejob"), timeout=20, what="v2")
+        await wait_for(lambda: not (drop_dir / "later.zip").exists(), what="later.zip consumed")
+
+        await asyncio.to_thread(cp, sources / "broken.zip", drop_dir / "broken.zip")
+        await wait_for(
+            lambda: (
+                (drop_dir / "broken.zip.failed").exists()
+                and "Not a valid zip archive" in failed_reason(drop_dir, "broken")
+            ),
+            timeout=20,
+            what="broken.zip failed",
+        )
+        newest = (await records())[0]
+        assert (newest["deployer"], newest["message"], newest["status"]) == (
+            "drop",
+            "Dropped broken.zip",
+            3,
+        )
+        assert str(newest["id"]) in failed_reason(drop_dir, "broken")
+        assert [r["message"] for r in await records()][1:] == [
+            "Dropped later.zip",
+            "held",
+            "Dropped site.zip",
+        ]
+    assert starts(site, "sitejob") == 2

@@ -396,13 +396,10 @@ class Daemon:
         # Zip-and-drop, after the initial scan: a zip already there deploys at the first turn.
         self.drops = DropService(
             layout,
-            UploadLimits(
-                max_upload_bytes=config.max_upload_bytes,
-                max_extracted_bytes=config.max_extracted_bytes,
-                max_entries=config.max_archive_entries,
-            ),
+            self.upload_limits,
             quiet_s=config.debounce_s,
             rescan_s=config.rescan_s,
+            deployments=self.deployments,
         )
         self.drops.start()
         self._start_task("drops", self.drops.run())

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import tempfile
 import time
@@ -66,12 +67,14 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
 from webjobsd.deploy.jobpackage import deploy_job_package
+from webjobsd.deploy.lock import deployment_in_progress
+from webjobsd.deploy.pipeline import Deployments, DeployRequest
+from webjobsd.deploy.records import DeployStatus
 from webjobsd.discovery.openwrites import OPEN_WRITE_CAP_S, files_written_under
 from webjobsd.discovery.watcher import nearest_existing
 from webjobsd.limits import UploadLimits
 from webjobsd.model import INVALID_JOB_NAME, JobKey, JobKind, is_valid_job_name
 from webjobsd.refusal import Refusal
-from webjobsd.runtime.locks import FileLock
 from webjobsd.site import SiteLayout
 
 log = structlog.get_logger("webjobsd.deploy.drops")
@@ -85,6 +88,15 @@ LOCKED_RETRY_S: Final = 1.0
 _SYNC_ROUNDS: Final = 8
 
 Identity = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
+
+
+class Changed(enum.Enum):
+    """The dropped file is no longer the one that was deployed (a new version arrived)."""
+
+    CHANGED = "changed"
+
+
+CHANGED: Final = Changed.CHANGED
 
 
 def is_drop_name(name: str) -> bool:
@@ -251,9 +263,11 @@ class DropService:
         *,
         quiet_s: float,
         rescan_s: float,
+        deployments: Deployments | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.layout = layout
+        self.deployments = deployments
         self.limits = limits
         self.quiet_s = quiet_s
         self.rescan_s = rescan_s
@@ -425,9 +439,11 @@ class DropService:
         if not ready:
             candidate.due = due
             return
-        if candidate.target.key is not None and FileLock.is_locked_by_other(
-            self.layout.deployments_lock_path
-        ):
+        if await asyncio.to_thread(_stat_identity, path) != identity:
+            # Its writer was still at it while it was looked at: look again.
+            candidate.due = self._clock()
+            return
+        if candidate.target.key is not None and deployment_in_progress(self.layout):
             candidate.due = self._clock() + LOCKED_RETRY_S
             return
         candidate.closed = False
@@ -491,8 +507,36 @@ class DropService:
         return True
 
     async def _deploy_site(self, candidate: _Candidate, identity: Identity) -> bool:
-        log.warning("whole-site drops are not available in this daemon", file=str(candidate.path))
-        self._left[candidate.path] = identity
+        """A zipdeploy through the pipeline: its record and log, deployer `drop`."""
+        path, deployments = candidate.path, self.deployments
+        if deployments is None:
+            self._left[path] = identity
+            log.error("no deployments in this daemon; the dropped site zip is left", file=str(path))
+            return True
+        request = DeployRequest(deployer="drop", message=f"Dropped {path.name}")
+        try:
+            deployment = await deployments.begin(request)
+        except Refusal as refusal:
+            # Another deployment holds the site lock (409): try again soon, no error. The daemon
+            # is stopping (503): the next start takes it.
+            candidate.due = self._clock() + LOCKED_RETRY_S if refusal.status == 409 else None
+            return False
+        log.info("deploying a dropped site zip", file=str(path), deployment=deployment.record.id)
+        # Owned by the deployments (a stopping daemon waits for it, bounded), not by this task.
+        record = await asyncio.shield(
+            deployments.run(deployment, lambda: deployment.deploy_zip(path))
+        )
+        if record is None:
+            return True  # abandoned at shutdown: the zip stays for the next start
+        if record.status is DeployStatus.SUCCESS:
+            self.deployed += 1
+            log.info("deployed a dropped site zip", file=str(path), deployment=record.id)
+            await self._consume(path, identity)
+        else:
+            reason = deployment.error or record.status_text or "The deployment failed."
+            await self._fail(
+                path, identity, candidate.target, f"{reason}\n(deployment {record.id})"
+            )
         return True
 
     # -- consuming ---------------------------------------------------------------------------
@@ -500,7 +544,10 @@ class DropService:
     async def _consume(self, path: Path, identity: Identity) -> None:
         """Remove the deployed zip (if unchanged) and an older `.failed` pair."""
         problem = await asyncio.to_thread(_remove_consumed, path, identity)
-        if problem is not None:
+        if problem is CHANGED:
+            log.info("a dropped zip changed while it was deployed; looking again", file=str(path))
+            self._note(path, self._clock())
+        elif isinstance(problem, OSError):
             self._leave(path, identity, "deployed, but cannot remove the dropped zip", problem)
 
     async def _fail(self, path: Path, identity: Identity, target: DropTarget, reason: str) -> None:
@@ -511,7 +558,10 @@ class DropService:
             reason=reason,
         )
         problem = await asyncio.to_thread(_mark_failed, path, identity, target, reason)
-        if problem is not None:
+        if problem is CHANGED:
+            log.info("a dropped zip changed while it was deployed; looking again", file=str(path))
+            self._note(path, self._clock())
+        elif isinstance(problem, OSError):
             self._leave(path, identity, "cannot rename the failed drop", problem)
 
     def _leave(self, path: Path, identity: Identity, problem: str, error: OSError) -> None:
@@ -529,12 +579,11 @@ def _check_readable(path: Path) -> None:
         pass
 
 
-def _remove_consumed(path: Path, identity: Identity) -> OSError | None:
+def _remove_consumed(path: Path, identity: Identity) -> OSError | Changed | None:
     """Blocking: remove the deployed zip (if unchanged) and an older `.failed` pair; the error
-    when the zip may not be removed."""
+    when the zip may not be removed, CHANGED when it is no longer the file deployed."""
     if _stat_identity(path) != identity:
-        log.info("a dropped zip changed while it was deployed; deploying it again", file=str(path))
-        return None
+        return CHANGED
     try:
         path.unlink(missing_ok=True)
     except OSError as error:
@@ -547,11 +596,13 @@ def _remove_consumed(path: Path, identity: Identity) -> OSError | None:
     return None
 
 
-def _mark_failed(path: Path, identity: Identity, target: DropTarget, reason: str) -> OSError | None:
+def _mark_failed(
+    path: Path, identity: Identity, target: DropTarget, reason: str
+) -> OSError | Changed | None:
     """Blocking: `NAME.zip.failed.txt` says why, then the zip becomes `NAME.zip.failed`; the
-    error when that may not be done."""
+    error when that may not be done, CHANGED when it is no longer the file that failed."""
     if _stat_identity(path) != identity:
-        return None  # a new version arrived meanwhile: it is looked at on its own
+        return CHANGED
     try:
         _write_atomically(reason_path(path), reason_text(path.name, target.what, reason))
     except OSError as error:
