@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import enum
 import os
-import tempfile
+import stat
 import time
 import zipfile
 from collections.abc import Callable
@@ -74,6 +74,7 @@ from webjobsd.discovery.openwrites import OPEN_WRITE_CAP_S, files_written_under
 from webjobsd.discovery.watcher import nearest_existing
 from webjobsd.limits import UploadLimits
 from webjobsd.model import INVALID_JOB_NAME, JobKey, JobKind, is_valid_job_name
+from webjobsd.records.atomic import write_bytes_atomic
 from webjobsd.refusal import Refusal
 from webjobsd.site import SiteLayout
 
@@ -117,11 +118,12 @@ def _identity(st: os.stat_result) -> Identity:
 
 
 def _stat_identity(path: Path) -> Identity | None:
+    """The file's identity, or None when no regular file is there (a link is no drop)."""
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.lstat(path)
     except OSError:
         return None
-    return _identity(st) if os.path.isfile(path) and not path.is_symlink() else None
+    return _identity(st) if stat.S_ISREG(st.st_mode) else None
 
 
 def is_complete_zip(path: Path) -> bool:
@@ -136,34 +138,25 @@ def is_complete_zip(path: Path) -> bool:
         return False
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def reason_text(zip_name: str, what: str, reason: str) -> str:
+def reason_text(zip_name: str, target: DropTarget, reason: str) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if target.key is not None:
+        consequence = f"Nothing was changed: job {target.key} is as it was."
+    else:
+        consequence = "The deployment's log says what was done (GET /api/deployments/ID/log)."
     return (
-        f"{zip_name} could not be deployed as {what} ({now}):\n{reason}\n\n"
-        f"Nothing was changed. Drop a corrected {zip_name} to try again; it replaces this "
-        "file and the .failed zip beside it.\n"
+        f"{zip_name} could not be deployed to {target.what} ({now}):\n{reason}\n\n"
+        f"{consequence} Drop a corrected {zip_name} to try again; once it deploys, this file "
+        "and the .failed zip beside it are removed.\n"
     )
 
 
 @dataclass(frozen=True, slots=True)
 class DropTarget:
-    """What a dropped file deploys: a job (its key) or the whole site (key None)."""
+    """What a dropped file deploys: a job (its key, the name not checked yet) or the whole
+    site (key None)."""
 
     key: JobKey | None
-    name: str  # the job name taken from the file name (not checked yet), or ""
 
     @property
     def what(self) -> str:
@@ -309,12 +302,12 @@ class DropService:
         if not is_drop_name(path.name):
             return None
         if path.parent == self._drop_dir:
-            return DropTarget(None, "")
+            return DropTarget(None)
         kind = self._kind_dirs.get(path.parent)
         if kind is None:
             return None
         name = path.name[: -len(ZIP_SUFFIX)]
-        return DropTarget(JobKey(kind, name), name)
+        return DropTarget(JobKey(kind, name))
 
     def _event(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
         now = self._clock()
@@ -604,7 +597,7 @@ def _mark_failed(
     if _stat_identity(path) != identity:
         return CHANGED
     try:
-        _write_atomically(reason_path(path), reason_text(path.name, target.what, reason))
+        write_bytes_atomic(reason_path(path), reason_text(path.name, target, reason).encode())
     except OSError as error:
         return error
     try:
