@@ -715,7 +715,7 @@ class Daemon:
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         if self.drops is not None:
-            await asyncio.to_thread(self.drops.stop)
+            await self.drops.close()
         for task in self._tasks.values():
             task.cancel()
         for task in self._tasks.values():

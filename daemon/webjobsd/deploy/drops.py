@@ -43,6 +43,10 @@ Decisions:
   the file that was deployed (same inode, size, mtime, ctime): a new version written meanwhile
   is deployed next, never deleted unseen. A kill between the deploy and the removal deploys the
   same zip again at the next start, which changes nothing (same content, same fingerprint).
+* **A writer done with a broken zip fails it.** Once its writer has closed it (or /proc shows no
+  writer), a file that does not read as a zip (an upload broken off, a truncated download) gets
+  `.failed` at once: nothing will complete it, and a resumed upload appends to a file that is
+  no longer the one its client thinks. Upload it again.
 * Hidden files (`.x.zip`) are upload tools' temp names and are left alone, as are other files.
 """
 
@@ -277,6 +281,7 @@ class DropService:
         self.deployed = 0  # drops deployed (jobs and sites)
         self.looked = 0  # looks at a dropped file (whether its writer is done, and so on)
         self._in_pass = False
+        self._closing = False
 
     # -- noticing ----------------------------------------------------------------------------
 
@@ -287,9 +292,11 @@ class DropService:
         self._watches.sync()
         self._next_sweep = self._clock()
 
-    def stop(self) -> None:
-        """Blocking (joins the watch thread): call it in a thread."""
-        self._watches.stop()
+    async def close(self) -> None:
+        """At shutdown: no more watches made (events still arriving are ignored), then the
+        watch thread ends."""
+        self._closing = True
+        await asyncio.to_thread(self._watches.stop)
 
     def _from_thread(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
         loop = self._loop
@@ -349,6 +356,8 @@ class DropService:
         self._wake.set()
 
     def _resync(self) -> None:
+        if self._closing:
+            return
         for folder in self._watches.sync():
             self._sweep_folder(folder)
 
@@ -414,7 +423,15 @@ class DropService:
         for candidate in due:
             if self._candidates.get(candidate.path) is not candidate:
                 continue  # gone or replaced meanwhile
-            await self._consider(candidate)
+            try:
+                await self._consider(candidate)
+            except Exception:
+                # Not looked at again at once (that would spin): at its next event or sweep.
+                candidate.due = None
+                log.exception(
+                    "cannot handle a dropped zip; trying again at the next sweep",
+                    file=str(candidate.path),
+                )
 
     async def _consider(self, candidate: _Candidate) -> None:
         path = candidate.path
