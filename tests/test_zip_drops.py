@@ -163,16 +163,22 @@ async def test_an_ftp_upload_of_a_zip_that_stalls_is_deployed_only_once_complete
         loop = asyncio.get_running_loop()
 
         def stall() -> None:
-            begin, looks, swept = time.monotonic(), drops.looked, []
+            begin, looks_before_sweep = time.monotonic(), []
 
             def long_enough() -> bool:
-                elapsed = time.monotonic() - begin
-                if elapsed > 2 * quiet_s and not swept:
-                    # A sweep as the periodic rescan makes one: the file is looked at again.
-                    swept.append(loop.call_soon_threadsafe(drops.sweep))
                 if site.job_dir("continuous", "ftpjob").exists():
                     return True  # deployed from the partial file: the assertion below says so
-                return elapsed > 4 * quiet_s and drops.looked >= looks + 2
+                elapsed = time.monotonic() - begin
+                if elapsed > 2 * quiet_s and not looks_before_sweep:
+                    # A sweep, as the periodic rescan makes one: the file is looked at again
+                    # after it has been quiet for two quiet periods.
+                    looks_before_sweep.append(drops.looked)
+                    loop.call_soon_threadsafe(drops.sweep)
+                return (
+                    elapsed > 4 * quiet_s
+                    and bool(looks_before_sweep)
+                    and drops.looked > looks_before_sweep[0]
+                )
 
             wait_for_sync(long_enough, timeout=20, what="a stall past the quiet period")
             assert not site.job_dir("continuous", "ftpjob").exists(), "deployed a partial zip"
