@@ -5,6 +5,7 @@ site-wide lock taken by this test process (or by a second daemon killed with SIG
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -412,35 +413,55 @@ async def test_diagnostics_runtime(site: Site) -> None:
     assert body["webjobsd"]["version"]
 
 
+def concrete_path(template: str, record_id: str) -> str:
+    """A GET route's template with real values: the jobs, the record and its log's entry."""
+    kind_job = "ticker" if "continuous" in template else "nightly"
+    values = {
+        "name": kind_job,
+        "id": record_id,
+        "log_id": "0",
+        "run_id": "000000000000000000",
+        "key": "SOME_SETTING",
+        "path": "site/",
+    }
+    path = re.sub(r"\{(\w+)(?::[^}]*)?\}", lambda match: values.get(match[1], "x"), template)
+    # Streams end at once instead of following the log.
+    return path + ("?follow=false" if path.endswith("/logstream") else "")
+
+
 async def test_gets_with_a_json_content_type_work_everywhere(site: Site) -> None:
-    """The deploy library sends `Content-Type: application/json; charset=utf-8` on every GET."""
+    """The deploy library sends `Content-Type: application/json; charset=utf-8` on every GET:
+    every GET route of the daemon answers it exactly as it answers a GET without it."""
     finished(store_of(site), "one")
+    store_of(site).log("one").add("Deployment successful.")
     site.write_job("triggered", "nightly", {"run.sh": "echo hi\n"})
-    paths = [
-        "/api/deployments",
-        "/api/deployments?warmup=true",
-        "/api/deployments/one",
-        "/api/deployments/latest",
-        "/api/deployments/one/log",
-        "/api/isdeploying",
-        "/diagnostics/runtime",
-        "/api/webjobs",
-        "/api/triggeredwebjobs/nightly",
-        "/api/triggeredwebjobs/nightly/history",
-        "/api/settings",
-        "/api/hooks",
-        "/api/schedules",
-        "/api/vfs/site/",
-        "/api/openapi.yaml",
-        "/healthz",
-    ]
-    finished_log = store_of(site).log("one")
-    finished_log.add("Deployment successful.")
-    async with api(site) as (_daemon, session, base):
-        for path in paths:
-            for headers in (JSON_GET, {"Content-Type": "application/json"}):
-                async with session.get(f"{base}{path}", headers=headers) as response:
-                    assert response.status == 200, (path, response.status, await response.text())
+    site.write_job("continuous", "ticker", {"run.sh": "while true; do sleep 1; done\n"})
+    async with api(site) as (daemon, session, base):
+        assert daemon.http is not None
+        templates = sorted(
+            {
+                route.resource.get_info().get("path")
+                or route.resource.get_info().get("formatter")
+                or ""
+                for route in daemon.http.app.router.routes()
+                if route.method == "GET" and route.resource is not None
+            }
+        )
+        assert len(templates) > 40, templates  # the whole API, not a sample
+        for template in templates:
+            path = concrete_path(template, "one")
+            answers = []
+            for headers in ({}, JSON_GET, {"Content-Type": "application/json"}):
+                async with session.get(
+                    f"{base}{path}", headers=headers, allow_redirects=False
+                ) as response:
+                    await response.read()
+                    answers.append(response.status)
+            assert answers[0] < 500 and len(set(answers)) == 1, (template, answers)
+        # And the ones deploy clients call answer 200.
+        for path in ("/api/deployments?warmup=true", "/diagnostics/runtime", "/api/settings"):
+            status, _body = await fetch(session, f"{base}{path}", JSON_GET)
+            assert status == 200, path
 
 
 # -- records left unfinished by a daemon that died --------------------------------------------
@@ -452,7 +473,8 @@ async def test_unfinished_record_is_failed_at_start(site: Site) -> None:
     record.mark_building()
     store.save(record)
     async with api(site) as (_daemon, session, base):
-        # Repaired before the API listened: the very first read already says Failed.
+        # Repaired before the API listened, not by the read below.
+        assert store.get("stuck1").status == DeployStatus.FAILED  # type: ignore[union-attr]
         body = await get_json(session, f"{base}/api/deployments/stuck1")
         assert body["status"] == 3 and body["complete"] is True and body["end_time"]
         entries = await get_json(session, body["log_url"])

@@ -8,14 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
-from tests.helpers import wait_for_sync
 
 from webjobsd.deploy.lock import DeploymentLock, deployment_in_progress, lock_owner
-from webjobsd.runtime.locks import FileLock
 from webjobsd.site import SiteLayout
 
 HOLDER = textwrap.dedent(
@@ -91,28 +88,41 @@ def test_child_cannot_take_it_while_we_hold_it(layout: SiteLayout, tmp_path: Pat
         ours.release()
 
 
+PROBER = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    print("probing", flush=True)
+    while True:
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            time.sleep(0.002)
+        except BlockingIOError:
+            pass  # a deployment holds it: the probe says "in progress"
+        os.close(fd)
+        time.sleep(0.002)
+    """
+)
+
+
 def test_probes_do_not_make_an_acquire_fail(layout: SiteLayout) -> None:
-    """The jobs side probes with LOCK_SH for microseconds; a deployment starting meanwhile must
-    not get a spurious 409."""
+    """The jobs side probes with a shared flock (as `FileLock.is_locked_by_other`); a
+    deployment starting meanwhile must not get a spurious 409. The prober here holds its shared
+    lock half of the time in 2 ms slices (the real probe: microseconds), so that about one
+    single attempt in two fails: 20 acquisitions without the retry would fail."""
     layout.deployments_lock_path.parent.mkdir(parents=True)
     layout.deployments_lock_path.touch()
-    stop = threading.Event()
-    probes = 0
-
-    def probe() -> None:
-        nonlocal probes
-        while not stop.is_set():
-            FileLock.is_locked_by_other(layout.deployments_lock_path)
-            probes += 1
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    try:
-        wait_for_sync(lambda: probes > 100, timeout=10, what="the prober runs")
-        for _ in range(50):
-            lock = DeploymentLock(layout)
-            assert lock.try_acquire({"who": "deploy"})
-            lock.release()
-    finally:
-        stop.set()
-        thread.join()
+    with subprocess.Popen(
+        [sys.executable, "-c", PROBER, str(layout.deployments_lock_path)],
+        stdout=subprocess.PIPE,
+    ) as prober:
+        try:
+            assert prober.stdout is not None
+            assert prober.stdout.readline() == b"probing\n"
+            for _ in range(20):
+                lock = DeploymentLock(layout)
+                assert lock.try_acquire({"who": "deploy"})
+                lock.release()
+        finally:
+            prober.kill()
+            prober.wait(timeout=30)

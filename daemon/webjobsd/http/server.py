@@ -24,6 +24,7 @@ from webjobsd.http.listener import ConnectionGuard, ConnectionLimits, Listener, 
 from webjobsd.http.schedules import add_schedule_routes
 from webjobsd.http.settings import add_settings_routes
 from webjobsd.http.tls import ServerTls
+from webjobsd.http.zipdeploy import add_zipdeploy_routes
 
 log = structlog.get_logger("webjobsd.http")
 
@@ -68,6 +69,7 @@ def build_app(
     add_dashboard_routes(app)
     add_schedule_routes(app)
     add_settings_routes(app)
+    add_zipdeploy_routes(app)
     add_deployment_routes(app)
     add_file_routes(
         app,
