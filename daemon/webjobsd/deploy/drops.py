@@ -37,8 +37,10 @@ Decisions:
   restarting the job once.
 * **Zips are not jobs.** The catalog takes only folders as jobs, so `*.zip`, `*.zip.failed` and
   `*.zip.failed.txt` files in a kind folder are never jobs nor job errors (a test holds it).
-* **One drop at a time, in arrival order.** The service is one task; a job drop waits while a
-  site deployment holds the deployment lock (a site zip may carry the very job).
+* **One drop at a time, in arrival order.** The service is one task. Every drop waits while a
+  deployment (of any daemon on the site) holds the deployment lock, probed every
+  `LOCKED_RETRY_S`: a site zip may carry the very job, and one site deployment runs at a time.
+  A job drop does not take the lock itself, exactly as `PUT /api/{type}webjobs/NAME` does not.
 * **Consumed only if unchanged.** The zip is removed (or renamed `.failed`) only if it is still
   the file that was deployed (same inode, size, mtime, ctime): a new version written meanwhile
   is deployed next, never deleted unseen. A kill between the deploy and the removal deploys the
@@ -445,6 +447,11 @@ class DropService:
             candidate.due = None
             return
         self._left.pop(path, None)
+        if await asyncio.to_thread(deployment_in_progress, self.layout):
+            # A site zip may carry the very job, and only one deployment runs at a time: wait
+            # (a probe of the lock, cheaper than asking /proc every time).
+            candidate.due = self._clock() + LOCKED_RETRY_S
+            return
         ready, due = await asyncio.to_thread(self._readiness, path, identity, candidate.closed)
         if not ready:
             candidate.due = due
@@ -452,9 +459,6 @@ class DropService:
         if await asyncio.to_thread(_stat_identity, path) != identity:
             # Its writer was still at it while it was looked at: look again.
             candidate.due = self._clock()
-            return
-        if candidate.target.key is not None and deployment_in_progress(self.layout):
-            candidate.due = self._clock() + LOCKED_RETRY_S
             return
         candidate.closed = False
         candidate.due = None
