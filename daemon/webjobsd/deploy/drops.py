@@ -241,9 +241,6 @@ class _Watches:
                     newly.add(path)
         return newly
 
-    def is_watched(self, folder: Path) -> bool:
-        return folder in self._watched
-
     def stop(self) -> None:
         observer, self._observer = self._observer, None
         self._watched.clear()
@@ -378,10 +375,13 @@ class DropService:
     def sweep(self) -> None:
         """Look at every watched folder (start, the periodic rescan, missed events)."""
         self._next_sweep = self._clock() + self.rescan_s
-        self._resync()
+        try:
+            self._resync()
+        except Exception:
+            # The sweep does not need the watches: without them drops wait for the next one.
+            log.exception("cannot renew the drop folders' watches; sweeping them anyway")
         for folder in self._watches.folders:
-            if self._watches.is_watched(folder):
-                self._sweep_folder(folder)
+            self._sweep_folder(folder)  # a missing folder is simply empty
 
     # -- acting ------------------------------------------------------------------------------
 
