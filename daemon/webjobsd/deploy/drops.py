@@ -17,18 +17,19 @@ writing (discovery's `files_written_under`). A file still open is never taken, h
 has been quiet (an FTP upload that stalls mid-file): its close-write brings it back. Where /proc
 cannot tell (a daemon that may not read every process's descriptors), a file is taken once it
 has been quiet for the quiet period and reads as a complete zip, or once it has been quiet for
-`OPEN_WRITE_CAP_S` (then a broken file fails). A file is never taken twice in the same state
-(inode, size, mtime, ctime); one the daemon may not read, rename or remove (the daemon's user
-does not own it, the folder is not writable) is logged with its name and left as it is until
-it changes.
+`OPEN_WRITE_CAP_S` (then a broken file fails). A file the daemon may not read, rename or
+remove (the daemon's user does not own it, the folder is not writable) is logged with its name
+and left as it is until it changes (inode, size, mtime or ctime): it is not deployed again at
+every sweep.
 
 Decisions:
 
 * **Its own small watch, not the discovery watcher.** A watchdog observer with non-recursive
   watches on the two kind folders and the drop folder (three watches, whatever the number of
-  jobs). A folder that does not exist yet is waited for by a watch on its nearest existing
-  ancestor, which follows it down as folders appear (as the discovery watcher does for the jobs
-  root), and the folder is swept for zips once watched. The daemon creates none of the three:
+  jobs; watchdog's threads: one per watch and the observer's). A folder that does not exist
+  yet is waited for by a watch on its nearest existing ancestor, which follows it down as
+  folders appear (as the discovery watcher does for the jobs root), and the folder is swept for
+  zips once watched. The daemon creates none of the three:
   nothing inside wwwroot (`git clone` needs it absent or empty), and no drop folder among the
   deployment records (whoever drops makes it, `mkdir -p site/deployments/drop`). A sweep every
   rescan period catches what an event missed (a queue overflow). Discovery is not asked for
