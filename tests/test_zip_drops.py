@@ -52,25 +52,31 @@ def failed_reason(folder: Path, name: str) -> str:
 
 async def test_zips_copied_with_cp_deploy_their_jobs_and_are_consumed(site: Site) -> None:
     """1. `cp` to a temp name then `mv` to `a.zip`  2. a plain `cp` writing `b.zip` in place
-    3. both jobs run and the zips are gone; the catalog never took a zip for a job."""
+    3. `rsync` (its own temp name, renamed)  4. the jobs run and the zips are gone; the catalog
+    never took a zip for a job."""
     kind_dir = site.jobs / "continuous"
     kind_dir.mkdir(parents=True)
     sources = site.root.parent / "sources"
     sources.mkdir()
     (sources / "a.zip").write_bytes(zip_of({"run.sh": looping("a from mv")}))
     (sources / "b.zip").write_bytes(zip_of({"run.sh": looping("b from cp")}))
+    (sources / "c.zip").write_bytes(zip_of({"run.sh": looping("c from rsync")}))
     async with running_daemon(site) as daemon:
         catalog = daemon.catalog
         assert catalog is not None
         await asyncio.to_thread(cp, sources / "a.zip", kind_dir / "a.zip.partial")
         await asyncio.to_thread(mv, kind_dir / "a.zip.partial", kind_dir / "a.zip")
         await asyncio.to_thread(cp, sources / "b.zip", kind_dir / "b.zip")
+        await asyncio.to_thread(
+            subprocess.run, ["rsync", str(sources / "c.zip"), f"{kind_dir}/"], check=True
+        )
         await wait_for(lambda: "a from mv" in site.job_log("a"), timeout=15, what="a running")
         await wait_for(lambda: "b from cp" in site.job_log("b"), timeout=15, what="b running")
+        await wait_for(lambda: "c from rsync" in site.job_log("c"), timeout=15, what="c running")
         await wait_for(lambda: not list(kind_dir.glob("*.zip*")), what="zips consumed")
-        assert {key.name for key in catalog.specs} == {"a", "b"}
+        assert {key.name for key in catalog.specs} == {"a", "b", "c"}
         assert not catalog.errors
-        assert starts(site, "a") == 1 and starts(site, "b") == 1
+        assert [starts(site, name) for name in "abc"] == [1, 1, 1]
 
 
 async def test_bad_zips_fail_beside_a_running_job_and_a_good_one_replaces_it_once(
