@@ -27,6 +27,7 @@ import structlog
 
 from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
+from webjobsd.deploy.drops import DropService
 from webjobsd.deploy.pipeline import Deployments
 from webjobsd.deploy.records import DeploymentStore
 from webjobsd.deploy.staging import clean_after_kill
@@ -156,6 +157,7 @@ class Daemon:
         self.triggered: TriggeredJobs | None = None
         self.scheduler: Scheduler | None = None
         self.notifier = SystemdNotifier.from_environ(self._environ)
+        self.drops: DropService | None = None
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -391,6 +393,16 @@ class Daemon:
         self._start_task("discovery", self.discovery.run())
         self._start_task("reconciler", self.reconciler.run())
         self._start_task("scheduler", scheduler.run())
+        # Zip-and-drop, after the initial scan: a zip already there deploys at the first turn.
+        self.drops = DropService(
+            layout,
+            self.upload_limits,
+            quiet_s=config.debounce_s,
+            rescan_s=config.rescan_s,
+            deployments=self.deployments,
+        )
+        self.drops.start()
+        self._start_task("drops", self.drops.run())
         if self.notifier.watchdog_interval_s is not None:
             # Pings stop when the reconciler's loop stops passing: systemd then restarts us.
             reconciler = self.reconciler
@@ -702,6 +714,8 @@ class Daemon:
         await self.deployments.close()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
+        if self.drops is not None:
+            await self.drops.close()
         for task in self._tasks.values():
             task.cancel()
         for task in self._tasks.values():

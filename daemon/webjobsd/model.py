@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 # Part A #3: names are validated so that no job name can be used to reach outside its folder.
 JOB_NAME_PATTERN = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,64}$")
@@ -29,6 +29,11 @@ class JobKey:
 
     def __str__(self) -> str:
         return f"{self.kind.value}/{self.name}"
+
+
+INVALID_JOB_NAME: Final = (
+    "Invalid job name: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'."
+)
 
 
 def is_valid_job_name(name: str) -> bool:

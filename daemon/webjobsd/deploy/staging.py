@@ -1,5 +1,5 @@
 """Where a deployed job is prepared, how it replaces the live folder, and the cleaning of what a
-killed daemon left behind (`http.deploy` and the deployments prepare; `app` cleans at start).
+killed daemon left behind (`deploy.jobpackage` and the deployments prepare; `app` cleans at start).
 
 Decisions:
 

@@ -1,14 +1,10 @@
 """Deploying a job through the API: `PUT /api/{type}webjobs/{name}` (Part B §1.2, §8.2).
 
 The body (a zip with `Content-Type: application/zip`, or a single script named by
-`Content-Disposition: attachment; filename=...`) is streamed to a temp file under the upload cap,
-extracted or placed into a staging folder beside the jobs root's kind folders, checked for a
-runnable script, and only then swapped into place with renames on the same file system, so the
-watcher never sees half a job and a refused upload leaves the existing job untouched. Like Kudu,
-a successful upload replaces the whole folder (an old `settings.job` or `disable.job` goes too).
-
-The staging folder, the one-step swap and the cleaning after a killed deploy are
-`deploy.staging`'s.
+`Content-Disposition: attachment; filename=...`) is streamed to a temp file under the upload cap
+and handed to `deploy.jobpackage`, which makes it the job's folder whole or refuses it and changes
+nothing (a dropped `NAME.zip` goes the same way). The route then asks discovery to look at the job
+at once and answers with it.
 """
 
 from __future__ import annotations
@@ -16,17 +12,13 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import shutil
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 
-from webjobsd.deploy.archive import extract_zip
-from webjobsd.deploy.staging import Staging
+from webjobsd.deploy.jobpackage import deploy_job_package
 from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
-from webjobsd.discovery.scripts import select_command
-from webjobsd.http.context import CONTEXT, ApiContext, base_url
+from webjobsd.http.context import CONTEXT, base_url
 from webjobsd.http.errors import bad_request, clean_text
 from webjobsd.http.jobrequest import add_job_locks, job_lock, job_name
 from webjobsd.http.readmodel import JOB_LISTS
@@ -35,7 +27,6 @@ from webjobsd.model import JobKey, JobKind
 
 MISSING_DISPOSITION = "Missing Content-Disposition header."
 _FILENAME = re.compile(r'(?:^|;)\s*filename\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
-_SCRIPT_SUFFIXES = (".sh", ".py", ".php", ".js", ".ps1", ".jar")
 
 
 def filename_from(disposition: str | None) -> str:
@@ -55,33 +46,6 @@ def filename_from(disposition: str | None) -> str:
     return name
 
 
-def _place_single_file(upload: Path, folder: Path, filename: str) -> None:
-    target = folder / filename
-    # A copy, not a rename: the upload folder may be on another file system (tmpfs, a volume).
-    shutil.copyfile(upload, target)
-    with open(target, "rb") as handle:
-        head = handle.read(4)
-    executable = filename.lower().endswith(_SCRIPT_SUFFIXES) or head == b"\x7fELF"
-    target.chmod(0o755 if executable else 0o644)
-
-
-def _prepare(ctx: ApiContext, key: JobKey, upload: Path, is_zip: bool, filename: str) -> None:
-    staging = Staging.of(ctx.layout)
-    new = staging.new_folder()
-    try:
-        if is_zip:
-            extract_zip(upload, new, ctx.limits)
-        else:
-            _place_single_file(upload, new, filename)
-        if select_command(new) is None:
-            raise bad_request(NO_RUNNABLE_SCRIPT)
-        staging.swap_into_place(new, ctx.layout.job_dir(key))
-    finally:
-        if new.exists():
-            shutil.rmtree(new, ignore_errors=True)
-        staging.release()
-
-
 def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
@@ -97,7 +61,9 @@ def put_job(kind: JobKind) -> Callable[[web.Request], Awaitable[web.StreamRespon
             # Held until the catalog has seen the new folder: a concurrent PUT, DELETE or
             # settings write of the same job waits instead of racing the swap.
             async with job_lock(request, key):
-                await asyncio.to_thread(_prepare, ctx, key, upload, is_zip, filename)
+                await asyncio.to_thread(
+                    deploy_job_package, ctx.layout, ctx.limits, key, upload, is_zip, filename
+                )
                 await ctx.refresh({key})
                 spec = ctx.specs().get(key)
                 if spec is None:

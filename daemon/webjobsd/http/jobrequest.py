@@ -13,11 +13,9 @@ from typing import Final
 from aiohttp import web
 
 from webjobsd.http.errors import bad_request
-from webjobsd.model import JobKey, is_valid_job_name
+from webjobsd.model import INVALID_JOB_NAME, JobKey, is_valid_job_name
 
-INVALID_NAME: Final = (
-    "Invalid job name: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'."
-)
+INVALID_NAME: Final = INVALID_JOB_NAME  # shared with a dropped zip's refusal (deploy.drops)
 _LOCKS: Final = web.AppKey("job_write_locks", dict)
 
 
