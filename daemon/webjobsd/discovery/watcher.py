@@ -85,6 +85,12 @@ class Debouncer:
     def _due_at(self, entry: _Pending) -> float:
         return min(entry.last + self.quiet_s, entry.first + self.cap_s)
 
+    def pop_all(self) -> set[Hint]:
+        """Every pending hint, due or not (a deployment ended: everything is looked at now)."""
+        pending = set(self._pending)
+        self._pending.clear()
+        return pending
+
     def pop_due(self, now: float) -> set[Hint]:
         due = {hint for hint, entry in self._pending.items() if self._due_at(entry) <= now}
         for hint in due:

@@ -46,6 +46,8 @@ class ApiContext:
     log_wakeups: LogWakeups | None = None
     # This daemon's scheduler timers by job name, for `GET /api/schedules`.
     schedules: Callable[[], Mapping[str, JobSchedule]] | None = None
+    # What /readyz says beside its checks ("deployment in progress, 3 job changes held").
+    readiness_notes: Callable[[], list[str]] | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)
