@@ -104,6 +104,7 @@ class DiscoveryService:
         self._held: set[Hint] = set()
         self._recheck_at: float | None = None
         self._held_since: float | None = None
+        self._probe_failures: set[int | None] = set()
 
     def hint(self, hint: Hint) -> None:
         """Called on the loop for every relevant file event (or by intents)."""
@@ -277,7 +278,7 @@ class DiscoveryService:
             return False
         if self._recheck_at is None or now >= self._recheck_at:
             self.stage = "probing the deployment lock"
-            held = await asyncio.to_thread(self._deployment_in_progress)
+            held = await asyncio.to_thread(self._probe_deployment)
             self._recheck_at = self._clock() + HOLD_RECHECK_S if held else None
         if self._recheck_at is None:
             return False
@@ -292,6 +293,22 @@ class DiscoveryService:
                 jobs=sorted(str(key) for key in held_jobs),
             )
         return True
+
+    def _probe_deployment(self) -> bool:
+        """In a thread. A probe that fails (out of file descriptors, a lock file we may not
+        read) cannot tell: discovery goes on as without a deployment rather than wait for
+        ever, and says so once per kind of failure."""
+        assert self._deployment_in_progress is not None
+        try:
+            return self._deployment_in_progress()
+        except OSError as error:
+            if error.errno not in self._probe_failures:
+                self._probe_failures.add(error.errno)
+                log.warning(
+                    "cannot tell whether a deployment is in progress; job changes not held",
+                    error=str(error),
+                )
+            return False
 
     async def _release(self, due: set[Hint], now: float) -> None:
         """The deployment ended: everything held or pending is looked at at once."""
