@@ -33,6 +33,11 @@ Decisions:
   progress, N job changes held" for /readyz, and the log says it once per deployment, and once
   more when the held changes are applied.
 
+The watcher's threads are checked every `WATCHER_CHECK_S` and before each pass: one that died
+(see watcher.py) is logged as an error naming it, and the observer is replaced; files that a
+process holds open for writing then are found through /proc, as at start (the marks went with the
+old observer).
+
 Stuck scans: the pass records what it is doing (`stage`) and since when; `stuck_stage()` names
 it once it has run longer than `stuck_after_s`, and readiness turns false on that. Every read is
 non-blocking by design (see jobsettings.py), so this is the alarm for what design missed (a hung
@@ -51,7 +56,7 @@ import structlog
 
 from webjobsd.discovery.catalog import Catalog, Observation, RefreshResult
 from webjobsd.discovery.openwrites import files_written_under, writers_under
-from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher
+from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher, stop_observer
 from webjobsd.model import JobKey
 
 log = structlog.get_logger("webjobsd.discovery")
@@ -61,6 +66,8 @@ STUCK_AFTER_S = 60.0
 # While a deployment holds job changes, the lock is probed again this often: the jobs follow its
 # end within this, and a probe costs microseconds.
 HOLD_RECHECK_S = 0.15
+# How often watchdog's threads are checked when nothing else wakes discovery.
+WATCHER_CHECK_S = 2.0
 
 
 def _under(path: str, folder: Path) -> bool:
@@ -105,6 +112,9 @@ class DiscoveryService:
         self._recheck_at: float | None = None
         self._held_since: float | None = None
         self._probe_failures: set[int | None] = set()
+        # The observer whose dead thread was last reported, and failed tries to replace it.
+        self._dead_reported: object | None = None
+        self._replace_failures = 0
 
     def hint(self, hint: Hint) -> None:
         """Called on the loop for every relevant file event (or by intents)."""
@@ -247,8 +257,8 @@ class DiscoveryService:
         now = self._clock()
         if self._recheck_at is not None:
             # Held: nothing is decided before the next probe (an overdue rescan included).
-            return max(self._recheck_at - now, 0.0)
-        deadline = self._next_rescan
+            return max(min(self._recheck_at, now + WATCHER_CHECK_S) - now, 0.0)
+        deadline = min(self._next_rescan, now + WATCHER_CHECK_S)
         due = self.debouncer.next_due()
         if due is not None:
             deadline = min(deadline, due)
@@ -264,6 +274,7 @@ class DiscoveryService:
             self._stage_since = self._clock()
             self.stage = "starting a pass"
             try:
+                await self._check_watcher()
                 await self._pass()
             except Exception:
                 # A scan that trips over one odd folder must not end discovery for all jobs.
@@ -271,6 +282,38 @@ class DiscoveryService:
             finally:
                 self._stage_since = None
                 self._stuck_reported = False
+
+    async def _check_watcher(self) -> None:
+        """Replace the observer when one of its threads died (see watcher.py)."""
+        watcher = self.watcher
+        dead = watcher.dead_threads() if watcher is not None else []
+        if watcher is None or not dead:
+            return
+        if self._dead_reported is not watcher.observer:
+            # Once per dead observer: a replacement that fails is tried again at every check.
+            self._dead_reported = watcher.observer
+            log.error(
+                "file watcher thread died; replacing the watcher (a full rescan follows)",
+                threads=dead,
+                restarts=watcher.restarts + 1,
+            )
+        try:
+            old = watcher.replace_observer()
+        except OSError as error:
+            if self._replace_failures == 0:
+                log.error("cannot replace the file watcher; retrying", error=str(error))
+            self._replace_failures += 1
+            return
+        if self._replace_failures:
+            log.info("file watcher replaced", failed_tries=self._replace_failures)
+        self._replace_failures = 0
+        self.stage = "stopping the old file watcher"
+        if old is not None:
+            await asyncio.to_thread(stop_observer, old)
+        # Open-for-write marks went with the old observer: /proc says who writes now.
+        self.stage = "looking for writers after the watcher was replaced"
+        targets = self.catalog.targets(None)
+        self._suspects |= await asyncio.to_thread(self._written_by_processes, targets)
 
     async def _held_by_deployment(self, due: set[Hint], now: float) -> bool:
         """Whether a deployment holds this pass's decisions; if so, `due` is kept for its end."""
