@@ -9,11 +9,13 @@ import contextlib
 import ftplib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 import urllib.request
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -386,3 +388,115 @@ def http_ready(port: int) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+SYNC_REPORTER = (
+    'echo "start big=$(wc -c < zbig.bin) code=$(cat code.txt) old=$(cat old.txt 2>/dev/null)"\n'
+    "exec sleep 600\n"
+)
+
+
+def rsync_temp_file(job: Path, name: str) -> bool:
+    """rsync is writing `name` under its temp name (`.NAME.XXXXXX`), some bytes in already."""
+    try:
+        return any(
+            entry.name.startswith(f".{name}.") and entry.stat().st_size > 0
+            for entry in job.iterdir()
+        )
+    except OSError:  # renamed between the listing and the stat
+        return False
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+async def test_rsync_delete_that_stalls_inside_a_temp_file_restarts_the_job_once(
+    site: Site,
+) -> None:
+    """1. a running job  2. `rsync -a --delete` from a folder where code.txt changed, old.txt is
+    gone and zbig.bin is new and big (last in rsync's order): rsync deletes old.txt, writes each
+    file under a temp name and renames it into place; it is stopped (SIGSTOP) inside zbig.bin's
+    temp file for longer than the quiet period, code.txt already renamed in  3. the job restarts
+    exactly once, from the complete new files."""
+    files = {"run.sh": SYNC_REPORTER, "code.txt": "v1", "old.txt": "old", "zbig.bin": "small"}
+    job = site.write_job("continuous", "synced", files)
+    source = site.root.parent / "source"
+    source.mkdir()
+    (source / "run.sh").write_text(SYNC_REPORTER)
+    (source / "run.sh").chmod(0o755)
+    # Another size: rsync's quick check skips a file of the same size and mtime second.
+    (source / "code.txt").write_text("v2-new")
+    (source / "zbig.bin").write_bytes(b"z" * BIG)
+    key = JobKey(JobKind.CONTINUOUS, "synced")
+    async with running_daemon(site, debounce_s=FTP_QUIET_S) as daemon:
+        await wait_for(lambda: start_lines_of(site, "synced"), what="v1 running")
+        # --bwlimit: slow enough (about 1.5 s for the big file) to be stopped inside it.
+        rsync = await asyncio.create_subprocess_exec(
+            *("rsync", "-a", "--delete", "--bwlimit=2000", f"{source}/", f"{job}/"),
+            start_new_session=True,
+        )
+        try:
+            await wait_for(lambda: rsync_temp_file(job, "zbig.bin"), what="rsync in zbig.bin")
+            os.killpg(rsync.pid, signal.SIGSTOP)
+            try:
+                assert (job / "code.txt").read_text() == "v2-new", "code.txt not renamed in"
+                await asyncio.to_thread(
+                    stall_past_the_quiet_period,
+                    daemon,
+                    lambda: starts(site, "synced") > 1,
+                )
+            finally:
+                os.killpg(rsync.pid, signal.SIGCONT)
+            assert await asyncio.wait_for(rsync.wait(), 30) == 0
+        finally:
+            if rsync.returncode is None:
+                rsync.kill()
+                await rsync.wait()
+        await wait_for(lambda: len(start_lines_of(site, "synced")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines_of(site, "synced") == [
+        "start big=5 code=v1 old=old",
+        f"start big={BIG} code=v2-new old=",
+    ]
+    assert starts(site, "synced") == 2
+
+
+def start_lines_of(site: Site, name: str) -> list[str]:
+    lines = site.job_log(name).splitlines()
+    return [line[line.index("start ") :] for line in lines if "] start " in line]
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="unzip is not installed")
+async def test_unzip_over_a_job_with_old_mtimes_runs_the_new_code_after_one_restart(
+    site: Site,
+) -> None:
+    """1. a running job  2. `unzip -o` over its folder of a zip whose entries are dated 2001
+    (older than every file of the job: the mtimes say nothing changed): a new code.txt, a new
+    lib.txt, a big big.bin  3. the job restarts exactly once and runs the new code."""
+    job = site.write_job("continuous", "unzipped", {"run.sh": REPORTER, "code.txt": "v1"})
+    archive = site.root.parent / "job.zip"
+    dated = (2001, 1, 1, 0, 0, 0)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as package:
+        for name, content in (
+            ("run.sh", REPORTER.encode()),
+            ("big.bin", b"u" * BIG),
+            ("code.txt", b"v2"),
+            ("lib.txt", b"lib-new"),
+        ):
+            entry = zipfile.ZipInfo(name, date_time=dated)
+            entry.external_attr = 0o100755 << 16
+            package.writestr(entry, content)
+    key = JobKey(JobKind.CONTINUOUS, "unzipped")
+    async with running_daemon(site) as daemon:
+        await wait_for(lambda: start_lines(site, "unzipped"), what="v1 running")
+        await asyncio.to_thread(
+            subprocess.run,
+            ["unzip", "-o", "-q", str(archive), "-d", str(job)],
+            check=True,
+        )
+        assert (job / "code.txt").stat().st_mtime < time.time() - 20 * 365 * 86400
+        await wait_for(lambda: len(start_lines(site, "unzipped")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines(site, "unzipped") == [
+        "start big= lib= code=v1",
+        f"start big={BIG} lib=lib-new code=v2",
+    ]
+    assert starts(site, "unzipped") == 2

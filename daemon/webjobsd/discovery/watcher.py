@@ -59,7 +59,11 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-from webjobsd.discovery.ignore import is_ignored_relative_path
+from webjobsd.discovery.ignore import (
+    IGNORED_DIRECTORIES,
+    is_ignored_relative_path,
+    is_upload_temp_name,
+)
 from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites
 from webjobsd.model import JobKey, JobKind
 
@@ -170,6 +174,26 @@ class _AncestorHandler(FileSystemEventHandler):
             self._changed()
 
 
+def writing_job(jobs_root: Path, path: str) -> JobKey | None:
+    """The job a file open for writing holds. An upload tool's temp name (rsync's
+    `.NAME.XXXXXX`, lftp's `.in.NAME.`) is noise for the content but not for completeness: a
+    transfer stalled inside it is a transfer under way (see ignore.py)."""
+    hint = hint_for_path(jobs_root, path)
+    if isinstance(hint, JobKey):
+        return hint
+    if hint is None:
+        return None
+    parts = Path(os.path.relpath(path, jobs_root)).parts
+    if len(parts) < 3 or not is_upload_temp_name(parts[-1]):
+        return None
+    if any(part in IGNORED_DIRECTORIES for part in parts[2:-1]):
+        return None  # inside .git and the like: never job content, complete or not
+    try:
+        return JobKey(JobKind(parts[0]), parts[1])
+    except ValueError:
+        return None
+
+
 def _arrived_job(jobs_root: Path, dest: str) -> JobKey | None:
     """The job whose folder `dest` is, when `dest` is a job folder itself."""
     hint = hint_for_path(jobs_root, dest)
@@ -250,9 +274,9 @@ class JobsWatcher:
         """Jobs with a file open for writing now (see openwrites.py)."""
         jobs: set[JobKey] = set()
         for path in self._writes.open_paths(time.monotonic(), written_only=written_only):
-            hint = hint_for_path(self._jobs_root, path)
-            if isinstance(hint, JobKey):
-                jobs.add(hint)
+            job = writing_job(self._jobs_root, path)
+            if job is not None:
+                jobs.add(job)
         return jobs
 
     def start(self) -> None:
