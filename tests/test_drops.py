@@ -271,6 +271,7 @@ def commit(repo: Path, files: dict[str, str], message: str) -> None:
 
 
 GIT_JOB = "App_Data/jobs/continuous/gitjob/run.sh"
+GIT_SECOND = "App_Data/jobs/continuous/second/code.txt"
 GIT_OTHER = "App_Data/jobs/triggered/other/run.sh"
 
 
@@ -281,13 +282,15 @@ def git_job(version: str) -> str:
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site) -> None:
     """1. a daemon on an empty site creates nothing in wwwroot  2. `git clone REPO wwwroot`
-    succeeds and the job starts  3. a pull changing the job restarts it once with the new code
-    4. a pull that does not touch it restarts nothing  5. `rm -rf wwwroot` and a new clone: the
-    job is removed, then back."""
+    succeeds and the jobs start  3. a pull changing two jobs restarts each once with the new
+    code  4. a pull that does not touch them restarts nothing  5. `rm -rf wwwroot` and a new
+    clone: the job is removed, then back."""
     repo = site.root.parent / "repo"
     repo.mkdir()
     git("init", "-q", "-b", "main", cwd=repo)
-    commit(repo, {GIT_JOB: git_job("v1"), GIT_OTHER: "echo other 1\n"}, "first")
+    second_run = "App_Data/jobs/continuous/second/run.sh"
+    second = {second_run: 'echo "second $(cat code.txt)"\nexec sleep 600\n', GIT_SECOND: "v1"}
+    commit(repo, {GIT_JOB: git_job("v1"), GIT_OTHER: "echo other 1\n", **second}, "first")
     wwwroot = site.root / "site" / "wwwroot"
     key = JobKey(JobKind.CONTINUOUS, "gitjob")
     other = JobKey(JobKind.TRIGGERED, "other")
@@ -297,14 +300,18 @@ async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site
         assert not wwwroot.exists(), "the daemon created folders inside wwwroot"
         await asyncio.to_thread(git, "clone", "-q", str(repo), str(wwwroot), cwd=site.root)
         await wait_for(lambda: "gitjob v1" in site.job_log("gitjob"), timeout=20, what="v1")
+        await wait_for(lambda: "second v1" in site.job_log("second"), timeout=20, what="2nd")
         await settled(daemon, key)
         assert starts(site, "gitjob") == 1
 
-        commit(repo, {GIT_JOB: git_job("v2")}, "change the job")
+        commit(repo, {GIT_JOB: git_job("v2"), GIT_SECOND: "v2"}, "change both jobs")
         await asyncio.to_thread(git, "pull", "-q", "--ff-only", cwd=wwwroot)
         await wait_for(lambda: "gitjob v2" in site.job_log("gitjob"), timeout=20, what="v2")
+        await wait_for(lambda: "second v2" in site.job_log("second"), timeout=20, what="2nd v2")
         await settled(daemon, key)
+        await settled(daemon, JobKey(JobKind.CONTINUOUS, "second"))
         assert starts(site, "gitjob") == 2
+        assert starts(site, "second") == 2
 
         before = catalog.specs[other].fingerprint
         commit(repo, {GIT_OTHER: "echo other 2 changed\n", "README.md": "docs\n"}, "not the job")
@@ -312,6 +319,7 @@ async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site
         await wait_for(lambda: catalog.specs[other].fingerprint != before, what="other changed")
         await settled(daemon, key)
         assert starts(site, "gitjob") == 2
+        assert starts(site, "second") == 2
 
         await asyncio.to_thread(shutil.rmtree, wwwroot)
         await wait_for(lambda: key not in catalog.specs, what="job removed with wwwroot")
