@@ -107,6 +107,13 @@ def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site:
     try:
         for daemon in daemons:
             daemon.start()
+        for daemon, port in zip(daemons, ports.values(), strict=True):
+            wait_for_sync(
+                lambda d=daemon, p=port: readyz(p).get("ready") or d.process.poll() is not None,
+                timeout=30,
+                what=f"daemon {daemon.instance_id} ready",
+            )
+            assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
         for instance in INSTANCES:
             for name in ("changed", "grown", "removed", "steady", "stopped"):
                 wait_for_sync(
