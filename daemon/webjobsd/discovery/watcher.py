@@ -14,8 +14,10 @@ found by a scan). A root removed and made again (`rm -rf wwwroot && git clone`) 
 
 Open for writing: the watcher feeds `OpenWrites` (see openwrites.py) and publishes the jobs that
 have a file open for writing; the discovery service hands them to the catalog, which never settles
-such a job. A job folder renamed into place in whole (a deployment's staging folder, `mv`) is an
-*arrival*: complete at once, it needs no quiet period. The observer reports unmatched moves as
+such a job. An upload tool's temp file counts for its job though its events are noise
+(`writing_job`): rsync stalled inside `.big.bin.Xy12Ab` is a transfer under way. A job folder
+renamed into place in whole (a deployment's staging folder, `mv`) is an *arrival*: complete at
+once, it needs no quiet period. The observer reports unmatched moves as
 moves (`generate_full_events`), so a folder moved in from outside the watch is told apart from a
 folder made with mkdir and then filled.
 
