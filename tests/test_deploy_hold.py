@@ -31,6 +31,8 @@ from webjobsd.site import SiteLayout
 
 QUIET_S = float(FAST_CONFIG["debounce_s"])
 REPORTER = 'echo "start code=$(cat code.txt) lib=$(cat lib.txt 2>/dev/null)"\nexec sleep 600\n'
+# A job that exits after a moment, again and again (restarted every ~0.5 s).
+EXITING = 'echo "start code=$(cat code.txt) lib="\nsleep 0.3\nexit 3\n'
 INSTANCES = ("one", "two")
 
 
@@ -82,16 +84,18 @@ def post(port: int, path: str) -> int:
 
 
 def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site: Site) -> None:
-    """1. two daemons (instances one and two) run five jobs  2. the deployment lock is taken;
+    """1. two daemons (instances one and two) run six jobs  2. the deployment lock is taken;
     `changed` gets new code, `grown` a new file and, after a stall past the quiet period, new
     code, `removed` is deleted, `added` is renamed in: both daemons hold all of it (readiness
-    says so), nothing restarts, starts or stops  3. `stopped` is stopped through daemon one's API
-    meanwhile: an intent, not held, it stops there at once (daemon two sees only files: held)
-    4. the lock is released: `changed` and `grown` restart exactly once each with their new
-    code, `steady` keeps its process, `removed` stops, `added` starts once, `stopped` stops on
-    daemon two."""
+    says so), nothing restarts, starts or stops; `exiting`, which exits on its own, gets new code
+    too: its restarts meanwhile run its last settled code  3. `stopped` is stopped through daemon
+    one's API meanwhile: an intent, not held, it stops there at once (daemon two sees only
+    files: held)  4. the lock is released: `changed` and `grown` restart exactly once each with
+    their new code, `steady` keeps its process, `removed` stops, `added` starts once, `stopped`
+    stops on daemon two, `exiting` runs its new code."""
     for name in ("changed", "grown", "removed", "steady", "stopped"):
         site.write_job("continuous", name, {"run.sh": REPORTER, "code.txt": "v1"})
+    site.write_job("continuous", "exiting", {"run.sh": EXITING, "code.txt": "v1"})
     ports = {instance: free_loopback_port() for instance in INSTANCES}
     daemons = [
         DaemonProcess(
@@ -101,6 +105,8 @@ def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site:
             log_level="info",
             # Each instance its own temp folder (working copies), as on separate hosts.
             temp_dir=str(site.temp / instance),
+            # `exiting` restarts every time after 0.2 s (its 0.3 s of uptime resets the delay).
+            restart_backoff_reset_s=0.1,
         )
         for instance in INSTANCES
     ]
@@ -115,7 +121,7 @@ def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site:
             )
             assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
         for instance in INSTANCES:
-            for name in ("changed", "grown", "removed", "steady", "stopped"):
+            for name in ("changed", "grown", "removed", "steady", "stopped", "exiting"):
                 wait_for_sync(
                     lambda name=name, instance=instance: start_lines(site, name, instance),
                     timeout=30,
@@ -145,18 +151,28 @@ def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site:
         with deployment_lock(site):
             held_at = time.monotonic()
             (jobs / "changed" / "code.txt").write_text("v2")
-            wait_for_sync(lambda: held_everywhere(1), timeout=20, what="1 change held")
+            (jobs / "exiting" / "code.txt").write_text("v2")
+            exits = {i: len(start_lines(site, "exiting", i)) for i in INSTANCES}
+            wait_for_sync(lambda: held_everywhere(2), timeout=20, what="2 changes held")
             assert restarted() == []
             (jobs / "grown" / "lib.txt").write_text("new")
-            wait_for_sync(lambda: held_everywhere(2), timeout=20, what="2 changes held")
+            wait_for_sync(lambda: held_everywhere(3), timeout=20, what="3 changes held")
             # The stall: `grown` is half rewritten for longer than the quiet period.
             stalled_until = time.monotonic() + 2 * QUIET_S
             wait_for_sync(lambda: time.monotonic() > stalled_until, what="a stall")
             (jobs / "grown" / "code.txt").write_text("v2")
             shutil.rmtree(jobs / "removed")
-            wait_for_sync(lambda: held_everywhere(3), timeout=20, what="3 changes held")
-            site.write_job("continuous", "added", {"run.sh": REPORTER, "code.txt": "v1"})
             wait_for_sync(lambda: held_everywhere(4), timeout=20, what="4 changes held")
+            site.write_job("continuous", "added", {"run.sh": REPORTER, "code.txt": "v1"})
+            wait_for_sync(lambda: held_everywhere(5), timeout=20, what="5 changes held")
+            # `exiting` restarted meanwhile, from its last settled copy.
+            wait_for_sync(
+                lambda: all(len(start_lines(site, "exiting", i)) > exits[i] + 1 for i in INSTANCES),
+                what="exiting restarted while held",
+            )
+            assert all(
+                set(start_lines(site, "exiting", i)) == {"start code=v1 lib="} for i in INSTANCES
+            )
             assert time.monotonic() - held_at > 3 * QUIET_S
 
             assert post(ports["one"], "/api/continuouswebjobs/stopped/stop") == 200
@@ -175,6 +191,7 @@ def test_a_deployment_holds_every_job_change_on_every_daemon_until_it_ends(site:
                 and start_lines(site, "added", instance)
                 and not leaders(site, "removed", instance)
                 and not leaders(site, "stopped", instance)
+                and start_lines(site, "exiting", instance)[-1] == "start code=v2 lib="
                 for instance in INSTANCES
             )
 
