@@ -22,13 +22,14 @@ def broken(*_args: Any, **_kwargs: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.parametrize("victim", ["emitter", "reader"])
+@pytest.mark.parametrize("victim", ["emitter", "reader", "dispatcher"])
 async def test_a_dead_watcher_thread_makes_the_daemon_unready_and_is_replaced(
     site: Site, victim: str
 ) -> None:
     """1. a running daemon (rescan every 30 s: only events find a job fast)  2. the loop of
-    watchdog's emitter thread (or of its inotify reader) raises at its next turn; a file event
-    makes it turn: the thread dies, the observer itself lives on  3. readiness says the watcher
+    watchdog's emitter thread (or of its inotify reader, or of the observer's own dispatching
+    thread) raises at its next turn; a file event makes it turn: the thread dies (the observer
+    lives on, but for the dispatcher, which is the observer)  3. readiness says the watcher
     is not alive, an error names the thread  4. the daemon replaces the observer by itself: ready
     again, and a job written afterwards is found by its events within seconds."""
     site.write_job("continuous", "first", LOOP)
@@ -40,16 +41,19 @@ async def test_a_dead_watcher_thread_makes_the_daemon_unready_and_is_replaced(
         if victim == "emitter":
             [thread] = list(observer.emitters)  # the one watch, on the jobs root
             thread.queue_events = broken  # type: ignore[method-assign]  # looked up every turn
-        else:
+        elif victim == "reader":
             thread = observer._inotify_fd  # type: ignore[attr-defined]
             thread.handle_event = broken
+        else:
+            thread = observer
+            observer.dispatch_events = broken  # type: ignore[method-assign]
         assert isinstance(thread, threading.Thread)
         rescans = discovery.rescans
         with structlog.testing.capture_logs() as logs:
             (site.job_dir("continuous", "first") / "poke.tmp").write_text("turn the loop")
             # Blocking the loop on purpose: the daemon cannot recover before we look.
             wait_for_sync(lambda: not thread.is_alive(), what="the thread died")
-            assert observer.is_alive(), "the observer itself lives on"
+            assert observer.is_alive() == (victim != "dispatcher")
             assert daemon.readiness()["watcher"] is False
             assert watcher.dead_threads()
             await wait_for(lambda: daemon.readiness()["watcher"], what="the watcher replaced")
