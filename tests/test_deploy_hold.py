@@ -20,7 +20,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import FAST_CONFIG, DaemonProcess, Site, leaders, wait_for, wait_for_sync
+import pytest
+
+from tests.helpers import (
+    FAST_CONFIG,
+    DaemonProcess,
+    Site,
+    leaders,
+    running_daemon,
+    wait_for,
+    wait_for_sync,
+)
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer
@@ -281,3 +291,34 @@ async def test_a_rescan_settles_nothing_while_held_and_the_lock_is_probed_only_t
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="flock(1) is not installed")
+async def test_a_copy_under_flock_of_the_deployment_lock_restarts_the_job_once(site: Site) -> None:
+    """A deployment of one's own: `flock site/locks/deployments.lock sh -c '...'` around a copy
+    that writes code.txt, pauses past the quiet period, then writes lib.txt. 1. nothing restarts
+    before the copy ends (without the hold, the job would restart with code.txt alone)  2. the
+    job restarts once, with both files."""
+    job = site.write_job("continuous", "copied", {"run.sh": REPORTER, "code.txt": "v1"})
+    source = site.root.parent / "build"
+    source.mkdir()
+    (source / "code.txt").write_text("v2")
+    (source / "lib.txt").write_text("new")
+    lock = SiteLayout.build(site.root, instance_id="x", temp_root=site.temp).deployments_lock_path
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    pause = 4 * QUIET_S  # the stall inside the copy
+    script = f'cp "$1/code.txt" "$2/" && sleep {pause} && cp "$1/lib.txt" "$2/"'
+    async with running_daemon(site, instance_id="solo") as daemon:
+        await wait_for(lambda: start_lines(site, "copied", "solo"), what="v1 running")
+        copy = await asyncio.create_subprocess_exec(
+            *("flock", str(lock), "sh", "-c", script, "copy", str(source), str(job))
+        )
+        assert await asyncio.wait_for(copy.wait(), 30) == 0
+        assert start_lines(site, "copied", "solo") == ["start code=v1 lib="]
+        await wait_for(lambda: len(start_lines(site, "copied", "solo")) == 2, what="restart")
+        discovery = daemon.discovery
+        assert discovery is not None
+        await wait_for(lambda: discovery.debouncer.next_due() is None, what="nothing pending")
+        quiet_until = time.monotonic() + 3 * QUIET_S
+        await wait_for(lambda: time.monotonic() > quiet_until, what="a few quiet periods")
+    assert start_lines(site, "copied", "solo") == ["start code=v1 lib=", "start code=v2 lib=new"]
