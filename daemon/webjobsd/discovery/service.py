@@ -366,14 +366,20 @@ class DiscoveryService:
                 held_s=round(now - self._held_since, 3),
             )
             self._held_since = None
-        # Folders renamed in whole go their own way (/proc is asked about writers first).
-        await self._arrivals(now)
-        if None in held:
-            self._next_rescan = now + self.rescan_s
-            await self.refresh(None, settle=False, released=True)
-        elif held:
-            keys = {hint for hint in held if hint is not None}
-            await self.refresh(keys, settle=False, released=True)
+        try:
+            # Folders renamed in whole go their own way (/proc is asked about writers first).
+            await self._arrivals(now)
+            if None in held:
+                self._next_rescan = now + self.rescan_s
+                await self.refresh(None, settle=False, released=True)
+            elif held:
+                keys = {hint for hint in held if hint is not None}
+                await self.refresh(keys, settle=False, released=True)
+        except BaseException:
+            # A pass that fails must not lose what it held: looked at again after a quiet period.
+            for hint in held:
+                self.debouncer.touch(hint, now)
+            raise
 
     async def _pass(self) -> None:
         now = self._clock()
