@@ -508,3 +508,64 @@ async def test_unzip_over_a_job_with_old_mtimes_runs_the_new_code_after_one_rest
         f"start big={BIG} lib=lib-new code=v2",
     ]
     assert starts(site, "unzipped") == 2
+
+
+@pytest.mark.skipif(shutil.which("lftp") is None, reason="lftp is not installed")
+async def test_lftp_upload_under_temp_names_that_stalls_restarts_the_job_once(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. a running job  2. lftp (`xfer:use-temp-file`: each file is written as `.in.NAME` and
+    renamed when complete) uploads code.txt, then big.bin rate-limited, and is stopped (SIGSTOP)
+    inside big.bin's temp file for longer than the quiet period  3. the job restarts exactly
+    once, from the complete new files."""
+    job = site.write_job("continuous", "lftpjob", {"run.sh": REPORTER, "code.txt": "v1"})
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "code.txt").write_text("v2")
+    (build / "big.bin").write_bytes(b"l" * BIG)
+    key = JobKey(JobKind.CONTINUOUS, "lftpjob")
+    commands = "; ".join(
+        [
+            "set ftp:ssl-allow no",
+            "set xfer:use-temp-file yes",
+            "set net:limit-rate 0:2000000",  # download:upload, bytes/s
+            f"cd {JOBS}/continuous/lftpjob",
+            f"put {build / 'code.txt'}",
+            f"put {build / 'big.bin'}",
+            "bye",
+        ]
+    )
+    async with running_daemon(site, debounce_s=FTP_QUIET_S) as daemon:
+        await wait_for(lambda: start_lines(site, "lftpjob"), what="v1 running")
+        with ftp_server(site.root / "site" / "wwwroot") as port:
+            lftp = await asyncio.create_subprocess_exec(
+                *("lftp", "-u", f"{USER},{PASSWORD}", "-p", str(port), "-e", commands),
+                "127.0.0.1",
+                start_new_session=True,
+                env={**os.environ, "HOME": str(tmp_path)},  # no ~/.lftprc of the machine
+            )
+            try:
+                temp = job / ".in.big.bin"
+                await wait_for(
+                    lambda: temp.exists() and temp.stat().st_size > 0, what="lftp in big.bin"
+                )
+                os.killpg(lftp.pid, signal.SIGSTOP)
+                try:
+                    assert (job / "code.txt").read_text() == "v2"
+                    await asyncio.to_thread(
+                        stall_past_the_quiet_period, daemon, lambda: starts(site, "lftpjob") > 1
+                    )
+                finally:
+                    os.killpg(lftp.pid, signal.SIGCONT)
+                assert await asyncio.wait_for(lftp.wait(), 30) == 0
+            finally:
+                if lftp.returncode is None:
+                    lftp.kill()
+                    await lftp.wait()
+        await wait_for(lambda: len(start_lines(site, "lftpjob")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines(site, "lftpjob") == [
+        "start big= lib= code=v1",
+        f"start big={BIG} lib= code=v2",
+    ]
+    assert starts(site, "lftpjob") == 2

@@ -178,7 +178,7 @@ class _AncestorHandler(FileSystemEventHandler):
 
 def writing_job(jobs_root: Path, path: str) -> JobKey | None:
     """The job a file open for writing holds. An upload tool's temp name (rsync's
-    `.NAME.XXXXXX`, lftp's `.in.NAME.`) is noise for the content but not for completeness: a
+    `.NAME.XXXXXX`, lftp's `.in.NAME`) is noise for the content but not for completeness: a
     transfer stalled inside it is a transfer under way (see ignore.py)."""
     hint = hint_for_path(jobs_root, path)
     if isinstance(hint, JobKey):
