@@ -248,8 +248,10 @@ class DaemonProcess:
             self._log_handle.close()
 
     def stop(self, timeout: float = 30) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
+        if self.process is None:
+            return 0
+        if self.process.poll() is not None:
+            return self.wait()  # ended by itself: its log handle is closed all the same
         self.signal(signal.SIGTERM)
         return self.wait(timeout)
 

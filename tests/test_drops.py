@@ -9,11 +9,13 @@ import contextlib
 import ftplib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 import urllib.request
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -269,6 +271,7 @@ def commit(repo: Path, files: dict[str, str], message: str) -> None:
 
 
 GIT_JOB = "App_Data/jobs/continuous/gitjob/run.sh"
+GIT_SECOND = "App_Data/jobs/continuous/second/code.txt"
 GIT_OTHER = "App_Data/jobs/triggered/other/run.sh"
 
 
@@ -279,13 +282,15 @@ def git_job(version: str) -> str:
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site) -> None:
     """1. a daemon on an empty site creates nothing in wwwroot  2. `git clone REPO wwwroot`
-    succeeds and the job starts  3. a pull changing the job restarts it once with the new code
-    4. a pull that does not touch it restarts nothing  5. `rm -rf wwwroot` and a new clone: the
-    job is removed, then back."""
+    succeeds and the jobs start  3. a pull changing two jobs restarts each once with the new
+    code  4. a pull that does not touch them restarts nothing  5. `rm -rf wwwroot` and a new
+    clone: the job is removed, then back."""
     repo = site.root.parent / "repo"
     repo.mkdir()
     git("init", "-q", "-b", "main", cwd=repo)
-    commit(repo, {GIT_JOB: git_job("v1"), GIT_OTHER: "echo other 1\n"}, "first")
+    second_run = "App_Data/jobs/continuous/second/run.sh"
+    second = {second_run: 'echo "second $(cat code.txt)"\nexec sleep 600\n', GIT_SECOND: "v1"}
+    commit(repo, {GIT_JOB: git_job("v1"), GIT_OTHER: "echo other 1\n", **second}, "first")
     wwwroot = site.root / "site" / "wwwroot"
     key = JobKey(JobKind.CONTINUOUS, "gitjob")
     other = JobKey(JobKind.TRIGGERED, "other")
@@ -295,14 +300,18 @@ async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site
         assert not wwwroot.exists(), "the daemon created folders inside wwwroot"
         await asyncio.to_thread(git, "clone", "-q", str(repo), str(wwwroot), cwd=site.root)
         await wait_for(lambda: "gitjob v1" in site.job_log("gitjob"), timeout=20, what="v1")
+        await wait_for(lambda: "second v1" in site.job_log("second"), timeout=20, what="2nd")
         await settled(daemon, key)
         assert starts(site, "gitjob") == 1
 
-        commit(repo, {GIT_JOB: git_job("v2")}, "change the job")
+        commit(repo, {GIT_JOB: git_job("v2"), GIT_SECOND: "v2"}, "change both jobs")
         await asyncio.to_thread(git, "pull", "-q", "--ff-only", cwd=wwwroot)
         await wait_for(lambda: "gitjob v2" in site.job_log("gitjob"), timeout=20, what="v2")
+        await wait_for(lambda: "second v2" in site.job_log("second"), timeout=20, what="2nd v2")
         await settled(daemon, key)
+        await settled(daemon, JobKey(JobKind.CONTINUOUS, "second"))
         assert starts(site, "gitjob") == 2
+        assert starts(site, "second") == 2
 
         before = catalog.specs[other].fingerprint
         commit(repo, {GIT_OTHER: "echo other 2 changed\n", "README.md": "docs\n"}, "not the job")
@@ -310,6 +319,7 @@ async def test_git_clone_into_wwwroot_and_pulls_while_the_daemon_runs(site: Site
         await wait_for(lambda: catalog.specs[other].fingerprint != before, what="other changed")
         await settled(daemon, key)
         assert starts(site, "gitjob") == 2
+        assert starts(site, "second") == 2
 
         await asyncio.to_thread(shutil.rmtree, wwwroot)
         await wait_for(lambda: key not in catalog.specs, what="job removed with wwwroot")
@@ -386,3 +396,176 @@ def http_ready(port: int) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+SYNC_REPORTER = (
+    'echo "start big=$(wc -c < zbig.bin) code=$(cat code.txt) old=$(cat old.txt 2>/dev/null)"\n'
+    "exec sleep 600\n"
+)
+
+
+def rsync_temp_file(job: Path, name: str) -> bool:
+    """rsync is writing `name` under its temp name (`.NAME.XXXXXX`), some bytes in already."""
+    try:
+        return any(
+            entry.name.startswith(f".{name}.") and entry.stat().st_size > 0
+            for entry in job.iterdir()
+        )
+    except OSError:  # renamed between the listing and the stat
+        return False
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+async def test_rsync_delete_that_stalls_inside_a_temp_file_restarts_the_job_once(
+    site: Site,
+) -> None:
+    """1. a running job  2. `rsync -a --delete` from a folder where code.txt changed, old.txt is
+    gone and zbig.bin is new and big (last in rsync's order): rsync deletes old.txt, writes each
+    file under a temp name and renames it into place; it is stopped (SIGSTOP) inside zbig.bin's
+    temp file for longer than the quiet period, code.txt already renamed in  3. the job restarts
+    exactly once, from the complete new files."""
+    files = {"run.sh": SYNC_REPORTER, "code.txt": "v1", "old.txt": "old", "zbig.bin": "small"}
+    job = site.write_job("continuous", "synced", files)
+    source = site.root.parent / "source"
+    source.mkdir()
+    (source / "run.sh").write_text(SYNC_REPORTER)
+    (source / "run.sh").chmod(0o755)
+    # Another size: rsync's quick check skips a file of the same size and mtime second.
+    (source / "code.txt").write_text("v2-new")
+    (source / "zbig.bin").write_bytes(b"z" * BIG)
+    key = JobKey(JobKind.CONTINUOUS, "synced")
+    async with running_daemon(site, debounce_s=FTP_QUIET_S) as daemon:
+        await wait_for(lambda: start_lines_of(site, "synced"), what="v1 running")
+        # --bwlimit: slow enough (about 1.5 s for the big file) to be stopped inside it.
+        rsync = await asyncio.create_subprocess_exec(
+            *("rsync", "-a", "--delete", "--bwlimit=2000", f"{source}/", f"{job}/"),
+            start_new_session=True,
+        )
+        try:
+            await wait_for(lambda: rsync_temp_file(job, "zbig.bin"), what="rsync in zbig.bin")
+            os.killpg(rsync.pid, signal.SIGSTOP)
+            try:
+                assert (job / "code.txt").read_text() == "v2-new", "code.txt not renamed in"
+                await asyncio.to_thread(
+                    stall_past_the_quiet_period,
+                    daemon,
+                    lambda: starts(site, "synced") > 1,
+                )
+            finally:
+                os.killpg(rsync.pid, signal.SIGCONT)
+            assert await asyncio.wait_for(rsync.wait(), 30) == 0
+        finally:
+            if rsync.returncode is None:
+                rsync.kill()
+                await rsync.wait()
+        await wait_for(lambda: len(start_lines_of(site, "synced")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines_of(site, "synced") == [
+        "start big=5 code=v1 old=old",
+        f"start big={BIG} code=v2-new old=",
+    ]
+    assert starts(site, "synced") == 2
+
+
+def start_lines_of(site: Site, name: str) -> list[str]:
+    lines = site.job_log(name).splitlines()
+    return [line[line.index("start ") :] for line in lines if "] start " in line]
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="unzip is not installed")
+async def test_unzip_over_a_job_with_old_mtimes_runs_the_new_code_after_one_restart(
+    site: Site,
+) -> None:
+    """1. a running job  2. `unzip -o` over its folder of a zip whose entries are dated 2001
+    (older than every file of the job: the mtimes say nothing changed): a new code.txt, a new
+    lib.txt, a big big.bin  3. the job restarts exactly once and runs the new code."""
+    job = site.write_job("continuous", "unzipped", {"run.sh": REPORTER, "code.txt": "v1"})
+    archive = site.root.parent / "job.zip"
+    dated = (2001, 1, 1, 0, 0, 0)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as package:
+        for name, content in (
+            ("run.sh", REPORTER.encode()),
+            ("big.bin", b"u" * BIG),
+            ("code.txt", b"v2"),
+            ("lib.txt", b"lib-new"),
+        ):
+            entry = zipfile.ZipInfo(name, date_time=dated)
+            entry.external_attr = 0o100755 << 16
+            package.writestr(entry, content)
+    key = JobKey(JobKind.CONTINUOUS, "unzipped")
+    async with running_daemon(site) as daemon:
+        await wait_for(lambda: start_lines(site, "unzipped"), what="v1 running")
+        await asyncio.to_thread(
+            subprocess.run,
+            ["unzip", "-o", "-q", str(archive), "-d", str(job)],
+            check=True,
+        )
+        assert (job / "code.txt").stat().st_mtime < time.time() - 20 * 365 * 86400
+        await wait_for(lambda: len(start_lines(site, "unzipped")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines(site, "unzipped") == [
+        "start big= lib= code=v1",
+        f"start big={BIG} lib=lib-new code=v2",
+    ]
+    assert starts(site, "unzipped") == 2
+
+
+@pytest.mark.skipif(shutil.which("lftp") is None, reason="lftp is not installed")
+async def test_lftp_upload_under_temp_names_that_stalls_restarts_the_job_once(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. a running job  2. lftp (`xfer:use-temp-file`: each file is written as `.in.NAME` and
+    renamed when complete) uploads code.txt, then big.bin rate-limited, and is stopped (SIGSTOP)
+    inside big.bin's temp file for longer than the quiet period  3. the job restarts exactly
+    once, from the complete new files."""
+    job = site.write_job("continuous", "lftpjob", {"run.sh": REPORTER, "code.txt": "v1"})
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "code.txt").write_text("v2")
+    (build / "big.bin").write_bytes(b"l" * BIG)
+    key = JobKey(JobKind.CONTINUOUS, "lftpjob")
+    commands = "; ".join(
+        [
+            "set ftp:ssl-allow no",
+            "set xfer:use-temp-file yes",
+            "set net:limit-rate 0:2000000",  # download:upload, bytes/s
+            f"cd {JOBS}/continuous/lftpjob",
+            f"put {build / 'code.txt'}",
+            f"put {build / 'big.bin'}",
+            "bye",
+        ]
+    )
+    async with running_daemon(site, debounce_s=FTP_QUIET_S) as daemon:
+        await wait_for(lambda: start_lines(site, "lftpjob"), what="v1 running")
+        with ftp_server(site.root / "site" / "wwwroot") as port:
+            lftp = await asyncio.create_subprocess_exec(
+                *("lftp", "-u", f"{USER},{PASSWORD}", "-p", str(port), "-e", commands),
+                "127.0.0.1",
+                start_new_session=True,
+                env={**os.environ, "HOME": str(tmp_path)},  # no ~/.lftprc of the machine
+            )
+            try:
+                temp = job / ".in.big.bin"
+                await wait_for(
+                    lambda: temp.exists() and temp.stat().st_size > 0, what="lftp in big.bin"
+                )
+                os.killpg(lftp.pid, signal.SIGSTOP)
+                try:
+                    assert (job / "code.txt").read_text() == "v2"
+                    await asyncio.to_thread(
+                        stall_past_the_quiet_period, daemon, lambda: starts(site, "lftpjob") > 1
+                    )
+                finally:
+                    os.killpg(lftp.pid, signal.SIGCONT)
+                assert await asyncio.wait_for(lftp.wait(), 30) == 0
+            finally:
+                if lftp.returncode is None:
+                    lftp.kill()
+                    await lftp.wait()
+        await wait_for(lambda: len(start_lines(site, "lftpjob")) == 2, what="restart")
+        await settled(daemon, key)
+    assert start_lines(site, "lftpjob") == [
+        "start big= lib= code=v1",
+        f"start big={BIG} lib= code=v2",
+    ]
+    assert starts(site, "lftpjob") == 2

@@ -46,6 +46,7 @@ from webjobsd.logs import configure_logging
 from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
+from webjobsd.records.lockprobe import is_locked_by_other
 from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunRecord, RunStore
 from webjobsd.records.status import read_status_file, write_continuous_status
@@ -370,6 +371,10 @@ class Daemon:
             debouncer=Debouncer(config.debounce_s, config.debounce_cap_s),
             rescan_s=config.rescan_s,
             on_changed=lambda _keys: self.wake(),
+            # Job changes wait while any daemon of the site deploys (KUDU-DEPLOY.md Part A #4).
+            deployment_in_progress=functools.partial(
+                is_locked_by_other, layout.deployments_lock_path
+            ),
         )
         # Before the API listens (no deploy runs yet) and before the first scan (a job folder
         # a killed deploy had moved aside is back in place for it).
@@ -441,6 +446,7 @@ class Daemon:
             schedules=lambda: self.scheduler.schedules if self.scheduler else {},
             deployment_store=self.deployment_store,
             deployments=self.deployments,
+            readiness_notes=self.readiness_notes,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -552,6 +558,11 @@ class Daemon:
             and scheduler is not None
             and recent(scheduler.last_pass_monotonic, 2 * SCHEDULER_MAX_SLEEP_S + 5),
         }
+
+    def readiness_notes(self) -> list[str]:
+        """What /readyz says beside its checks: a deployment holding job changes is no fault."""
+        note = self.discovery.hold_note() if self.discovery is not None else None
+        return [note] if note else []
 
     def _file_changed(self, path: Path) -> None:
         """A file written through /api/vfs or /api/zip: a hint, like a watcher event."""

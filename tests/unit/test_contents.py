@@ -51,7 +51,8 @@ def scan(root: Path, cache: HashCache | None = None) -> str:
     [
         ".run.sh.aB3xY9",  # rsync
         ".big.bin.000000",
-        ".in.run.sh.",  # lftp, proftpd
+        ".in.run.sh.",  # proftpd
+        ".in.run.sh",  # lftp 4.9
         ".pureftpd-upload.5f3a.1.ab",
         "bundle.zip.filepart",  # WinSCP
         "data.part",

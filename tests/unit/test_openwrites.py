@@ -85,3 +85,19 @@ def test_vim_swap_files_never_hold_and_the_cap_releases_a_stale_mark() -> None:
     writes.event("modified", f"{J}/data.bin", "", is_directory=False, now=0.0)
     assert writes.open_paths(59.0) == {f"{J}/data.bin": 0.0}
     assert writes.open_paths(60.0) == {}
+
+
+def test_an_upload_temp_name_open_for_writing_holds_its_job_other_noise_does_not() -> None:
+    from pathlib import Path
+
+    from webjobsd.discovery.watcher import writing_job
+    from webjobsd.model import JobKey, JobKind
+
+    root = Path("/jobs")
+    app = JobKey(JobKind.CONTINUOUS, "app")
+    assert writing_job(root, f"{J}/big.bin") == app
+    assert writing_job(root, f"{J}/.big.bin.Ab12Cd") == app  # rsync
+    assert writing_job(root, f"{J}/lib/.in.data.bin.") == app  # lftp, proftpd
+    assert writing_job(root, f"{J}/cache.tmp") is None
+    assert writing_job(root, f"{J}/.git/.pack.Ab12Cd") is None
+    assert writing_job(root, "/elsewhere/continuous/app/.big.bin.Ab12Cd") is None

@@ -14,7 +14,8 @@ Decisions:
   [A-Za-z0-9] (mkstemp's alphabet). The pattern is that exact shape, so `.env`, `.config` or
   `.npmrc` are job files; the price is that a hidden job file of that very shape (`.x.backup`)
   is taken for an rsync temp file and ignored.
-* lftp's `xfer:use-temp-file` and proftpd's `HiddenStores` both write `.in.NAME.`; pure-ftpd
+* lftp's `xfer:use-temp-file` writes `.in.NAME` (its `xfer:temp-file-name` is `.in.*` as of 4.9;
+  older docs say `.in.*.`), proftpd's `HiddenStores` `.in.NAME.`: one pattern, `.in.*`; pure-ftpd
   writes `.pureftpd-upload.*`; WinSCP `NAME.filepart`; browsers `*.part`, `*.partial`,
   `*.crdownload`. vsftpd, curl and scp write the real name in place: nothing to match, the quiet
   period is what protects those.
@@ -35,7 +36,7 @@ _UPLOAD_TEMP_PATTERNS = (
     "*.partial",
     "*.filepart",  # WinSCP
     "*.crdownload",
-    ".in.*.",  # lftp (xfer:use-temp-file), proftpd (HiddenStores)
+    ".in.*",  # lftp (xfer:use-temp-file, `.in.NAME`), proftpd (HiddenStores, `.in.NAME.`)
     ".pureftpd-upload.*",
 )
 _UPLOAD_TEMP_REGEXES = (

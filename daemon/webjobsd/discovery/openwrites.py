@@ -20,7 +20,9 @@ Decisions:
   even when nothing was written, so a close without write is never the creator's; it ends the
   mark only when no open is left (the "creator" was a reader after all: a hard link, `ln`, read
   at once).
-* vim's swap files stay open for a whole editing session; they never hold a job.
+* vim's swap files stay open for a whole editing session; they never hold a job. Other noise
+  (ignore.py) holds none either, except upload temp names (rsync's `.NAME.XXXXXX`, lftp's
+  `.in.NAME`): a transfer stalled inside one is under way (the watcher maps those to their job).
 * The safety cap `OPEN_WRITE_CAP_S` (15 minutes): a file open longer than that is taken as it
   is, with a warning naming it. It covers the close events inotify can lose (queue overflow, a
   watch re-made) and a writer that holds a file open for good. FTP servers drop an idle data

@@ -13,6 +13,31 @@ at on the next turn without a quiet period, unless something in it is open for w
 or /proc says so, or /proc cannot tell: see openwrites.py). At start no event has said anything:
 /proc tells which jobs a process is still writing into (an upload under way across a restart).
 
+Deployment in progress (KUDU-DEPLOY.md Part A #4): while the site's deployment lock is held, by
+this daemon or any other sharing the site, no change the watcher or a rescan found is settled:
+added, changed and removed jobs all wait (their keys are *held*), running processes keep running,
+and a job that exits restarts from its last settled copy (runtime/workcopy.py). When the lock is
+released, one pass acts on everything held, and on everything still pending in the debouncer,
+at once and without a quiet period (the deployment's end says its files are complete): each
+changed continuous job restarts exactly once, an unchanged one keeps its process, a removed one
+stops. A file still open for writing holds its job even then (a transfer beside the deployment).
+Not held: intents (`refresh(settle=False)`, the API wrote the folder itself), and the start-up
+scan (there is no settled copy to keep running, and deployments swap job folders in whole).
+Decisions:
+* The lock is probed (`deployment_in_progress`, records/lockprobe.py: a shared flock on its own
+  read-only open, dropped at once) only when a pass has something to decide, never on a timer
+  per job; while it holds, again every `HOLD_RECHECK_S`, in a thread (a lock on a hung share
+  shows as a stuck stage, not a stuck loop). The prober cannot import `deploy` (the layers), and
+  needs no more than the file.
+* Readiness stays true during a deployment (it is no fault); `hold_note()` says "deployment in
+  progress, N job changes held" for /readyz, and the log says it once per deployment, and once
+  more when the held changes are applied.
+
+The watcher's threads are checked every `WATCHER_CHECK_S` and before each pass: one that died
+(see watcher.py) is logged as an error naming it, and the observer is replaced; files that a
+process holds open for writing then are found through /proc, as at start (the marks went with the
+old observer).
+
 Stuck scans: the pass records what it is doing (`stage`) and since when; `stuck_stage()` names
 it once it has run longer than `stuck_after_s`, and readiness turns false on that. Every read is
 non-blocking by design (see jobsettings.py), so this is the alarm for what design missed (a hung
@@ -31,13 +56,18 @@ import structlog
 
 from webjobsd.discovery.catalog import Catalog, Observation, RefreshResult
 from webjobsd.discovery.openwrites import files_written_under, writers_under
-from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher
+from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher, stop_observer
 from webjobsd.model import JobKey
 
 log = structlog.get_logger("webjobsd.discovery")
 
 # A pass over 1000 jobs reads their folders in a few seconds; one that takes a minute is stuck.
 STUCK_AFTER_S = 60.0
+# While a deployment holds job changes, the lock is probed again this often: the jobs follow its
+# end within this, and a probe costs microseconds.
+HOLD_RECHECK_S = 0.15
+# How often watchdog's threads are checked when nothing else wakes discovery.
+WATCHER_CHECK_S = 2.0
 
 
 def _under(path: str, folder: Path) -> bool:
@@ -54,7 +84,9 @@ class DiscoveryService:
         on_changed: Callable[[set[JobKey]], None],
         clock: Callable[[], float] = time.monotonic,
         stuck_after_s: float = STUCK_AFTER_S,
+        deployment_in_progress: Callable[[], bool] | None = None,
     ) -> None:
+        """`deployment_in_progress`: whether the site's deployment lock is held (blocking)."""
         self.catalog = catalog
         self.debouncer = debouncer
         self.rescan_s = rescan_s
@@ -73,6 +105,16 @@ class DiscoveryService:
         self.stage = ""
         self._stage_since: float | None = None
         self._stuck_reported = False
+        self._deployment_in_progress = deployment_in_progress
+        # Hints that came due while a deployment held them (None: everything), and, while it
+        # holds, when to probe the lock again and since when it has held.
+        self._held: set[Hint] = set()
+        self._recheck_at: float | None = None
+        self._held_since: float | None = None
+        self._probe_failures: set[int | None] = set()
+        # The observer whose dead thread was last reported, and failed tries to replace it.
+        self._dead_reported: object | None = None
+        self._replace_failures = 0
 
     def hint(self, hint: Hint) -> None:
         """Called on the loop for every relevant file event (or by intents)."""
@@ -83,6 +125,22 @@ class DiscoveryService:
         """A job folder was renamed into place in whole: complete, no quiet period needed."""
         self._arrived.add(key)
         self._wake.set()
+
+    @property
+    def holding(self) -> bool:
+        """A deployment holds job changes (as of the last probe)."""
+        return self._held_since is not None
+
+    def _held_jobs(self) -> set[JobKey]:
+        return {hint for hint in self._held | self._arrived if hint is not None}
+
+    def hold_note(self) -> str | None:
+        """What readiness says while a deployment holds job changes."""
+        if not self.holding:
+            return None
+        count = len(self._held_jobs())
+        rescan = ", and a rescan" if None in self._held else ""
+        return f"deployment in progress, {count} job change{'s' * (count != 1)} held{rescan}"
 
     def _writing(self, *, written_only: bool = False) -> set[JobKey]:
         if self.watcher is None:
@@ -117,14 +175,19 @@ class DiscoveryService:
         are open for writing (an upload that was under way when the daemon stopped): /proc
         does, and those jobs are held like arrivals with a writer."""
         targets = self.catalog.targets(None)
+        self._suspects = self._written_by_processes(targets)
+        observations = self.catalog.observe(targets)
+        return self._after(self.catalog.apply(observations, writing=self._suspects), full=True)
+
+    def _written_by_processes(self, targets: Collection[JobKey]) -> set[JobKey]:
+        """Blocking (/proc): the jobs some process holds a file of open for writing, when no
+        event can tell (at start, after the watcher was replaced)."""
         written = files_written_under(self.catalog.jobs_root) or set()
-        self._suspects = {
+        return {
             key
             for key in targets
             if any(_under(path, self.catalog.job_dir(key)) for path in written)
         }
-        observations = self.catalog.observe(targets)
-        return self._after(self.catalog.apply(observations, writing=self._suspects), full=True)
 
     async def refresh(
         self,
@@ -133,8 +196,11 @@ class DiscoveryService:
         confirm: bool = False,
         settle: bool = True,
         arrived: bool = False,
+        released: bool = False,
     ) -> RefreshResult:
-        """`arrived`: folders renamed in whole, with no writer /proc could see (openwrites.py)."""
+        """`arrived`: folders renamed in whole, with no writer /proc could see (openwrites.py).
+        `released` (with `settle=False`): held while a deployment ran, looked at as it ended;
+        files open for writing still hold their jobs."""
         written_only = arrived
         writing_before = self._writing(written_only=written_only)
         targets = self.catalog.targets(keys)
@@ -144,7 +210,7 @@ class DiscoveryService:
         )
         self._suspects -= suspects - still_written
         writing = writing_before | self._writing(written_only=written_only) | still_written
-        if not settle and not arrived:
+        if not settle and not arrived and not released:
             # An intent: the daemon itself wrote the folder whole and closed every file. Marks
             # of its own writes may still be on their way from the watcher's thread (the close
             # events lag the writes); they must not hold the folder it just completed.
@@ -189,7 +255,10 @@ class DiscoveryService:
 
     def _timeout(self) -> float:
         now = self._clock()
-        deadline = self._next_rescan
+        if self._recheck_at is not None:
+            # Held: nothing is decided before the next probe (an overdue rescan included).
+            return max(min(self._recheck_at, now + WATCHER_CHECK_S) - now, 0.0)
+        deadline = min(self._next_rescan, now + WATCHER_CHECK_S)
         due = self.debouncer.next_due()
         if due is not None:
             deadline = min(deadline, due)
@@ -205,6 +274,7 @@ class DiscoveryService:
             self._stage_since = self._clock()
             self.stage = "starting a pass"
             try:
+                await self._check_watcher()
                 await self._pass()
             except Exception:
                 # A scan that trips over one odd folder must not end discovery for all jobs.
@@ -213,8 +283,121 @@ class DiscoveryService:
                 self._stage_since = None
                 self._stuck_reported = False
 
+    async def _check_watcher(self) -> None:
+        """Replace the observer when one of its threads died (see watcher.py)."""
+        watcher = self.watcher
+        dead = watcher.dead_threads() if watcher is not None else []
+        if watcher is None or not dead:
+            return
+        if self._dead_reported is not watcher.observer:
+            # Once per dead observer: a replacement that fails is tried again at every check.
+            self._dead_reported = watcher.observer
+            log.error(
+                "file watcher thread died; replacing the watcher (a full rescan follows)",
+                threads=dead,
+                restarts=watcher.restarts + 1,
+            )
+        try:
+            old = watcher.replace_observer()
+        except OSError as error:
+            if self._replace_failures == 0:
+                log.error("cannot replace the file watcher; retrying", error=str(error))
+            self._replace_failures += 1
+            return
+        if self._replace_failures:
+            log.info("file watcher replaced", failed_tries=self._replace_failures)
+        self._replace_failures = 0
+        self.stage = "stopping the old file watcher"
+        if old is not None:
+            await asyncio.to_thread(stop_observer, old)
+        # Open-for-write marks went with the old observer: /proc says who writes now.
+        self.stage = "looking for writers after the watcher was replaced"
+        targets = self.catalog.targets(None)
+        self._suspects |= await asyncio.to_thread(self._written_by_processes, targets)
+
+    async def _held_by_deployment(self, due: set[Hint], now: float) -> bool:
+        """Whether a deployment holds this pass's decisions; if so, `due` is kept for its end."""
+        if self._deployment_in_progress is None:
+            return False
+        if self._recheck_at is None or now >= self._recheck_at:
+            self.stage = "probing the deployment lock"
+            held = await asyncio.to_thread(self._probe_deployment)
+            self._recheck_at = self._clock() + HOLD_RECHECK_S if held else None
+        if self._recheck_at is None:
+            return False
+        self._held |= due
+        self.last_pass_monotonic = now
+        if self._held_since is None:
+            self._held_since = now
+            held_jobs = self._held_jobs()
+            log.info(
+                "deployment in progress, job changes held until it ends",
+                held=len(held_jobs),
+                jobs=sorted(str(key) for key in held_jobs),
+            )
+        return True
+
+    def _probe_deployment(self) -> bool:
+        """In a thread. A probe that fails (out of file descriptors, a lock file we may not
+        read) cannot tell: discovery goes on as without a deployment rather than wait for
+        ever, and says so once per kind of failure."""
+        assert self._deployment_in_progress is not None
+        try:
+            return self._deployment_in_progress()
+        except OSError as error:
+            if error.errno not in self._probe_failures:
+                self._probe_failures.add(error.errno)
+                log.warning(
+                    "cannot tell whether a deployment is in progress; job changes not held",
+                    error=str(error),
+                )
+            return False
+
+    async def _release(self, due: set[Hint], now: float) -> None:
+        """The deployment ended: everything held or pending is looked at at once."""
+        held = self._held | due | self.debouncer.pop_all()
+        self._held = set()
+        if self._held_since is not None:
+            held_jobs = {hint for hint in held | self._arrived if hint is not None}
+            log.info(
+                "deployment ended, held job changes applied",
+                held=len(held_jobs),
+                jobs=sorted(str(key) for key in held_jobs),
+                held_s=round(now - self._held_since, 3),
+            )
+            self._held_since = None
+        try:
+            # Folders renamed in whole go their own way (/proc is asked about writers first).
+            await self._arrivals(now)
+            if None in held:
+                self._next_rescan = now + self.rescan_s
+                await self.refresh(None, settle=False, released=True)
+            elif held:
+                keys = {hint for hint in held if hint is not None}
+                await self.refresh(keys, settle=False, released=True)
+        except BaseException:
+            # A pass that fails must not lose what it held: looked at again after a quiet period.
+            for hint in held:
+                self.debouncer.touch(hint, now)
+            raise
+
     async def _pass(self) -> None:
         now = self._clock()
+        due = self.debouncer.pop_due(now)
+        deciding = bool(due or self._arrived or self._held) or now >= self._next_rescan
+        if not deciding:
+            self.last_pass_monotonic = now
+            return
+        if await self._held_by_deployment(due, now):
+            return
+        if self._held or self._held_since is not None:
+            await self._release(due, now)
+            due = set()
+        else:
+            await self._arrivals(now)
+        await self._decide(due, now)
+
+    async def _arrivals(self, now: float) -> None:
         if self._arrived:
             arrived, self._arrived = self._arrived, set()
             candidates = arrived - self._writing(written_only=True)
@@ -227,7 +410,8 @@ class DiscoveryService:
                 self.debouncer.touch(key, now)
             if complete:
                 await self.refresh(complete, settle=False, arrived=True)
-        due = self.debouncer.pop_due(now)
+
+    async def _decide(self, due: set[Hint], now: float) -> None:
         if None in due:
             # Events on the jobs root or a kind folder: look at everything, events announced it.
             self._next_rescan = now + self.rescan_s

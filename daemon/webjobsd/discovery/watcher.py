@@ -14,8 +14,10 @@ found by a scan). A root removed and made again (`rm -rf wwwroot && git clone`) 
 
 Open for writing: the watcher feeds `OpenWrites` (see openwrites.py) and publishes the jobs that
 have a file open for writing; the discovery service hands them to the catalog, which never settles
-such a job. A job folder renamed into place in whole (a deployment's staging folder, `mv`) is an
-*arrival*: complete at once, it needs no quiet period. The observer reports unmatched moves as
+such a job. An upload tool's temp file counts for its job though its events are noise
+(`writing_job`): rsync stalled inside `.big.bin.Xy12Ab` is a transfer under way. A job folder
+renamed into place in whole (a deployment's staging folder, `mv`) is an *arrival*: complete at
+once, it needs no quiet period. The observer reports unmatched moves as
 moves (`generate_full_events`), so a folder moved in from outside the watch is told apart from a
 folder made with mkdir and then filled.
 
@@ -27,6 +29,17 @@ watchdog adding watches inside a folder moved into a recursive watch, which it n
 sub-folder moved into a job). An inotify queue overflow is silent: the periodic rescan is what
 makes that case correct; the watches only make things fast.
 
+Dead threads: watchdog runs the watch on threads of its own (the observer that dispatches, the
+inotify reader, one emitter per watch), and an exception in any of them ends that thread silently
+while the observer itself may still be alive: events stop, and only the periodic rescan would
+still see changes. `dead_threads()` names the threads that ended without being asked to (an
+emitter whose watched folder was deleted stops itself, asked: that is no death); `is_alive()`, and
+so readiness, is false while there are any. `replace_observer()` builds a new observer and makes
+the watches again; the discovery service checks every few seconds and calls it (logging an
+error that names the dead threads), and the new watch asks for a full rescan, since what
+happened meanwhile is known to no event. The old observer is stopped by the caller, in a thread
+(joining watchdog's threads blocks).
+
 `Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
 `cap_s` has passed since its first event even if writes never stop.
 """
@@ -36,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +61,11 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-from webjobsd.discovery.ignore import is_ignored_relative_path
+from webjobsd.discovery.ignore import (
+    IGNORED_DIRECTORIES,
+    is_ignored_relative_path,
+    is_upload_temp_name,
+)
 from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites
 from webjobsd.model import JobKey, JobKind
 
@@ -84,6 +102,12 @@ class Debouncer:
 
     def _due_at(self, entry: _Pending) -> float:
         return min(entry.last + self.quiet_s, entry.first + self.cap_s)
+
+    def pop_all(self) -> set[Hint]:
+        """Every pending hint, due or not (a deployment ended: everything is looked at now)."""
+        pending = set(self._pending)
+        self._pending.clear()
+        return pending
 
     def pop_due(self, now: float) -> set[Hint]:
         due = {hint for hint, entry in self._pending.items() if self._due_at(entry) <= now}
@@ -125,8 +149,13 @@ class _Handler(FileSystemEventHandler):
     def __init__(self, deliver: Callable[[str, str, str, bool], None]) -> None:
         self._deliver = deliver
         self._creator_opens = CreatorOpens()
+        # Set when its observer was replaced: the old threads still running until it is
+        # stopped must not feed marks of a watch that is gone.
+        self.retired = False
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if self.retired:
+            return
         src = os.fsdecode(event.src_path)
         kind = event.event_type
         now = time.monotonic()
@@ -145,6 +174,26 @@ class _AncestorHandler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in ("opened", "closed_no_write", "closed"):
             self._changed()
+
+
+def writing_job(jobs_root: Path, path: str) -> JobKey | None:
+    """The job a file open for writing holds. An upload tool's temp name (rsync's
+    `.NAME.XXXXXX`, lftp's `.in.NAME`) is noise for the content but not for completeness: a
+    transfer stalled inside it is a transfer under way (see ignore.py)."""
+    hint = hint_for_path(jobs_root, path)
+    if isinstance(hint, JobKey):
+        return hint
+    if hint is None:
+        return None
+    parts = Path(os.path.relpath(path, jobs_root)).parts
+    if len(parts) < 3 or not is_upload_temp_name(parts[-1]):
+        return None
+    if any(part in IGNORED_DIRECTORIES for part in parts[2:-1]):
+        return None  # inside .git and the like: never job content, complete or not
+    try:
+        return JobKey(JobKind(parts[0]), parts[1])
+    except ValueError:
+        return None
 
 
 def _arrived_job(jobs_root: Path, dest: str) -> JobKey | None:
@@ -183,6 +232,9 @@ class JobsWatcher:
         self._ancestor: tuple[tuple[Path, int], ObservedWatch] | None = None
         self._writes = OpenWrites()
         self.events_seen = 0
+        # Observers made to replace one whose thread died (see the module docstring).
+        self.restarts = 0
+        self._stopped = False
 
     def _from_thread(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
         # Runs on watchdog's thread: hand over, nothing else.
@@ -224,19 +276,42 @@ class JobsWatcher:
         """Jobs with a file open for writing now (see openwrites.py)."""
         jobs: set[JobKey] = set()
         for path in self._writes.open_paths(time.monotonic(), written_only=written_only):
-            hint = hint_for_path(self._jobs_root, path)
-            if isinstance(hint, JobKey):
-                jobs.add(hint)
+            job = writing_job(self._jobs_root, path)
+            if job is not None:
+                jobs.add(job)
         return jobs
 
     def start(self) -> None:
-        # Full events: an unmatched move is a move, not a create (see the module docstring).
-        observer = InotifyObserver(generate_full_events=True)
-        observer.daemon = True
-        self._observer = observer
-        observer.start()
+        self._observer = _new_observer()
         # Start-up scans everything right after this: no rescan to ask for.
         self.sync(announce=False)
+
+    def replace_observer(self) -> BaseObserver | None:
+        """A new observer with the watches made again, asking for a full rescan (what happened
+        while the old one was deaf is known to no event). Returns the old observer: the caller
+        stops it in a thread (`stop_observer`). Raises OSError when no new one can be made (out
+        of inotify instances): the old one is kept, to be replaced at the next try."""
+        if self._stopped:
+            return None
+        new = _new_observer()
+        old, self._observer = self._observer, new
+        # The old watches and their open-for-write marks went with the old observer; a fresh
+        # handler forgets the creates it saw (their opens will come, if at all, to the new one).
+        self._watch = None
+        self._ancestor = None
+        self._writes.clear()
+        self._handler.retired = True
+        self._handler = _Handler(self._from_thread)
+        self.restarts += 1
+        self.sync(announce=True)
+        return old
+
+    def dead_threads(self) -> list[str]:
+        """watchdog's threads of the current observer that ended without being asked to."""
+        observer = self._observer
+        if observer is None or self._stopped:
+            return []
+        return [_describe(thread) for thread in _threads_of(observer) if _died(thread)]
 
     def sync(self, *, announce: bool = True) -> None:
         """Keep the one watch on the jobs root, re-made if the root was replaced; while the root
@@ -306,13 +381,60 @@ class JobsWatcher:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(entry[1])
 
+    @property
+    def observer(self) -> BaseObserver | None:
+        """The observer now in use (replaced when a thread of it died)."""
+        return self._observer
+
     def is_alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """The observer and every thread of it running: events are arriving."""
+        observer = self._observer
+        return observer is not None and observer.is_alive() and not self.dead_threads()
 
     def stop(self) -> None:
-        observer = self._observer
-        if observer is None:
-            return
-        self._observer = None
+        self._stopped = True
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            stop_observer(observer)
+
+
+def _new_observer() -> BaseObserver:
+    # Full events: an unmatched move is a move, not a create (see the module docstring).
+    observer = InotifyObserver(generate_full_events=True)
+    observer.daemon = True
+    observer.start()
+    return observer
+
+
+def stop_observer(observer: BaseObserver) -> None:
+    """Stop an observer and wait (bounded) for its threads. Blocking: call it in a thread. A
+    dead thread of it may leave watchdog's bookkeeping half done: errors are logged, not raised."""
+    try:
         observer.stop()
         observer.join(timeout=5)
+    except Exception as error:
+        log.warning("stopping the old file watcher failed", error=repr(error))
+
+
+def _threads_of(observer: BaseObserver) -> list[threading.Thread]:
+    threads: list[threading.Thread] = [observer, *list(observer.emitters)]
+    # The inotify reader (watchdog 5+ gives each InotifyObserver its own): no public name for
+    # it, and it dies like the others (an exception while it hands an event over).
+    reader = getattr(observer, "_inotify_fd", None)
+    if isinstance(reader, threading.Thread):
+        threads.append(reader)
+    return threads
+
+
+def _died(thread: threading.Thread) -> bool:
+    """Started, ended, and not asked to stop (watchdog's threads say whether they were)."""
+    if thread.ident is None or thread.is_alive():
+        return False
+    should_keep_running = getattr(thread, "should_keep_running", None)
+    return bool(should_keep_running()) if callable(should_keep_running) else True
+
+
+def _describe(thread: threading.Thread) -> str:
+    watch = getattr(thread, "watch", None)
+    where = f" watching {watch.path}" if isinstance(watch, ObservedWatch) else ""
+    return f"{type(thread).__name__} {thread.name}{where}"

@@ -52,6 +52,8 @@ class ApiContext:
     deployment_store: DeploymentStore | None = None
     # Starts site deployments (`deploy.pipeline`): zipdeploy, OneDeploy, git push.
     deployments: Deployments | None = None
+    # What /readyz says beside its checks ("deployment in progress, 3 job changes held").
+    readiness_notes: Callable[[], list[str]] | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)

@@ -38,14 +38,17 @@ async def healthz(_request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Readiness: the watcher, the reconciler and the scheduler are alive and recent."""
-    readiness = request.app[CONTEXT].readiness
-    checks = readiness() if readiness is not None else {}
+    """Readiness: the watcher, the reconciler and the scheduler are alive and recent; `notes`
+    say what is going on without being a fault (a deployment holding job changes)."""
+    ctx = request.app[CONTEXT]
+    checks = ctx.readiness() if ctx.readiness is not None else {}
+    notes = ctx.readiness_notes() if ctx.readiness_notes is not None else []
+    extra: dict[str, object] = {"notes": notes} if notes else {}
     if all(checks.values()):
-        return web.json_response({"ready": True, "checks": checks})
+        return web.json_response({"ready": True, "checks": checks, **extra})
     failing = sorted(name for name, ok in checks.items() if not ok)
     return web.json_response(
-        {"ready": False, "checks": checks, "message": f"not ready: {', '.join(failing)}"},
+        {"ready": False, "checks": checks, "message": f"not ready: {', '.join(failing)}", **extra},
         status=503,
     )
 

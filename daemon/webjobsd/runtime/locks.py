@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from webjobsd.records import safeopen
+from webjobsd.records import lockprobe, safeopen
 
 # How often to retry when the file was replaced between our open and our flock. Each retry
 # needs someone to unlink the file again in that window, so more than a couple means churn.
@@ -177,21 +177,9 @@ class FileLock:
         The probe takes and drops a shared lock on a separate read-only open. While it holds it
         (microseconds), a concurrent `try_acquire` elsewhere fails: acquirers must treat a
         failure as "try later", never as proof of a live owner. A missing file is not locked and
-        is not created.
+        is not created. The probe is `records.lockprobe`'s, which discovery asks too.
         """
-        try:
-            fd = safeopen.open_file(Path(path), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError, safeopen.UnsafeFileError):
-            return False  # a link or a FIFO is no lock anyone holds
-        try:
-            # LOCK_SH works on a read-only open everywhere (NFS emulates LOCK_EX with a write
-            # lock, which would need a writable open) and conflicts only with an exclusive holder.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lockprobe.is_locked_by_other(path)
 
 
 def _encode(owner_info: Mapping[str, Any]) -> bytes:
