@@ -151,6 +151,10 @@ class Outcome:
                     found.append(message[len(prefix) :])
         return found
 
+    def requests(self) -> list[str]:
+        """The URL of every request the library sent ("[METHOD] URL" in its debug output)."""
+        return [text.split("] ", 1)[1] for text in self.debug("[") if "] " in text]
+
     def polls(self) -> list[dict[str, Any]]:
         """Each answer to a poll of the Location URL: {statusCode, body, ...}."""
         return [json.loads(text) for text in self.debug("POLL URL RESULT: ")]
@@ -204,7 +208,11 @@ async def library(scm: Scm, *args: str, timeout: float = 120) -> Outcome:
     assert lines and lines[-1].startswith("{"), (stdout + stderr).decode(errors="replace")
     result = json.loads(lines[-1])
     assert (process.returncode == 0) == result["ok"], result
-    return Outcome(result, lines[:-1], process.returncode or 0)
+    outcome = Outcome(result, lines[:-1], process.returncode or 0)
+    # The library talks to the SCM URL it was given and to nothing else.
+    assert outcome.requests(), outcome.lines
+    assert all(url.startswith(scm.url + "/") for url in outcome.requests()), outcome.requests()
+    return outcome
 
 
 async def running(scm: Scm, *names: str) -> dict[str, int]:
