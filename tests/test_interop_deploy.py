@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 
 from tests.helpers import Site, leaders, running_daemon, wait_for
-from tests.test_api_jobs import CREDENTIALS, basic
+from tests.test_api_jobs import basic
 from tests.test_tls import client_context, install, make_certificate
 from webjobsd.app import Daemon
 
@@ -45,6 +45,9 @@ JOBS = "App_Data/jobs/continuous"
 BUILT = (2026, 1, 1, 12, 0, 0)
 REBUILT = (2026, 1, 2, 12, 0, 0)
 SCRIPT = 'echo "start $(cat version.txt)"\nwhile true; do sleep 0.2; done\n'
+# A publish profile's user name is `$APP` (the action drops the first character and compares the
+# rest with its `app-name` input), sent as it is in Basic authentication.
+CREDENTIALS = {"WEBJOBSD_USERNAME": "$interop", "WEBJOBSD_PASSWORD": "publish-profile-pwd"}
 # What the action's environment holds (the library puts them in the record's message).
 ACTION_ENV = {
     "GITHUB_SHA": "0123456789abcdef0123456789abcdef01234567",
@@ -283,7 +286,8 @@ async def test_a_second_zipdeploy_restarts_only_the_changed_job(site: Site, tmp_
         await wait_for(lambda: all(start_lines(site, job) for job in jobs), what="first starts")
 
         outcome = await library(scm, "zipdeploy", str(second))
-        assert_library_succeeded(outcome, scm, "GITHUB_ZIP_DEPLOY")
+        record = assert_library_succeeded(outcome, scm, "GITHUB_ZIP_DEPLOY")
+        assert (record["changed_jobs"], record["removed_jobs"]) == (["continuous/beta"], [])
         await wait_for(lambda: starts(site, "beta") == 2, timeout=30, what="beta restarted")
         after = await running(scm, *jobs)
         await wait_for(lambda: len(start_lines(site, "beta")) == 2, what="beta's new start line")
@@ -311,7 +315,8 @@ async def test_a_clean_onedeploy_removes_the_job_that_is_not_in_the_zip(
         before = await running(scm, *jobs)
 
         outcome = await library(scm, "onedeploy", str(without_gamma), "zip", "true")
-        assert_library_succeeded(outcome, scm, "GITHUB_ONE_DEPLOY")
+        record = assert_library_succeeded(outcome, scm, "GITHUB_ONE_DEPLOY")
+        assert (record["changed_jobs"], record["removed_jobs"]) == ([], ["continuous/gamma"])
         await wait_for(lambda: not leaders(site, "gamma"), timeout=30, what="gamma stopped")
         assert not site.job_dir("continuous", "gamma").exists()
         await wait_for(scm.settled, what="discovery settled")
