@@ -22,7 +22,7 @@ def canonical(path: str) -> str:
         (r"^/jobs/?$", "/api/webjobs"),
         (r"^/api/(triggered|continuous)jobs(?=/|$)", r"/api/\1webjobs"),
         (r"^/(?:api/)?jobs/(triggered|continuous)(?=/|$)", r"/api/\1webjobs"),
-        (r"^/(vfs|zip|settings|hooks)(?=/|$)", r"/api/\1"),
+        (r"^/(vfs|zip|settings|hooks|deployments)(?=/|$)", r"/api/\1"),
     ):
         path = re.sub(old, new, path)
     return path

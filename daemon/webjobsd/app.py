@@ -27,6 +27,8 @@ import structlog
 
 from webjobsd import __version__
 from webjobsd.config import AppSettings, ConfigError, DaemonConfig, load_config, parse_listen
+from webjobsd.deploy.pipeline import Deployments
+from webjobsd.deploy.records import DeploymentStore
 from webjobsd.deploy.staging import clean_after_kill
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
@@ -115,6 +117,22 @@ class Daemon:
         self.discovery: DiscoveryService | None = None
         self.watcher: JobsWatcher | None = None
         self.run_store = RunStore(self.layout)
+        self.deployment_store = DeploymentStore(self.layout)
+        self.upload_limits = UploadLimits(
+            max_upload_bytes=config.max_upload_bytes,
+            max_extracted_bytes=config.max_extracted_bytes,
+            max_entries=config.max_archive_entries,
+        )
+        # Site deployments (zipdeploy, OneDeploy, git, dropped zips); their extraction folders
+        # live in this instance's temp root, never in wwwroot.
+        self.deployments = Deployments(
+            self.layout,
+            self.deployment_store,
+            app_settings=self.app_settings.all_for_jobs,
+            limits=self.upload_limits,
+            temp_dir=self.layout.temp_root / "deployments",
+            environ=self._environ,
+        )
         self.http: HttpServer | None = None
         self.webhooks = WebhookDispatcher(HookStore(self.layout.hooks_path))
         self._webhooks_task: asyncio.Task[None] | None = None
@@ -354,6 +372,8 @@ class Daemon:
         # Before the API listens (no deploy runs yet) and before the first scan (a job folder
         # a killed deploy had moved aside is back in place for it).
         await asyncio.to_thread(clean_after_kill, layout, layout.temp_root / "uploads")
+        await asyncio.to_thread(self.deployments.clean_after_kill)
+        await asyncio.to_thread(self._repair_deployments)
         # Listen before anything starts: a port in use stops start-up with nothing to undo.
         await self._start_http()
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
@@ -402,15 +422,13 @@ class Daemon:
             wait_stopped=self.wait_stopped,
             on_file_change=self._file_changed,
             readiness=self.readiness,
-            limits=UploadLimits(
-                max_upload_bytes=config.max_upload_bytes,
-                max_extracted_bytes=config.max_extracted_bytes,
-                max_entries=config.max_archive_entries,
-            ),
+            limits=self.upload_limits,
             upload_dir=self.layout.temp_root / "uploads",
             trusted_proxies=tuple(ipaddress.ip_network(n) for n in config.trusted_proxies),
             log_wakeups=self.log_wakeups,
             schedules=lambda: self.scheduler.schedules if self.scheduler else {},
+            deployment_store=self.deployment_store,
+            deployments=self.deployments,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -583,6 +601,16 @@ class Daemon:
                     "run left by a stopped daemon marked Aborted", job=name, run=record.run_id
                 )
 
+    def _repair_deployments(self) -> None:
+        """Deployment records a killed daemon left unfinished become Failed (Part B §1.6).
+
+        Under the deployment lock, taken for the moment: when another daemon on the site holds
+        it, it is deploying and its records are its own, so they are left alone.
+        """
+        repaired = self.deployment_store.repair_if_lock_free(purge=True)
+        if repaired is None:
+            log.info("a deployment is in progress on the site; its records are left alone")
+
     def _run_finished(self, record: RunRecord) -> None:
         """Seam for webhooks and metrics: every run ends here, whatever its trigger."""
         end = record.end_time or datetime.now(UTC)
@@ -670,6 +698,8 @@ class Daemon:
             self.triggered.begin_shutdown()
         if self.http is not None:
             await self.http.stop()
+        # A deployment in the background gets a bounded time to end before the jobs stop.
+        await self.deployments.close()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         for task in self._tasks.values():

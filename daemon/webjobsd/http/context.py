@@ -16,6 +16,8 @@ from pathlib import Path
 from aiohttp import web
 
 from webjobsd.config import AppSettings
+from webjobsd.deploy.pipeline import Deployments
+from webjobsd.deploy.records import DeploymentStore
 from webjobsd.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
 from webjobsd.records.logtail import LogWakeups
@@ -46,6 +48,10 @@ class ApiContext:
     log_wakeups: LogWakeups | None = None
     # This daemon's scheduler timers by job name, for `GET /api/schedules`.
     schedules: Callable[[], Mapping[str, JobSchedule]] | None = None
+    # The site's deployment records (`deploy.records`), for the deployment history API.
+    deployment_store: DeploymentStore | None = None
+    # Starts site deployments (`deploy.pipeline`): zipdeploy, OneDeploy, git push.
+    deployments: Deployments | None = None
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.dashboard import add_dashboard_routes
+from webjobsd.http.deployments import add_deployment_routes
 from webjobsd.http.errors import error_middleware
 from webjobsd.http.files import add_file_routes
 from webjobsd.http.jobs import add_job_routes
@@ -23,6 +24,7 @@ from webjobsd.http.listener import ConnectionGuard, ConnectionLimits, Listener, 
 from webjobsd.http.schedules import add_schedule_routes
 from webjobsd.http.settings import add_settings_routes
 from webjobsd.http.tls import ServerTls
+from webjobsd.http.zipdeploy import add_zipdeploy_routes
 
 log = structlog.get_logger("webjobsd.http")
 
@@ -67,6 +69,8 @@ def build_app(
     add_dashboard_routes(app)
     add_schedule_routes(app)
     add_settings_routes(app)
+    add_zipdeploy_routes(app)
+    add_deployment_routes(app)
     add_file_routes(
         app,
         site_root=ctx.layout.site_root,

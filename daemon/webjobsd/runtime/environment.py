@@ -51,17 +51,23 @@ class JobLaunch:
     port: int | None = None
 
 
+def without_daemon_secrets(base: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment without its supervisor's variables and its API credentials:
+    what any process the daemon starts for the site (a job, a post-deployment action) gets."""
+    return {
+        name: value
+        for name, value in base.items()
+        if name not in _SCRUBBED_EXACT and not name.startswith(_SCRUBBED_PREFIXES)
+    }
+
+
 def job_environment(
     base: Mapping[str, str],
     app_settings: Mapping[str, str],
     layout: SiteLayout,
     launch: JobLaunch,
 ) -> dict[str, str]:
-    env = {
-        name: value
-        for name, value in base.items()
-        if name not in _SCRUBBED_EXACT and not name.startswith(_SCRUBBED_PREFIXES)
-    }
+    env = without_daemon_secrets(base)
     env.update(app_settings)
     env.setdefault("WEBROOT_PATH", str(layout.wwwroot))
     key = launch.key
