@@ -36,6 +36,7 @@ from tests.helpers import Site, leaders, running_daemon, wait_for
 from tests.test_api_jobs import basic
 from tests.test_tls import client_context, install, make_certificate
 from webjobsd.app import Daemon
+from webjobsd.deploy.archive import NOT_A_ZIP
 
 INTEROP = Path(__file__).with_name("interop")
 DRIVER = INTEROP / "appservice_deploy.js"
@@ -244,7 +245,9 @@ def assert_library_succeeded(outcome: Outcome, scm: Scm, deployer: str) -> dict[
     assert record["id"] == outcome.result["id"] == polls[-1]["body"]["id"]
     assert record["status"] == 4 and record["complete"] is True and record["active"] is True
     assert record["deployer"] == deployer
-    assert json.loads(record["message"])["commitMessage"] == "deployed by the interoperability test"
+    message = json.loads(record["message"])  # the library's JSON, kept as the text it sent
+    assert message["commitMessage"] == "deployed by the interoperability test"
+    assert (message["sha"], message["actor"]) == (ACTION_ENV["GITHUB_SHA"], "octocat")
     assert record["log_url"] == f"{scm.url}/api/deployments/{record['id']}/log"
     return dict(record)
 
@@ -353,8 +356,8 @@ async def test_a_broken_zip_fails_in_the_library_and_the_jobs_keep_running(
         assert polls and polls[-1]["body"]["status"] == 3, polls
         failed_id = polls[-1]["body"]["id"]
         # The library read the record's log and printed its entries: the error is among them.
-        printed = "\n".join(line for line in outcome.lines if not line.startswith("::"))
-        assert "zip" in printed.lower(), printed
+        printed = [line for line in outcome.lines if not line.startswith("::")]
+        assert NOT_A_ZIP in printed, printed
 
         status, record = await scm.get(f"/api/deployments/{failed_id}")
         assert status == 200 and record["status"] == 3 and record["complete"] is True
