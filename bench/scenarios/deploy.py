@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ BASELINE = "one-job PUT"
 JOBS = "App_Data/jobs/continuous"
 TERMINAL = {3, 4}  # Failed, Success
 SUCCESS = 4
+OCTET_STREAM = {"Content-Type": "application/octet-stream"}  # as the action's library sends
 
 
 def _names(count: int) -> list[str]:
@@ -83,16 +85,19 @@ def site_zip(names: Sequence[str], stamps: Path, changed: str | None, sample: in
 
 
 def job_zip(name: str, stamps: Path, sample: int) -> bytes:
+    """The job alone, with a version.txt of its own for each sample."""
     return _zip(_job_files(name, stamps, f"p{sample + 1}", _rebuilt(sample)))
 
 
-def _request(method: str, url: str, body: bytes, content_type: str) -> tuple[int, Any, str]:
-    request = urllib.request.Request(
-        url, data=body, method=method, headers={"Content-Type": content_type}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        raw = response.read()
-        return response.status, json.loads(raw) if raw else None, response.headers["Location"]
+def _request(method: str, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, str]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None, response.headers["Location"]
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        raise BenchError(f"{method} {url} answered {error.code}: {text}") from error
 
 
 def _get(url: str) -> Any:
@@ -110,13 +115,14 @@ class DeployBench:
         self.changed = self.names[len(self.names) // 2]
         self.stamps = daemon.stamps_path
         self.samples = 0
+        self.puts = 0
         self.starts: list[float] = []
         self.success: list[float] = []
 
     def seed(self) -> None:
         body = site_zip(self.names, self.stamps, None, 0)
         url = f"{self.daemon.url}/api/zipdeploy?deployer=bench"
-        status, _, _ = _request("POST", url, body, "application/octet-stream")
+        status, _, _ = _request("POST", url, body, OCTET_STREAM)
         if status != 200:
             raise BenchError(f"the first deployment answered {status}")
         self.daemon.stamps.wait_all_started(self.names, 300)
@@ -133,7 +139,7 @@ class DeployBench:
         known, seen = len(stamps.all), stamps.count(self.changed)
         url = f"{self.daemon.url}/api/zipdeploy?isAsync=true&deployer=bench"
         before = time.time()
-        status, _, location = _request("POST", url, body, "application/octet-stream")
+        status, _, location = _request("POST", url, body, OCTET_STREAM)
         if status != 202 or not location:
             raise BenchError(f"zipdeploy answered {status}, Location {location!r}")
         started = stamps.wait_new(self.changed, seen, 60).at - before
@@ -153,13 +159,19 @@ class DeployBench:
         return started * 1000.0
 
     def job_put(self) -> float:
-        sample = self.samples
+        # Its own count: each PUT brings content the job has not had yet (an identical job
+        # restarts nothing).
+        sample, self.puts = self.puts, self.puts + 1
         body = job_zip(self.changed, self.stamps, sample)
         stamps = self.daemon.stamps
         seen = stamps.count(self.changed)
         url = f"{self.daemon.url}/api/continuouswebjobs/{self.changed}"
         before = time.time()
-        status, _, _ = _request("PUT", url, body, "application/zip")
+        headers = {
+            "Content-Type": "application/zip",
+            "Content-Disposition": f"attachment; filename={self.changed}.zip",
+        }
+        status, _, _ = _request("PUT", url, body, headers)
         if status != 200:
             raise BenchError(f"PUT of the job answered {status}")
         started = stamps.wait_new(self.changed, seen, 60).at - before
