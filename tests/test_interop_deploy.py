@@ -57,6 +57,8 @@ ACTION_ENV = {
     "AZURE_HTTP_USER_AGENT": "GITHUBACTIONS_DeployWebAppToAzure_interop",
 }
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY")
+
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 
 
@@ -192,7 +194,8 @@ async def library(scm: Scm, *args: str, timeout: float = 120) -> Outcome:
         str(DRIVER),
         *args,
         env={
-            **os.environ,
+            # The library's HTTP client honours HTTP(S)_PROXY: the daemon is on loopback.
+            **{key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES},
             **ACTION_ENV,
             "SCM_URL": scm.url,
             "SCM_USERNAME": CREDENTIALS["WEBJOBSD_USERNAME"],
