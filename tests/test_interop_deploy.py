@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import ssl
 import zipfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tests.test_api_jobs import basic
 from tests.test_tls import client_context, install, make_certificate
 from webjobsd.app import Daemon
 from webjobsd.deploy.archive import NOT_A_ZIP
+from webjobsd.deploy.lock import IN_PROGRESS
 
 INTEROP = Path(__file__).with_name("interop")
 DRIVER = INTEROP / "appservice_deploy.js"
@@ -184,8 +186,14 @@ async def scm_daemon(site: Site) -> AsyncIterator[Scm]:
         yield Scm(daemon, url, cert_path, client_context(certificate), site)
 
 
-async def library(scm: Scm, *args: str, timeout: float = 120) -> Outcome:
-    """Run the driver: the library against the daemon, as the action would run it."""
+async def library(
+    scm: Scm,
+    *args: str,
+    timeout: float = 120,
+    on_line: Callable[[str], Awaitable[None]] | None = None,
+) -> Outcome:
+    """Run the driver: the library against the daemon, as the action would run it.
+    `on_line` sees each line of its output as it comes (to act while the library waits)."""
     assert (INTEROP / "node_modules" / "azure-actions-appservice-rest").is_dir(), (
         "run `npm ci --prefix tests/interop` (part of the README's test command)"
     )
@@ -204,9 +212,24 @@ async def library(scm: Scm, *args: str, timeout: float = 120) -> Outcome:
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        limit=1 << 20,  # a debug line carries a whole answer
     )
+    assert process.stdout is not None and process.stderr is not None
+
+    async def output() -> bytes:
+        assert process.stdout is not None
+        collected = []
+        while raw := await process.stdout.readline():
+            collected.append(raw)
+            if on_line is not None:
+                await on_line(raw.decode(errors="replace").rstrip("\n"))
+        return b"".join(collected)
+
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout)
+        stdout, stderr = await asyncio.wait_for(
+            asyncio.gather(output(), process.stderr.read()), timeout=timeout
+        )
+        await process.wait()
     except TimeoutError:
         process.kill()
         await process.wait()
@@ -333,6 +356,51 @@ async def test_a_clean_onedeploy_removes_the_job_that_is_not_in_the_zip(
             "beta": before["beta"],
         }
         assert starts(site, "alpha") == 1 and starts(site, "beta") == 1
+
+
+async def test_a_deployment_refused_while_another_runs_is_retried_by_the_library(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. A site with two running jobs. 2. The site's deployment lock held as another daemon
+    sharing the site holds it while it deploys (flock, exclusive, on its own open of the file).
+    3. deployUsingZipDeploy with beta rebuilt: the daemon answers 409 with Kudu's text, and the
+    library waits and sends the zip again (its policy for 409); the lock is let go after that
+    first 409. 4. The retry deploys: beta restarts once, alpha keeps its process."""
+    jobs = ("alpha", "beta")
+    first = site_zip(tmp_path / "v1.zip", dict.fromkeys(jobs, "v1"))
+    second = site_zip(
+        tmp_path / "v2.zip", {"alpha": "v1", "beta": "v2"}, rebuilt=frozenset({"beta"})
+    )
+    async with scm_daemon(site) as scm:
+        await scm.seed(first)
+        before = await running(scm, *jobs)
+        lock_path = site.root / "site" / "locks" / "deployments.lock"
+        held = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            async with scm.session() as session:
+                url = f"{scm.url}/api/zipdeploy?isAsync=true"
+                async with session.post(url, data=b"PK") as response:
+                    assert response.status == 409
+                    assert (await response.json())["message"] == IN_PROGRESS
+
+            async def release_after_the_first_409(line: str) -> None:
+                if "Encountered a retriable status code: 409" in line:
+                    fcntl.flock(held, fcntl.LOCK_UN)
+
+            outcome = await library(
+                scm, "zipdeploy", str(second), on_line=release_after_the_first_409
+            )
+        finally:
+            os.close(held)
+        assert outcome.debug("Encountered a retriable status code: 409"), outcome.lines
+        record = assert_library_succeeded(outcome, scm, "GITHUB_ZIP_DEPLOY")
+        assert (record["changed_jobs"], record["removed_jobs"]) == (["continuous/beta"], [])
+        await wait_for(lambda: starts(site, "beta") == 2, timeout=30, what="beta restarted")
+        after = await running(scm, *jobs)
+        await wait_for(scm.settled, what="discovery settled")
+        assert after["alpha"] == before["alpha"] and after["beta"] != before["beta"]
+        assert starts(site, "alpha") == 1 and starts(site, "beta") == 2
 
 
 async def test_a_broken_zip_fails_in_the_library_and_the_jobs_keep_running(
