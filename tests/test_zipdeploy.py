@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.helpers import Site, wait_for
+from tests.helpers import Site, job_pids, wait_for
 from tests.test_api_jobs import api
 from webjobsd.app import Daemon
 from webjobsd.deploy.lock import IN_PROGRESS
@@ -143,6 +143,15 @@ async def test_zipdeploy_runs_the_jobs_and_restarts_only_the_changed_one(site: S
         assert newest(daemon).changed_jobs == []
         await settled(daemon)
         assert [len(starts(site, n)) for n in ("a", "b", "c")] == [2, 1, 1]
+
+        third = site_zip(jobs_site({"a": "2", "b": "1"}))
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", third)
+        assert status == 200, text
+        assert newest(daemon).removed_jobs == ["continuous/c"]
+        assert not site.job_dir("continuous", "c").exists()
+        await wait_for(lambda: not job_pids(site, "c"), what="the removed job stopped")
+        await settled(daemon)
+        assert [len(starts(site, n)) for n in ("a", "b")] == [2, 1]
 
 
 async def test_chunked_bodies_from_curl_and_multipart(site: Site, tmp_path: Path) -> None:
@@ -442,3 +451,50 @@ async def test_onedeploy_of_a_zip_into_a_job_folder_rebuilds_that_job(site: Site
         await wait_for(lambda: "started version 2" in site.job_log("a"), what="a's new version")
         await settled(daemon)
         assert (len(starts(site, "a")), len(starts(site, "b"))) == (2, 1)
+
+
+async def test_a_daemon_that_stops_lets_the_running_deployment_finish(site: Site) -> None:
+    actions = site.root / "site" / "deployments" / "tools" / "PostDeploymentActions"
+    gate = site.root / "gate"
+    action(actions / "wait.sh", f'#!/bin/sh\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    async with api(site) as (daemon, session, base):
+        status, text, headers = await post(
+            session,
+            f"{base}/api/zipdeploy?isAsync=true&trackDeploymentProgress=true",
+            site_zip({"a.txt": "1"}),
+        )
+        assert status == 202, text
+        deployment = headers["SCM-DEPLOYMENT-ID"]
+        await wait_for(lambda: "Running 'wait.sh'." in log_lines(daemon, deployment))
+        daemon.request_shutdown("test: stop during a deployment")
+        await wait_for(lambda: daemon.deployments.closing, what="the stop waits")
+        record = daemon.deployment_store.get(deployment)
+        assert record is not None and not record.complete
+        gate.write_text("go")
+        await wait_for(
+            lambda: (r := daemon.deployment_store.get(deployment)) is not None and r.complete,
+            what="the deployment finished during the stop",
+        )
+        record = daemon.deployment_store.get(deployment)
+        assert record is not None and record.status == DeployStatus.SUCCESS
+
+
+async def test_bodies_past_the_limit_or_without_a_file_part_are_refused(site: Site) -> None:
+    async with api(site, max_upload_bytes=64 * 1024) as (daemon, session, base):
+        big = site_zip({"big.bin": os.urandom(128 * 1024)})
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", big)
+        assert status == 413, text
+        record = newest(daemon)
+        assert record.status == DeployStatus.FAILED
+        assert log_lines(daemon, record.id)[-2].startswith("Receiving the package failed:")
+        form = aiohttp.FormData(default_to_multipart=True)
+        form.add_field("comment", "no file here")
+        form.add_field("other", "nor here")
+        async with session.post(f"{base}/api/zipdeploy", data=form) as response:
+            assert response.status == 400
+            assert (await response.json())["message"] == (
+                "The multipart/form-data body has no file part."
+            )
+        # The lock was released each time: a good deployment goes through.
+        status, text, _ = await post(session, f"{base}/api/zipdeploy", site_zip({"a": "a"}))
+        assert status == 200, text

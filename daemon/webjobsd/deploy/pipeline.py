@@ -13,6 +13,7 @@ OneDeploy and wardeploy (`http/zipdeploy.py`), a git push (`deploy/git.py`), a d
    KuduSync's rules with the manifests, job folders swapped whole (`deploy.sync`).
 3. `finish`: PostDeploymentActions after a success (`deploy.postactions`; a failing one fails the
    deployment), Success or Failed, the active deployment, retention, the lock released.
+   `discard` instead ends a deployment that found nothing to deploy (its temp record goes).
 
 Decisions:
 
@@ -135,6 +136,11 @@ class Deployments:
         self.current: Deployment | None = None
         self._tasks: set[asyncio.Task[DeploymentRecord | None]] = set()
         self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        """The daemon stops: no new deployment begins (503)."""
+        return self._closing
 
     def is_deploying(self) -> bool:
         """A deployment runs on this site, here or in another daemon sharing it."""
@@ -506,6 +512,21 @@ class Deployment:
             error=error,
         )
         return record
+
+    async def discard(self) -> None:
+        """Nothing to deploy after all (a git push that moved no deployment branch): the temp
+        record goes, as Kudu's temporary deployment always does, and the lock is released."""
+        if self._finished is not None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self._store.delete, self.record.id)
+        finally:
+            self._lock.release()
+            self._finished = self.record
+            if self._owner.current is self:
+                self._owner.current = None
+            self._loop.call_soon_threadsafe(self._publish, None)
 
     def _close_record(self, success: bool) -> None:
         store = self._store

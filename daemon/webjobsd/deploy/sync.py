@@ -531,8 +531,14 @@ def sync_tree(
         raise
     if built or plan.removed:
         tell("Swapping job folders in.")
-    for change, new in built:
-        staging.swap_into_place(new, change.live)
+    for index, (change, new) in enumerate(built):
+        try:
+            staging.swap_into_place(new, change.live)
+        except BaseException:
+            for _change, left in built[index:]:
+                shutil.rmtree(left, ignore_errors=True)
+            staging.release()
+            raise
     for key, live in plan.removed:
         staging.folder.mkdir(parents=True, exist_ok=True)
         # Not `old.*`: a start after a kill restores those; a removed job must stay removed.
