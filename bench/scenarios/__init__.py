@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from bench.harness import Harness
 from bench.report import Result
+from bench.scenarios.deploy import deploy
 from bench.scenarios.latency import burst, drop, restart, run
 from bench.scenarios.listapi import list_api
 from bench.scenarios.logs import logs
@@ -24,4 +25,5 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": memory,
     "idle-cpu": idle_cpu,
     "list": list_api,
+    "deploy": deploy,
 }
