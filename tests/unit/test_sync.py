@@ -115,6 +115,32 @@ def test_same_size_and_mtime_with_other_bytes_is_copied(tmp_path: Path) -> None:
     assert (sync.wwwroot / "App_Data/jobs/continuous/a/run.sh").read_text() == "echo a2"
 
 
+def test_a_job_whose_files_only_got_new_times_is_not_changed(tmp_path: Path) -> None:
+    """A package rebuilt with fresh timestamps: web content follows KuduSync (copied, new mtime),
+    but a job folder whose bytes are the same is not rebuilt, nor listed as changed."""
+    sync = Sync(tmp_path)
+    sync.deploy(JOBS)
+    live_a = sync.jobs_root / "continuous/a"
+    inode = live_a.stat().st_ino
+    source = tree(tmp_path / "src-new-times", JOBS)
+    for path in source.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(OLD + 7, OLD + 7))
+    result = sync_tree(
+        source, sync.wwwroot, jobs_root=sync.jobs_root, staging=sync.staging, previous=set()
+    )
+    assert result.changed_jobs == []
+    assert result.copied == 1  # index.html only
+    assert live_a.stat().st_ino == inode
+    assert (sync.wwwroot / "index.html").stat().st_mtime_ns == OLD + 7
+    # The exec bit is part of a job's content: a mode change alone still rebuilds the job.
+    (source / "App_Data/jobs/continuous/b/run.sh").chmod(0o755)
+    result = sync_tree(
+        source, sync.wwwroot, jobs_root=sync.jobs_root, staging=sync.staging, previous=set()
+    )
+    assert result.changed_jobs == ["continuous/b"]
+
+
 def test_the_manifest_lists_files_and_folders_but_never_ignored_names(tmp_path: Path) -> None:
     sync = Sync(tmp_path)
     result = sync.deploy(

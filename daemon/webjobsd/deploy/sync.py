@@ -23,9 +23,12 @@ staging folder (`deploy.staging.Staging`): the live folder is cloned first (hard
 file system allows, else copies keeping mtimes), so files a job created at run time stay; then
 the changes are applied; then the folder is swapped in by renames. The watcher sees each changed
 job change once; a job whose content is the same is not touched at all, so its process keeps
-running; a removed job folder goes in one rename. The jobs root is found by absolute path, so
-`WEBJOBS_ROOT_PATH` moving it elsewhere in wwwroot, or a sync aimed at a folder above or inside
-a job folder (OneDeploy's `path`), is handled by the same rule.
+running; a removed job folder goes in one rename. A job whose files only got new times (a package
+rebuilt with fresh timestamps, same bytes and modes) is "the same content" and is not rebuilt
+either: rebuilding it would restart nothing (the catalog fingerprints content) but would list
+it among `changed_jobs`, which people read as "restarted". The jobs root is found by absolute
+path, so `WEBJOBS_ROOT_PATH` moving it elsewhere in wwwroot, or a sync aimed at a folder above or
+inside a job folder (OneDeploy's `path`), is handled by the same rule.
 
 Order, chosen so that a failure or a kill never leaves half a job: (1) plan everything by reading
 both trees; (2) build every changed job folder in staging (a failure here has changed nothing);
@@ -212,6 +215,25 @@ def _same_file(source: os.DirEntry[str], target: os.DirEntry[str]) -> bool:
     return _same_bytes(source.path, target.path)
 
 
+def _only_the_time_differs(action: _Action, live: Path) -> bool:
+    """A copy into a job folder of a file whose bytes are already there (a rebuilt package
+    with new timestamps): the job's content is the same, so the job is not rebuilt, not
+    restarted, and not listed as changed (its file keeps its older mtime)."""
+    if not isinstance(action, _Copy):
+        return False
+    target = live.joinpath(*action.rel)
+    try:
+        a, b = os.lstat(action.source), os.lstat(target)
+    except OSError:
+        return False
+    if not (stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)) or a.st_size != b.st_size:
+        return False
+    # The mode is part of a job's content (the exec bit): a change of it is a change.
+    return stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode) and _same_bytes(
+        str(action.source), str(target)
+    )
+
+
 def _same_bytes(first: str, second: str) -> bool:
     # Not filecmp.cmp: it caches its answer by (path, size, mtime), exactly what is equal here.
     with open(first, "rb") as a, open(second, "rb") as b:
@@ -373,6 +395,8 @@ class _Planner:
             force=False,
             target_path=live,
         )
+        if not fresh:
+            actions = [a for a in actions if not _only_the_time_differs(a, live)]
         if fresh or actions:
             self.plan.jobs.append(_JobChange(key, live, (), actions, fresh))
 
