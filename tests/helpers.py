@@ -198,7 +198,15 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
         yield daemon
     finally:
         daemon.request_shutdown("test finished")
-        await asyncio.wait_for(task, timeout=40)
+        # Not `asyncio.wait_for`: the daemon awaits its own tasks under suppress(CancelledError),
+        # so a shutdown stuck there and cancelled by wait_for could end as if nothing happened,
+        # and the test pass after 40 s of nothing.
+        done, _ = await asyncio.wait({task}, timeout=40)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+            raise AssertionError("the daemon did not stop within 40 s of the end of the test")
+        await task  # its error, if it ended with one
 
 
 class DaemonProcess:
