@@ -97,9 +97,22 @@ class Site:
         return self.jobs / kind / name
 
     def write_job(
-        self, kind: str, name: str, files: dict[str, str], *, executable: bool = True
+        self,
+        kind: str,
+        name: str,
+        files: dict[str, str],
+        *,
+        executable: bool = True,
+        age_s: float = 60.0,
     ) -> Path:
-        """Write a job the way a deployment would: in a staging folder, then renamed in."""
+        """Write a job the way a deployment would: in a staging folder, then renamed in.
+
+        The files carry a modification time `age_s` in the past, as a deployment's do (zip and
+        `rsync -a` keep the build's times): a job written just before the daemon starts is then
+        not one still being copied, and does not wait a quiet period at start-up (that wait,
+        once per daemon start, cost the suite more than a minute). `age_s=0` gives files
+        written this instant (tests/test_drops.py checks that such a job waits at start).
+        """
         staging = self.root / ".staging" / f"{kind}-{name}-{time.monotonic_ns()}"
         for rel, content in files.items():
             path = staging / rel
@@ -107,6 +120,10 @@ class Site:
             path.write_text(textwrap.dedent(content))
             if executable and rel.endswith(".sh"):
                 path.chmod(0o755)
+        if age_s:
+            written = time.time() - age_s
+            for path in [staging, *staging.rglob("*")]:
+                os.utime(path, (written, written), follow_symlinks=False)
         target = self.job_dir(kind, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staging, target)
@@ -181,7 +198,15 @@ async def running_daemon(site: Site, **config: Any) -> AsyncIterator[Daemon]:
         yield daemon
     finally:
         daemon.request_shutdown("test finished")
-        await asyncio.wait_for(task, timeout=40)
+        # Not `asyncio.wait_for`: the daemon awaits its own tasks under suppress(CancelledError),
+        # so a shutdown stuck there and cancelled by wait_for could end as if nothing happened,
+        # and the test pass after 40 s of nothing.
+        done, _ = await asyncio.wait({task}, timeout=40)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+            raise AssertionError("the daemon did not stop within 40 s of the end of the test")
+        await task  # its error, if it ended with one
 
 
 class DaemonProcess:

@@ -6,13 +6,17 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import Site, leaders, running_daemon, wait_for
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer
 from webjobsd.model import JobKey, JobKind
+from webjobsd.runtime.reconciler import Reconciler
+from webjobsd.runtime.scheduler import Scheduler
 
 LOOP = {"run.sh": "echo started $$\nwhile true; do sleep 0.2; done\n"}
 
@@ -109,3 +113,57 @@ async def test_a_job_that_cannot_start_does_not_disturb_the_others(site: Site) -
         )
         await wait_for(lambda: site.status("broken") == "PendingRestart", what="backing off")
         assert site.status("fine") == "Running"
+
+
+async def test_the_loops_end_when_cancelled_just_as_they_are_woken(site: Site) -> None:
+    """The daemon's shutdown cancels its discovery, reconcile and schedule loops and waits for
+    them. A cancellation landing in the loop turns between a wake-up and the loop resuming must
+    end the loop too: `asyncio.wait_for` (Python 3.11) swallowed it there, the loop went on, and
+    the shutdown waited for it forever (a SIGTERM at the moment a job folder changed)."""
+    async with running_daemon(site) as daemon:
+        supervisor, triggered = daemon.supervisor, daemon.triggered
+        assert supervisor is not None and triggered is not None
+
+        def discovery() -> tuple[Coroutine[Any, Any, None], Callable[[], None]]:
+            service = DiscoveryService(
+                Catalog(site.jobs, settle_s=0.0),
+                debouncer=Debouncer(0.1, 1.0),
+                rescan_s=30.0,
+                on_changed=lambda _keys: None,
+            )
+            return service.run(), lambda: service.hint(JobKey(JobKind.CONTINUOUS, "none"))
+
+        def reconciler() -> tuple[Coroutine[Any, Any, None], Callable[[], None]]:
+            loop = Reconciler(
+                specs=dict, jobs_stopped=lambda: False, runtime=supervisor, tick_s=30.0
+            )
+            return loop.run(), loop.wake
+
+        def scheduler() -> tuple[Coroutine[Any, Any, None], Callable[[], None]]:
+            loop = Scheduler(
+                layout=daemon.layout,
+                app_settings=daemon.app_settings,
+                store=daemon.run_store,
+                triggered=triggered,
+            )
+            return loop.run(), lambda: loop.sync({})
+
+        for name, make in (
+            ("discovery", discovery),
+            ("reconciler", reconciler),
+            ("scheduler", scheduler),
+        ):
+            for turns in range(6):
+                body, wake = make()
+                task = asyncio.create_task(body, name=f"{name}-under-test")
+                for _ in range(5):
+                    await asyncio.sleep(0)  # loop turns: the loop reaches its wait
+                wake()
+                for _ in range(turns):
+                    await asyncio.sleep(0)  # the moment of the cancellation, counted in turns
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=5)
+                if not done:
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=5)
+                assert done, f"{name} went on after a cancellation {turns} turns after a wake-up"

@@ -390,6 +390,34 @@ def test_a_file_still_being_written_when_the_daemon_starts_holds_its_job(site: S
         daemon.kill_if_running()
 
 
+async def test_a_job_written_just_before_the_daemon_starts_waits_its_quiet_period(
+    site: Site, tmp_path: Path
+) -> None:
+    """1. a job whose files were written this instant (a copy may still be going on; no event
+    will say when it ends, the daemon was not running)  2. the daemon starts: the job starts
+    once, and not before its newest file is a quiet period old."""
+    quiet_s = 1.0
+    started = tmp_path / "started.txt"
+    job = site.write_job(
+        "continuous",
+        "fresh",
+        {"run.sh": f"date +%s.%N >> {started}\nwhile true; do sleep 0.2; done\n"},
+        age_s=0,
+    )
+    newest = max(path.stat().st_mtime for path in job.iterdir())
+    async with running_daemon(site, debounce_s=quiet_s):
+        await wait_for(lambda: records_of(started), what="job started")
+        assert float(records_of(started)[0]) >= newest + quiet_s
+    assert len(records_of(started)) == 1
+
+
+def records_of(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
 def http_ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:

@@ -242,7 +242,7 @@ def test_the_cli_reaches_a_tls_daemon_from_its_config_and_pins_its_certificate(
     """1. `webjobsd jobs --config` of a TLS daemon lists its jobs over HTTPS, trusting the
     configured certificate. 2. With another certificate in that file (not yet reloaded), the
     daemon's certificate is no longer trusted: the client says it cannot connect."""
-    daemon, _port, _first, cert_path, key_path = tls_daemon
+    daemon, port, first, cert_path, key_path = tls_daemon
     daemon.start()
     clean = {"WEBJOBSD_URL": "", "WEBJOBSD_USERNAME": "", "WEBJOBSD_PASSWORD": ""}
 
@@ -257,6 +257,12 @@ def test_the_cli_reaches_a_tls_daemon_from_its_config_and_pins_its_certificate(
         )
 
     try:
+        # Polled cheaply first: each CLI run is a Python process start, and a poll of those
+        # while the daemon starts takes the CPU the daemon needs to start.
+        wait_for_sync(
+            lambda: jobs_over_https(f"https://127.0.0.1:{port}", client_context(first)),
+            what="the job list over HTTPS",
+        )
         wait_for_sync(lambda: "steady" in cli_jobs().stdout, what="the CLI lists over HTTPS")
         install(make_certificate(1003), cert_path, key_path)
         refused = cli_jobs()

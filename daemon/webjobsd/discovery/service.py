@@ -268,7 +268,10 @@ class DiscoveryService:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._timeout())
+                # Not wait_for: on Python 3.11 it swallows a cancellation that arrives just as
+                # the event is set, and this loop would outlive the daemon's shutdown.
+                async with asyncio.timeout(self._timeout()):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

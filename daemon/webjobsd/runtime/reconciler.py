@@ -155,6 +155,9 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next tick")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s)
+                # Not wait_for: on Python 3.11 it swallows a cancellation that arrives just as
+                # the event is set, and this loop would outlive the daemon's shutdown.
+                async with asyncio.timeout(self.tick_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass

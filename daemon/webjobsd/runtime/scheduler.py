@@ -183,8 +183,11 @@ class Scheduler:
                         log.exception("scheduled invocation failed", job=entry.name)
                         entry.due_at = self._clock() + timedelta(seconds=MAX_SLEEP_S)
             self.last_pass_monotonic = loop.time()
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives just as the
+            # event is set, and this loop would outlive the daemon's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_s())
+                async with asyncio.timeout(self._sleep_s()):
+                    await self._wake.wait()
 
     async def _fire(self, entry: JobSchedule) -> None:
         schedule = entry.schedule
