@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.helpers import DaemonProcess, Site, leaders, processes_with_marker, wait_for_sync
 from webjobsd.runtime.jobprocess import free_loopback_port
@@ -68,6 +69,7 @@ def check_invariants(site: Site, daemon_pid: int) -> None:
     assert len(leaders(site, "steady")) <= 1
 
 
+@pytest.mark.timeout(150)  # 50 daemon starts: about 45 s idle, near 60 s on a loaded machine
 def test_sigkill_at_random_moments_loses_and_leaks_nothing(site: Site, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     port = free_loopback_port()
