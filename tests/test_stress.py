@@ -1,4 +1,4 @@
-"""Stress: the jobs folder edited concurrently, the way deployments and people do, for 30 s.
+"""Stress: the jobs folder edited concurrently, the way deployments and people do, for 20 s.
 
 A thread creates, replaces, edits, disables and deletes 50 jobs at random (fixed seed), by
 atomic renames and by plain in-place writes and removals, while the real daemon watches and
@@ -33,7 +33,7 @@ from tests.test_faults import ready
 from webjobsd.runtime.jobprocess import free_loopback_port
 
 SEED = 28112026
-DURATION_S = 30.0
+DURATION_S = 20.0
 CONTINUOUS = [f"c{i:02d}" for i in range(40)]
 TRIGGERED = [f"t{i:02d}" for i in range(10)]
 
