@@ -412,15 +412,20 @@ def _work(
 # the routes
 
 
-async def zipdeploy(request: web.Request) -> web.StreamResponse:
-    _refuse_json(request)
-    deploy = DeployRequest(
+def _push_request(request: web.Request) -> DeployRequest:
+    """What zipdeploy and wardeploy record from their query (Kudu's push-deployment parameters)."""
+    return DeployRequest(
         deployer=_text(request, "deployer", DEFAULT_DEPLOYER),
         message=_text(request, "message", DEFAULT_MESSAGE),
         author=_text(request, "author", "N/A"),
         author_email=_text(request, "authorEmail", "N/A"),
         id=_tracking_id(request),
     )
+
+
+async def zipdeploy(request: web.Request) -> web.StreamResponse:
+    _refuse_json(request)
+    deploy = _push_request(request)
     placement = Placement(None, flag(request, "clean"), manifest=True)
     return await deploy_request(request, deploy, placement, is_async=flag(request, "isAsync"))
 
@@ -430,13 +435,7 @@ async def wardeploy(request: web.Request) -> web.StreamResponse:
     name = _text(request, "name", "ROOT")
     if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise bad_request(f"name='{name}' is not a folder name.")
-    deploy = DeployRequest(
-        deployer=_text(request, "deployer", DEFAULT_DEPLOYER),
-        message=_text(request, "message", DEFAULT_MESSAGE),
-        author=_text(request, "author", "N/A"),
-        author_email=_text(request, "authorEmail", "N/A"),
-        id=_tracking_id(request),
-    )
+    deploy = _push_request(request)
     ctx = request.app[CONTEXT]
     placement = Placement(ctx.layout.wwwroot / "webapps" / name, True, manifest=False)
     return await deploy_request(request, deploy, placement, is_async=flag(request, "isAsync"))
