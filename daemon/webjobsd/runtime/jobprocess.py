@@ -160,6 +160,11 @@ class JobProcess:
         return self.identity.pid
 
     @property
+    def finished(self) -> bool:
+        """The tree was ended, the child reaped and the output drained (`wait` completed)."""
+        return self._finished is not None and self._finished.done()
+
+    @property
     def returncode(self) -> int | None:
         exited = self._protocol.exited
         return exited.result() if exited.done() else None
@@ -289,6 +294,43 @@ class JobProcess:
         if self.returncode is None:
             await asyncio.to_thread(self._kill_all)
         await self.wait()
+
+
+class StartedProcesses:
+    """Every process an owner (the supervisor) started and has not seen finished.
+
+    The owner's last word at shutdown (`end_unfinished`): whatever path its stops took (a
+    cancelled stop, a kill still queued for a thread, a start that completed late), nothing it
+    started outlives it.
+    """
+
+    def __init__(self) -> None:
+        self._processes: list[JobProcess] = []
+        self._pruned_at = 0
+
+    def add(self, process: JobProcess) -> None:
+        self._processes.append(process)
+        # Amortised: the finished ones are dropped each time the list has doubled.
+        if len(self._processes) > 2 * self._pruned_at + 16:
+            self._processes = [known for known in self._processes if not known.finished]
+            self._pruned_at = len(self._processes)
+
+    def unfinished(self) -> list[JobProcess]:
+        return [known for known in self._processes if not known.finished]
+
+    def end_unfinished(self) -> int:
+        """SIGKILL every member of every unfinished tree, in rounds (bounded) until a scan finds
+        none left; returns how many processes the first round reached. Blocking: see
+        `Supervisor.shutdown` for why it runs on the loop's thread."""
+        identities = [known.identity for known in self.unfinished()]
+        reached = 0
+        for round_number in range(_KILL_ROUNDS):
+            targeted = proctree.signal_jobs(identities, signal.SIGKILL)
+            if round_number == 0:
+                reached = targeted
+            if not targeted:
+                break
+        return reached
 
 
 def write_shutdown_file(path: Path) -> None:

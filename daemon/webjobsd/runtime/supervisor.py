@@ -40,6 +40,7 @@ from webjobsd.runtime import proctree
 from webjobsd.runtime.environment import JobLaunch, job_environment
 from webjobsd.runtime.jobprocess import (
     JobProcess,
+    StartedProcesses,
     exit_description,
     free_loopback_port,
 )
@@ -103,6 +104,8 @@ class SupervisorContext:
     # (job name, exit code or None when it could not start, uptime s, restart delay s,
     # consecutive quick exits): an unexpected exit, for webhooks. Must not block.
     on_exit: Callable[[str, int | None, float, float, int], None] | None = None
+    # What the units started and have not seen end: the shutdown's last sweep.
+    started: StartedProcesses = field(default_factory=StartedProcesses)
 
     def log_counter(self, job_name: str) -> Callable[[int], None] | None:
         counter = self.on_log_bytes
@@ -397,6 +400,7 @@ class ContinuousUnit:
             log.warning("cannot start job process", job=str(self.key), error=repr(error))
             await self._after_exit(target, uptime_s=0.0)
             return
+        self._context.started.add(self.process)
         self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
         await self._supervise(target, self.process, shutdown_file)
@@ -693,11 +697,12 @@ class Supervisor(ContinuousRuntime):
                     for task, unit in retiring.items():
                         if not task.done():
                             unit.force()
+                    self._end_started("forced")
                     _, stuck = await asyncio.wait(retiring, timeout=FORCED_STOP_BOUND_S)
                     for task in stuck:
-                        # Something we cannot find holds on; the process records stay for the
-                        # next start to clean up. The daemon still exits.
-                        log.error("job did not stop after SIGKILL", task=task.get_name())
+                        # Its process got SIGKILL above; the unit is still waiting for a
+                        # thread (to scan, reap, drain). The daemon does not wait longer.
+                        log.error("job unit did not end after SIGKILL", task=task.get_name())
                         task.cancel()
                     await asyncio.gather(*stuck, return_exceptions=True)
                     break
@@ -705,3 +710,21 @@ class Supervisor(ContinuousRuntime):
             forcing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await forcing
+            self._end_started("exit")
+
+    def _end_started(self, when: str) -> None:
+        """SIGKILL whatever the units started and have not seen end, now, on the loop's thread.
+
+        Not through `asyncio.to_thread` like the units' own stops: with a hundred jobs stopping
+        on a busy host the few default threads are queued seconds deep with the units' scans,
+        the forced bound runs out, and a kill cancelled while still queued is never sent — the
+        daemon exited leaving the job behind. Blocking the loop for one or a few scans of /proc
+        at that point delays nothing that matters more.
+        """
+        if not self._context.started.unfinished():
+            return
+        reached = self._context.started.end_unfinished()
+        if reached:
+            log.warning(
+                "killed job processes the stop ladder had not ended", processes=reached, at=when
+            )
