@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import textwrap
 import time
 
 import psutil
@@ -280,3 +282,55 @@ def test_threads_do_not_grow_with_the_number_of_jobs(site: Site) -> None:
         assert daemon.stop() == 0
     finally:
         daemon.kill_if_running()
+
+
+# The daemon's worker threads all busy from the first stop on, as on a host too loaded to run
+# them in time: the threads the daemon uses from then on are one, held until the daemon shuts
+# it down at exit. Keyed on the daemon's own log line, so that the stops are the first to wait.
+STARVED_AT_STOP = textwrap.dedent(
+    """
+    import asyncio, concurrent.futures, sys, threading
+
+    class _StarveAtStop:
+        def __init__(self, stream):
+            self._stream, self._armed = stream, True
+
+        def write(self, text):
+            if self._armed and '"status": "Stopping"' in text:
+                self._armed = False
+                pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+                def busy():
+                    while not pool._shutdown:
+                        threading.Event().wait(0.01)
+
+                pool.submit(busy)
+                asyncio.get_running_loop().set_default_executor(pool)
+            return self._stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+    sys.stderr = _StarveAtStop(sys.stderr)
+    """
+)
+
+
+def test_a_stop_that_gets_no_thread_still_leaves_no_job_behind(site: Site) -> None:
+    """1. a job running  2. SIGTERM the daemon; from its first stop on, no worker thread runs
+    for it (a busy host)  3. the forced bound passes  4. when the daemon has exited, the job's
+    process is gone: its SIGKILL is not one of the thread calls cancelled at exit."""
+    site.write_job("continuous", "sleeper", {"run.sh": "exec sleep 1000\n"})
+    daemon = DaemonProcess(
+        site, preamble=STARVED_AT_STOP, log_level="info", shutdown_grace_s=0.5
+    ).start()
+    try:
+        wait_for_sync(lambda: leaders(site, "sleeper"), what="running")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        assert '"status": "Stopping"' in daemon.log()
+        assert not job_pids(site, "sleeper"), "a job process outlived the daemon"
+    finally:
+        daemon.kill_if_running()
+        for pid in job_pids(site, "sleeper"):
+            os.kill(pid, signal.SIGKILL)
