@@ -18,7 +18,7 @@ from pathlib import Path
 import webjobsd
 
 # Imported on first use only: the routes of http/lazy.py, what they alone need, the CLI client,
-# and YAML (no config file is given here).
+# YAML (no config file is given here), psutil (stopping a job needs it, see runtime/proctree.py).
 LAZY = (
     "webjobsd.http.files",
     "webjobsd.http.zipdeploy",
@@ -31,6 +31,7 @@ LAZY = (
     "webjobsd.client",
     "zipfile",
     "yaml",
+    "psutil",
 )
 
 DRIVER = r"""
