@@ -43,7 +43,7 @@ from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.http.tls import ServerTls, TlsError, load_server_tls
 from webjobsd.limits import UploadLimits
 from webjobsd.logs import configure_logging
-from webjobsd.malloc import release_free_heap, tune_malloc
+from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
 from webjobsd.records.lockprobe import is_locked_by_other
@@ -784,27 +784,13 @@ def serve(
 
     async def main() -> int:
         _use_pidfd_child_watcher(asyncio.get_running_loop())
-        release = asyncio.create_task(_release_heap_after_start(daemon))
-        try:
-            return await daemon.run()
-        finally:
-            release.cancel()
+        return await daemon.run()
 
     try:
         return asyncio.run(main())
     except StartupError as error:
         log.error("cannot start", reason=str(error))
         return 1
-
-
-HEAP_RELEASE_AFTER_READY_S = 0.5
-
-
-async def _release_heap_after_start(daemon: Daemon) -> None:
-    """Once, shortly after start-up: what it freed goes back to the kernel (malloc.py)."""
-    await daemon.ready.wait()
-    await asyncio.sleep(HEAP_RELEASE_AFTER_READY_S)
-    release_free_heap()
 
 
 def _use_pidfd_child_watcher(loop: asyncio.AbstractEventLoop) -> None:

@@ -9,12 +9,6 @@ than in everything the daemon does with the bytes. Fixing both thresholds keeps 
 of such buffers in the heap for reuse; it also turns off glibc's own adjustment of them, which
 did not help here.
 
-Start-up (the first scan, every job's first spawn, the imports) leaves free chunks all through
-the heap that `free` alone never returns, since only the top of the heap is trimmed:
-`release_free_heap` asks glibc once, after start-up, to hand back every free page (`malloc_trim`);
-about 1 MB of RSS at 100 jobs (bench scenario 7). It is not repeated: steady work reuses the
-chunks.
-
 `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment do the same, but only at
 process start, which the daemon does not control under every service manager; `mallopt` at
 start-up does. Only for `webjobsd serve` (an embedding program keeps its own allocator
@@ -39,24 +33,17 @@ MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
 TRIM_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
 
 
-def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc has it, musl does not
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def tune_malloc() -> bool:
     """Set the thresholds on glibc; False (and nothing changed) anywhere else."""
-    libc = _glibc()
-    if libc is None:
+    name = ctypes.util.find_library("c")
+    if name is None:
         return False
-    mallopt = libc.mallopt
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc has it, musl does not
+    except (OSError, AttributeError):
+        return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
@@ -66,16 +53,3 @@ def tune_malloc() -> bool:
         "malloc thresholds", tuned=tuned, mmap=MMAP_THRESHOLD_BYTES, trim=TRIM_THRESHOLD_BYTES
     )
     return tuned
-
-
-def release_free_heap() -> bool:
-    """Return the heap's free pages to the kernel (glibc); False where there is no glibc."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    trim = libc.malloc_trim
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    released = bool(trim(0))
-    log.debug("free heap released", released=released)
-    return released
