@@ -60,8 +60,9 @@ def drive():
         time.sleep(0.02)
     at_ready = sorted(set(sys.modules) - before)
     status = get("/api/vfs/")
+    after = sorted(set(sys.modules) - before)
     with open(out, "w") as file:
-        json.dump({"ready": at_ready, "status": status, "after": sorted(set(sys.modules) - before)}, file)
+        json.dump({"ready": at_ready, "status": status, "after": after}, file)
     os.kill(os.getpid(), signal.SIGTERM)
 
 threading.Thread(target=drive, daemon=True).start()
