@@ -76,6 +76,7 @@ def scale(h: Harness) -> list[Result]:
             system = h.open(name, _sleepers(count), start_timeout=START_TIMEOUT_S)
         except Exception as error:  # a peer that cannot: said in the notes
             failed.append(f"{name} could not start {count} jobs: {type(error).__name__}: {error}")
+            h.progress(failed[-1])
             h.close_all()
             return []
         try:
