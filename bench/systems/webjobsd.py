@@ -90,7 +90,7 @@ class Webjobsd(System):
         self.process = spawn([*argv, "--no-auth"], self.log, env, self.root)
         # Ready comes after the first scan and reconcile: thousands of jobs (scenario scale) take
         # longer than 60 s on a loaded 2-core machine.
-        ready_s = 60 + 0.1 * len(jobs)
+        ready_s = 60 + 0.2 * len(jobs)
         wait_until(self._ready, ready_s, "webjobsd to be ready", interval=0.02)
 
     def _ready(self) -> bool:
