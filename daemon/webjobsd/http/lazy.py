@@ -10,9 +10,10 @@ request needs it; a new heavy route module belongs here and in that test's list.
 
 Decision, against `importlib.import_module(name)` from a table of strings: every lazy import
 is a plain `from webjobsd.http import X` inside a function, so import-linter still sees the
-edge (the layers contract holds for lazy imports too) and mypy checks each name. The first
-request of a kind pays the import once (a few milliseconds: bench/README.md, scenario 7's
-notes); later ones a dictionary look-up.
+edge (the layers contract holds for lazy imports too). The first request of a kind pays the
+import once, later ones a list look-up. Measured (CPU time of the import, 2-core VM under load):
+files.py with zipfile 8-12 ms, git 4-7, deployments 3-4, zipdeploy 2-4, schedules 2; the
+daemon's RSS is 3.4-3.8 MB smaller (bench scenario 7) with these, psutil and YAML left out.
 """
 
 from __future__ import annotations
