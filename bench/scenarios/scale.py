@@ -7,8 +7,8 @@ not). Heavy (5000 processes per sample): one round, left out of `--quick`.
 
 What it needs of the machine: about 5000 processes more than usual (each job is a bash script
 that becomes `sleep`: one process per job; `ulimit -u` and the pids cgroup must allow them), and
-open files for the managers: webjobsd keeps 3 descriptors per job (stdout and stderr pipes, a
-pidfd), supervisord about 4 (it is configured with `minfds=16384`), PM2 a few per app. `ulimit
+open files for the managers: webjobsd keeps 4 descriptors per job (stdout and stderr pipes, the
+open job log, a pidfd), supervisord about 4 (it is configured with `minfds=16384`), PM2 a few per app. `ulimit
 -n` is checked before the scenario starts; a system that cannot start 5000 jobs within
 START_TIMEOUT_S is reported in the notes, not skipped silently.
 """
@@ -26,7 +26,7 @@ from bench.systems import System, Webjobsd
 
 MB = 1_000_000
 START_TIMEOUT_S = 900.0
-FILES_PER_JOB = 4  # the most any of the three keeps open per job (supervisord)
+FILES_PER_JOB = 4  # webjobsd and supervisord keep about 4 open per job
 LIST_PATH = "/api/webjobs"
 # After the last job's first instruction, before CPU and RSS are read: a manager may still be
 # finishing its start-up (status files, the first heap release) for a few seconds at this size.
