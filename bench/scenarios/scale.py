@@ -9,8 +9,8 @@ What it needs of the machine: about 5000 processes more than usual (each job is 
 that becomes `sleep`: one process per job; `ulimit -u` and the pids cgroup must allow them), and
 open files for the managers: webjobsd keeps 4 descriptors per job (stdout and stderr pipes, the
 open job log, a pidfd), supervisord about 4 (it is configured with `minfds=16384`), PM2 a few
-per app. `ulimit -n` is checked before the scenario starts; a system that cannot start 5000 jobs within
-START_TIMEOUT_S is reported in the notes, not skipped silently.
+per app. `ulimit -n` is checked before the scenario starts; a system that cannot start 5000
+jobs within START_TIMEOUT_S is reported in the notes, not skipped silently.
 """
 
 from __future__ import annotations
