@@ -21,7 +21,7 @@ from types import FrameType
 from bench import profiles, report
 from bench.harness import QUICK, Harness, Sizes
 from bench.report import Result
-from bench.scenarios import SCENARIOS
+from bench.scenarios import HEAVY, SCENARIOS
 from bench.systems import ALL, Tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     began, load_before = time.monotonic(), load_average()
     try:
-        chosen = [name for name in SCENARIOS if not args.only or name in args.only]
+        if args.only:
+            chosen = [name for name in SCENARIOS if name in args.only]
+        else:
+            chosen = [name for name in SCENARIOS if not (args.quick and name in HEAVY)]
         results, failures = run_scenarios(harness, chosen)
     except KeyboardInterrupt:
         print("interrupted: everything started was stopped and removed", file=sys.stderr)

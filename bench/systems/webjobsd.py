@@ -88,7 +88,10 @@ class Webjobsd(System):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [daemon_path, env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "webjobsd", "serve", "--config", str(config_path)]
         self.process = spawn([*argv, "--no-auth"], self.log, env, self.root)
-        wait_until(self._ready, 60, "webjobsd to be ready", interval=0.02)
+        # Ready comes after the first scan and reconcile: thousands of jobs (scenario scale) take
+        # longer than 60 s on a loaded 2-core machine.
+        ready_s = 60 + 0.2 * len(jobs)
+        wait_until(self._ready, ready_s, "webjobsd to be ready", interval=0.02)
 
     def _ready(self) -> bool:
         assert self.process is not None
