@@ -249,9 +249,10 @@ class DiscoveryService:
         (folders that arrived with a writer inside) are asked about again, before the read."""
         still_written = {key for key, writer in self._writers(suspects).items() if writer}
         observations: list[Observation] = []
+        which = self.catalog.which_memo()
         for key in targets:
             self._set_stage(f"reading job folder {key}")
-            observations.extend(self.catalog.observe([key], settle=settle))
+            observations.extend(self.catalog.observe([key], settle=settle, which=which))
         self._set_stage("applying")
         return observations, still_written
 
