@@ -580,7 +580,9 @@ class OutputCapture:
 
     Fed from the pipe's `data_received` as the bytes arrive: no StreamReader in between, whose
     buffer would copy every byte twice more, and whose reading task would add a loop turn per
-    chunk. `on_activity` is called for every chunk, empty lines included (idle timeouts).
+    chunk. A pipe that floods is fed by its reader thread instead (`runtime.pipereader`), never
+    by both at once. `on_activity` is called for every chunk, empty lines included (idle
+    timeouts).
     """
 
     def __init__(
