@@ -15,7 +15,8 @@ the pipes are drained with a deadline. The protocol also hands each chunk read f
 straight to its `OutputCapture` (no StreamReader and no reading task in between: every byte of
 output is copied once by the read, and a chunk costs one loop turn less), and a pipe that
 carries a lot is enlarged (`pipesize`), so a job that writes fast blocks less often and each
-read takes more.
+read takes more. A pipe that floods (still full when read once enlarged) is then read by a thread
+of its own (`pipereader`): large reads, and no loop turn per chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import structlog
 
 from webjobsd.records.joblog import OutputCapture
-from webjobsd.runtime import pipesize, proctree
+from webjobsd.runtime import pipereader, pipesize, proctree
+from webjobsd.runtime.pipereader import Ending, PipeReader
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 from webjobsd.runtime.runas import RunAs
 
@@ -65,7 +67,10 @@ class _JobProtocol(asyncio.SubprocessProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, captures: dict[int, OutputCapture]) -> None:
         self._transport: asyncio.SubprocessTransport | None = None
+        self._loop = loop
         self._captures = captures
+        # Pipes read by a thread now (see `pipereader`); the loop does not read them meanwhile.
+        self._readers: dict[int, PipeReader] = {}
         self.exited: asyncio.Future[int] = loop.create_future()
         # Completed when the pipe of that fd reaches EOF (or is closed by us).
         self.pipes_done: dict[int, asyncio.Future[None]] = {
@@ -96,6 +101,36 @@ class _JobProtocol(asyncio.SubprocessProtocol):
             # A log that cannot take the output must not stop the reading: the job would
             # block on a full pipe. The writer already counts and reports its own I/O errors.
             log.exception("output capture failed", fd=fd)
+        if (
+            fd not in self._carried
+            and len(data) >= pipereader.FLOOD_READ_BYTES
+            and pipereader.available()
+        ):
+            self._hand_to_thread(fd, capture)
+
+    def _hand_to_thread(self, fd: int, capture: OutputCapture) -> None:
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if not isinstance(pipe, asyncio.ReadTransport) or pipe.is_closing():
+            return
+        pipe.pause_reading()
+        reader = PipeReader(
+            pipe.get_extra_info("pipe").fileno(),
+            capture,
+            self._loop,
+            lambda ending: self._reader_ended(fd, ending),
+        )
+        self._readers[fd] = reader
+        reader.start()
+
+    def _reader_ended(self, fd: int, ending: Ending) -> None:
+        del self._readers[fd]
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if not isinstance(pipe, asyncio.ReadTransport) or pipe.is_closing():
+            self._pipe_done(fd)
+        elif ending is Ending.IDLE:
+            pipe.resume_reading()
+        else:
+            pipe.close()  # pipe_connection_lost follows; the capture is already closed
 
     def _enlarge(self, fd: int) -> None:
         pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
@@ -106,12 +141,19 @@ class _JobProtocol(asyncio.SubprocessProtocol):
         if fd in self._enlarged:
             self._enlarged.discard(fd)
             pipesize.budget().give_back()
+        reader = self._readers.get(fd)
+        if reader is not None:  # not our doing: the reader ends and closes the capture
+            reader.stop()
+            return
         capture = self._captures.get(fd)
         if capture is not None:
             try:
                 capture.close()
             except Exception:
                 log.exception("output capture failed", fd=fd)
+        self._pipe_done(fd)
+
+    def _pipe_done(self, fd: int) -> None:
         done = self.pipes_done.get(fd)
         if done is not None and not done.done():
             done.set_result(None)
@@ -126,6 +168,10 @@ class _JobProtocol(asyncio.SubprocessProtocol):
         """Stop reading output (a descendant keeps a pipe open after the job ended)."""
         transport = self._transport
         for fd in self.pipes_done:
+            reader = self._readers.get(fd)
+            if reader is not None:
+                reader.stop()  # the pipe is closed once the thread is done with it
+                continue
             pipe = transport.get_pipe_transport(fd) if transport is not None else None
             if pipe is not None:
                 pipe.close()  # calls pipe_connection_lost on the next loop turn

@@ -36,7 +36,7 @@ from webjobsd.model import ContinuousStatus, JobKey, JobSpec
 from webjobsd.records.joblog import JobLogWriter, LogLevel
 from webjobsd.records.starts import StartHistory, starts_path
 from webjobsd.records.status import write_continuous_status
-from webjobsd.runtime import proctree
+from webjobsd.runtime import pipereader, proctree
 from webjobsd.runtime.environment import JobLaunch, job_environment
 from webjobsd.runtime.jobprocess import (
     JobProcess,
@@ -108,7 +108,8 @@ class SupervisorContext:
         counter = self.on_log_bytes
         if counter is None:
             return None
-        return lambda count: counter(job_name, count)
+        # Called from a pipe's reader thread too (`pipereader`): delivered on the loop.
+        return pipereader.on_loop(lambda count: counter(job_name, count))
 
     def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
         """Before a start (blocking: call in a thread): the data folder stays the daemon's,
