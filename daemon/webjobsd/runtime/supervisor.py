@@ -59,6 +59,8 @@ COPY_FAILURE_MAX_S = 3600.0
 SETTLE_RETRY_S = 5.0
 UNIT_CRASH_BACKOFF_S = 5.0
 FORCED_STOP_BOUND_S = 5.0
+# During a launch (exit or start → spawn), the longest a status change waits to be written.
+LAUNCH_STATUS_DELAY_S = 0.05
 STOP_RETRY_S = 1.0
 
 
@@ -134,9 +136,15 @@ class ContinuousUnit:
         # Why the job is held in its status (shown as the job's `error`), None when it is not.
         self._reason: str | None = None
         self._status_written: tuple[ContinuousStatus, str | None] | None = None
-        self._status_flush_scheduled = False
+        self._status_flush: asyncio.Handle | None = None
+        # Between the start of a launch and its spawn, status writes wait (see `_launch`).
+        self._launching = False
         self.restarts = 0
         self.process: JobProcess | None = None
+        # A process that exited on its own and whose leftovers are still to be ended (after the
+        # next spawn, or before any wait): see `_end_exited`.
+        self._exited: JobProcess | None = None
+        self._ending: set[asyncio.Task[None]] = set()
         self.port: int | None = None
         self._log = JobLogWriter(
             context.layout.job_log_path(self.key),
@@ -177,6 +185,7 @@ class ContinuousUnit:
         self._changed.set()
 
     async def _wait_changed(self, timeout: float | None = None) -> bool:
+        self._end_launch()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
@@ -204,19 +213,24 @@ class ContinuousUnit:
         )
         self.status = status
         self._log.system(LogLevel.INFO, f"Status changed to {status.value}")
-        # The file is written on the loop's next turn, not here: a restart passes through
-        # PendingRestart, Starting and Running within a millisecond, and writing each one before
-        # the spawn put three file replacements on the restart's critical path. Readers only
-        # ever need the latest; the turn comes at the first await (before or during the spawn).
+        # The file is written later, not here: a restart passes through PendingRestart,
+        # Starting and Running within a millisecond, and readers only ever need the latest.
+        # Outside a launch it is the loop's next turn; during one, after the spawn (`_launch`).
         self._schedule_status_flush()
 
     def _schedule_status_flush(self) -> None:
-        if not self._status_flush_scheduled:
-            self._status_flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_status)
+        if self._status_flush is None:
+            loop = asyncio.get_running_loop()
+            if self._launching:
+                # Bounded: a launch that copies a large job still shows Starting meanwhile.
+                self._status_flush = loop.call_later(LAUNCH_STATUS_DELAY_S, self._flush_status)
+            else:
+                self._status_flush = loop.call_soon(self._flush_status)
 
     def _flush_status(self) -> None:
-        self._status_flush_scheduled = False
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
         status = self.status
         if status is None or (status, self._reason) == self._status_written:
             return
@@ -240,10 +254,33 @@ class ContinuousUnit:
                 await self._close_process(self.process)
                 self._starts.ended("stopped", self.process.returncode)
                 self._forget_process()
+            self._end_exited()
+            if self._ending:
+                await asyncio.gather(*self._ending, return_exceptions=True)
             self._singleton.release()
             self._flush_status()
             self._starts.flush()
             self._log.close()
+
+    def _end_exited(self) -> None:
+        """End what is left of the process that exited on its own (its leftovers, pipes).
+
+        Deferred from the exit to here so that a restart spawns first: ending leftovers scans
+        `/proc` (milliseconds, more on a busy host), and the old tree's token never matches
+        the new process, so the order does not matter to the result.
+        """
+        process, self._exited = self._exited, None
+        if process is None:
+            return
+        task = asyncio.create_task(self._close_exited(process), name=f"end-{self.key}")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _close_exited(self, process: JobProcess) -> None:
+        await self._close_process(process)
+        if self.process is None:
+            # The slot names the newest process: a replacement already saved its own record.
+            self._forget_process()
 
     async def _close_process(self, process: JobProcess) -> None:
         """The unit ends only once its process is gone: a unit forgotten with a live process
@@ -341,24 +378,66 @@ class ContinuousUnit:
             self._log.system(LogLevel.INFO, "WebJob singleton lock is released")
 
     async def _run_once(self, target: Target) -> None:
+        """One launch: prepare, spawn, supervise. From here to the spawn is the restart's
+        critical path: status files are written after the spawn (or after
+        `LAUNCH_STATUS_DELAY_S`), the exited process's leftovers are ended after it, and the
+        folder work is one thread hop."""
+        self._begin_launch()
+        try:
+            launched = await self._launch(target)
+        finally:
+            self._end_launch()
+        if launched is None:
+            return
+        process, shutdown_file = launched
+        if process is None:
+            await self._after_exit(target, uptime_s=0.0)
+            return
+        await self._supervise(target, process, shutdown_file)
+
+    def _begin_launch(self) -> None:
+        self._launching = True
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
+            self._schedule_status_flush()
+
+    def _end_launch(self) -> None:
+        """The spawn happened (or the launch waits or gave up): what was held goes out now."""
+        self._launching = False
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
+            self._schedule_status_flush()
+        self._end_exited()
+
+    async def _launch(self, target: Target) -> tuple[JobProcess | None, Path] | None:
+        """None when nothing was started (the unit waited, or the target moved on); else the
+        process, None when it could not be started, and its shutdown file."""
         spec = target.spec
         self._transition(ContinuousStatus.STARTING, "starting")
-        root = await self._prepare_root(spec)
-        if root is None or self._target is not target:
-            return
+        # A restart of an unchanged job of a few files: no thread hop (workcopy.reusable).
+        root = None if spec.is_in_place else self._workcopy.reusable(spec)
+        reused = root is not None
+        if root is None:
+            root = await self._prepare_root(spec)
+            if root is None or self._target is not target:
+                return None
         try:
-            await asyncio.to_thread(
-                self._context.hand_over,
-                None if spec.is_in_place else root,
-                self._context.layout.data_dir(self.key),
-            )
+            copy = None if spec.is_in_place else root
+            data_dir = self._context.layout.data_dir(self.key)
+            if reused:
+                # One lstat per folder when it was handed over before, as a reused copy was.
+                self._context.hand_over(copy, data_dir)
+            else:
+                await asyncio.to_thread(self._context.hand_over, copy, data_dir)
         except OSError as error:
             # The job's error (a full disk, a folder that cannot be made), not the unit's.
             problem = f"Failed to prepare the job's folders: {error}"
             self._log.system(LogLevel.ERR, problem)
             self._transition(ContinuousStatus.PENDING_RESTART, "cannot prepare", reason=problem)
             await self._wait_changed(COPY_FAILURE_RETRY_S)
-            return
+            return None
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(
@@ -395,11 +474,10 @@ class ContinuousUnit:
             self._starts.started(None)
             self._starts.ended("failed to start")
             log.warning("cannot start job process", job=str(self.key), error=repr(error))
-            await self._after_exit(target, uptime_s=0.0)
-            return
+            return None, shutdown_file
         self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
-        await self._supervise(target, self.process, shutdown_file)
+        return self.process, shutdown_file
 
     async def _prepare_root(self, spec: JobSpec) -> Path | None:
         """The folder to run `spec` from, or None after waiting (the loop then looks again).
@@ -466,7 +544,7 @@ class ContinuousUnit:
         return folder / new_token()[:12]
 
     async def _supervise(self, target: Target, process: JobProcess, shutdown_file: Path) -> None:
-        exited = asyncio.create_task(process.wait(), name=f"wait-{self.key}")
+        exited = asyncio.create_task(process.wait_exit(), name=f"wait-{self.key}")
         try:
             while True:
                 changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
@@ -502,7 +580,10 @@ class ContinuousUnit:
             self._stopped_by_us = False
             return
         self._starts.ended("exited", code)
-        self._forget_process()
+        # Its leftovers are ended (and its record removed) once the replacement is spawned:
+        # from here to that spawn is a launch.
+        self._exited = process
+        self._begin_launch()
         # It exited on its own, maybe at the same moment as a change arrived: say so either way.
         self._report_exit(code)
         if self._target is target and not self._forced:
