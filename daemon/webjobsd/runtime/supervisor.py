@@ -49,6 +49,7 @@ from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
 from webjobsd.runtime.runas import RunAs, prepare_job_data_folder, reclaim_data_folder
 from webjobsd.runtime.workcopy import FolderChanged, WorkingCopy, describe_error
+from webjobsd.runtime.writes import OrderedWrites
 from webjobsd.site import JOB_DATA_FOLDER, SiteLayout
 
 log = structlog.get_logger("webjobsd.supervisor")
@@ -105,6 +106,8 @@ class SupervisorContext:
     # (job name, exit code or None when it could not start, uptime s, restart delay s,
     # consecutive quick exits): an unexpected exit, for webhooks. Must not block.
     on_exit: Callable[[str, int | None, float, float, int], None] | None = None
+    # Status files and process records of continuous jobs, off the loop (runtime.writes).
+    writes: OrderedWrites = field(default_factory=OrderedWrites)
 
     def log_counter(self, job_name: str) -> Callable[[int], None] | None:
         counter = self.on_log_bytes
@@ -242,12 +245,25 @@ class ContinuousUnit:
         status = self.status
         if status is None or (status, self._reason) == self._status_written:
             return
+        self._status_written = (status, self._reason)
+        self._context.writes.submit(
+            self._write_status, asyncio.get_running_loop(), status, self._reason
+        )
+
+    def _write_status(
+        self, loop: asyncio.AbstractEventLoop, status: ContinuousStatus, reason: str | None
+    ) -> None:
+        """In the writes thread."""
         try:
-            write_continuous_status(self._context.layout, self.key, status, self._reason)
+            write_continuous_status(self._context.layout, self.key, status, reason)
         except OSError as error:
             log.error("cannot write status file", job=str(self.key), error=str(error))
-            return
-        self._status_written = (status, self._reason)
+            # Not written: the next flush of the same status tries again.
+            loop.call_soon_threadsafe(self._status_not_written, (status, reason))
+
+    def _status_not_written(self, failed: tuple[ContinuousStatus, str | None]) -> None:
+        if self._status_written == failed:
+            self._status_written = None
 
     def _status_name(self) -> str | None:
         return self.status.value if self.status else None
@@ -685,16 +701,21 @@ class ContinuousUnit:
         self._release_singleton()
 
     def _remember_process(self, identity: ProcessIdentity) -> None:
-        try:
-            self._context.records.save(self._slot, identity)
-        except OSError as error:
-            log.error("cannot persist process record", job=str(self.key), error=str(error))
+        self._context.writes.submit(self._save_record, identity)
         if self._singleton.held:
             with contextlib.suppress(OSError):
                 self._singleton.update_owner(self._singleton_owner_info(identity))
 
+    def _save_record(self, identity: ProcessIdentity) -> None:
+        """In the writes thread."""
+        try:
+            self._context.records.save(self._slot, identity)
+        except OSError as error:
+            log.error("cannot persist process record", job=str(self.key), error=str(error))
+
     def _forget_process(self) -> None:
-        self._context.records.remove(self._slot)
+        # Through the same queue as the save: a record is never removed before it is written.
+        self._context.writes.submit(self._context.records.remove, self._slot)
 
 
 class Supervisor(ContinuousRuntime):
@@ -780,6 +801,7 @@ class Supervisor(ContinuousRuntime):
             self.retire(key, reason="shutdown")
         retiring = dict(self._retiring)
         if not retiring:
+            await self._context.writes.close()
             return
         forcing: asyncio.Task[bool] = asyncio.create_task(force.wait(), name="shutdown-force")
         try:
@@ -802,3 +824,5 @@ class Supervisor(ContinuousRuntime):
             forcing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await forcing
+            # The units' last statuses and record removals are written before the daemon ends.
+            await self._context.writes.close()
