@@ -6,8 +6,15 @@ from where it is to that target: starting, restarting after an exit with backoff
 stop ladder. Targets are replaced, never queued, so a burst of changes costs one restart.
 
 States are Kudu's continuous statuses (Part B §5.1). Every change goes through `_transition`,
-which writes `status_{instance}` atomically, appends Kudu's `Status changed to ...` line to the
-job log and logs why in the daemon log.
+which appends Kudu's `Status changed to ...` line to the job log, logs why in the daemon log and
+has `status_{instance}` written atomically: the latest status only, by the writes thread
+(`runtime.writes`, in order), and during a launch (an exit or a start up to the spawn) only once
+the process is spawned, or after `LAUNCH_STATUS_DELAY_S` for a slow launch.
+
+Restart path: the exit of the leader (its pipes at EOF) is enough to decide; the scan of `/proc`
+that ends the old tree's leftovers runs after the replacement's spawn (`_end_exited`), and an
+unchanged copy of a few files is checked on the loop (`WorkingCopy.reusable`). Both were most of
+a restart's time: 2.3 ms of scan at 94 processes, 7-10 ms of thread hops on a busy host.
 
 Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
