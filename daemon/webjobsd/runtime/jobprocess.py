@@ -45,6 +45,9 @@ _DRAIN_AFTER_EXIT_S = 1.0
 # Pipes still open this long after the leftovers were killed: kill again (and at the deadline).
 _SECOND_LOOK_S = 0.1
 _TREE_POLL_S = 0.05
+# After the leader's exit, how long `wait_exit` waits for the pipes' EOF before it decides that
+# a descendant holds them.
+_OUTPUT_END_GRACE_S = 0.01
 # proctree's scan is a snapshot: a member may fork between the scan and the signal.
 _KILL_ROUNDS = 10
 
@@ -264,9 +267,30 @@ class JobProcess:
 
         Safe to call several times and from several tasks: the work happens once.
         """
+        return await asyncio.shield(self._start_finish())
+
+    def _start_finish(self) -> asyncio.Task[int]:
         if self._finished is None:
             self._finished = asyncio.create_task(self._finish(), name=f"finish-{self.pid}")
-        return await asyncio.shield(self._finished)
+        return self._finished
+
+    async def wait_exit(self) -> int:
+        """Wait for the leader to exit and its output to end; returns its exit code.
+
+        Unlike `wait`, the leftovers are not looked for: the owner calls `wait` (or `close`)
+        later, when the scan of `/proc` (milliseconds, proportional to the processes on the
+        host) no longer delays anything. The output has ended when both pipes reached EOF,
+        which for a leader alone happens as it exits; when a descendant still holds a pipe,
+        the whole finish (`wait`) runs now, since ending the holders is what ends the output.
+        """
+        code = await asyncio.shield(self._protocol.exited)
+        pending = [done for done in self._protocol.pipes_done.values() if not done.done()]
+        if pending:
+            # The exit and the pipes' EOF are separate events: give the EOF its loop turn.
+            _, still = await asyncio.wait(pending, timeout=_OUTPUT_END_GRACE_S)
+            if still:
+                return await self.wait()
+        return code
 
     async def _finish(self) -> int:
         code = await self._protocol.exited
