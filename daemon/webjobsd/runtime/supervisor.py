@@ -280,6 +280,7 @@ class ContinuousUnit:
 
     async def run(self) -> None:
         try:
+            await asyncio.to_thread(self._log.open_now)
             await self._loop()
         finally:
             if self.process is not None:
