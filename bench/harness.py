@@ -28,6 +28,7 @@ class Sizes:
 
     bulk_jobs: int = 100  # burst, shutdown, idle CPU, memory (middle point)
     big_jobs: int = 1000  # memory (top point), list API
+    scale_jobs: int = 5000  # scale (not in --quick unless named with --only)
     big_rounds: int = 2  # rounds of the scenarios that start `big_jobs` jobs per sample
     heavy_rounds: int = 3  # rounds of the scenarios that start a fresh instance per sample
     samples_per_round: int = 4  # restart and run: samples taken per round and system
@@ -42,6 +43,7 @@ class Sizes:
 QUICK = Sizes(
     bulk_jobs=20,
     big_jobs=100,
+    scale_jobs=200,
     big_rounds=1,
     heavy_rounds=1,
     samples_per_round=3,

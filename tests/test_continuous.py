@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -368,6 +369,41 @@ async def test_an_exit_is_seen_while_a_child_still_holds_the_output(site: Site) 
         )
         await wait_for(lambda: site.status("parent") == "PendingRestart", what="PendingRestart")
         await wait_for(lambda: not job_pids(site, "parent"), what="background child ended")
+
+
+async def test_an_immediate_restart_still_ends_what_the_old_process_left(site: Site) -> None:
+    """1. the first process leaves a setsid child with its output closed and exits 3
+    2. with no restart delay the replacement starts (leftovers are ended after its spawn)
+    3. the old process's child is gone while the replacement runs, and the status says so."""
+    site.write_job(
+        "continuous",
+        "leaver",
+        {
+            "run.sh": """\
+                if [ ! -e "$WEBJOBSD_JOB_DATA_PATH/once" ]; then
+                    touch "$WEBJOBSD_JOB_DATA_PATH/once"
+                    setsid sleep 303 </dev/null >/dev/null 2>&1 &
+                    exit 3
+                fi
+                echo second run
+                while true; do sleep 0.2; done
+            """
+        },
+    )
+    async with running_daemon(site, environ={"WEBJOBS_RESTART_TIME": "0"}):
+        await wait_for(lambda: "second run" in site.job_log("leaver"), what="the replacement")
+
+        def sleepers() -> list[int]:
+            found = []
+            for pid in job_pids(site, "leaver"):
+                with contextlib.suppress(psutil.Error):
+                    if psutil.Process(pid).cmdline()[:2] == ["sleep", "303"]:
+                        found.append(pid)
+            return found
+
+        await wait_for(lambda: not sleepers(), what="the old process's child ended")
+        await wait_for(lambda: site.status("leaver") == "Running", what="Running written")
+        assert len(leaders(site, "leaver")) == 1
 
 
 async def test_a_job_removed_and_added_again_never_runs_twice(site: Site) -> None:

@@ -30,7 +30,7 @@ from tests.helpers import wait_for
 from webjobsd.deploy import archive as archive_module
 from webjobsd.deploy.archive import UnsafeArchive, extract_zip
 from webjobsd.http.errors import ApiError, error_middleware
-from webjobsd.http.files import add_file_routes
+from webjobsd.http.lazy import add_file_routes
 from webjobsd.http.uploads import safe_child
 from webjobsd.limits import UploadLimits
 

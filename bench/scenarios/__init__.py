@@ -11,6 +11,7 @@ from bench.scenarios.latency import burst, drop, restart, run
 from bench.scenarios.listapi import list_api
 from bench.scenarios.logs import logs
 from bench.scenarios.resources import idle_cpu, memory
+from bench.scenarios.scale import scale
 from bench.scenarios.shutdown import shutdown
 
 Scenario = Callable[[Harness], list[Result]]
@@ -26,4 +27,8 @@ SCENARIOS: dict[str, Scenario] = {
     "idle-cpu": idle_cpu,
     "list": list_api,
     "deploy": deploy,
+    "scale": scale,
 }
+
+# Left out of `--quick` unless named with `--only`: thousands of processes per sample.
+HEAVY = frozenset({"scale"})

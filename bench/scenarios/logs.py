@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import jobs
@@ -57,10 +58,30 @@ def _tail(path: Path, size: int) -> bytes:
         return b""
 
 
-def wait_last_line(path: Path, blocks: int, timeout: float) -> float:
-    """Until `path` ends with the writer's last line; returns the file's modification time."""
+def _newest_nonempty(newest_first: list[Path]) -> Path | None:
+    for path in newest_first:
+        try:
+            if path.stat().st_size:
+                return path
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def wait_last_line(files: Callable[[], list[Path]], blocks: int, timeout: float) -> float:
+    """Until the log ends with the writer's last line; returns that file's modification time.
+
+    The newest non-empty file counts, not the current one alone: a manager that rotates once a
+    write has taken the file past its limit (supervisord) leaves an empty current log when the
+    last write is the one that does so.
+    """
     last = last_line(blocks)
-    wait_until(lambda: _tail(path, len(last)) == last, timeout, "the last line", interval=0.005)
+
+    def ended() -> Path | None:
+        newest = _newest_nonempty(files())
+        return newest if newest is not None and _tail(newest, len(last)) == last else None
+
+    path = wait_until(ended, timeout, "the last line", interval=0.005)
     return os.stat(path).st_mtime_ns / 1e9
 
 
@@ -86,7 +107,7 @@ def system_sample(h: Harness, name: str, blocks: int) -> tuple[float, int]:
     )
     try:
         started = system.stamps.first_by_name()["writer"].at
-        finished = wait_last_line(system.log_files("writer")[0], blocks, 300)
+        finished = wait_last_line(lambda: system.log_files("writer"), blocks, 300)
         time.sleep(0.2)  # nothing should follow; give a late writer the chance to show up
         return finished - started, count_lines(system.log_files("writer"))
     finally:

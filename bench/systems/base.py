@@ -70,6 +70,12 @@ class System(abc.ABC):
     def add(self, jobs: Sequence[Job]) -> float:
         """Hand new continuous jobs to the running manager; returns the time just before."""
 
+    def add_copied(self, jobs: Sequence[Job]) -> float:
+        """Like `add`, the files copied into place one by one (`cp -r` into the jobs folder)
+        instead of a folder renamed in whole; returns the time just before. A system without
+        folder watching has no such difference: `add` is its equivalent."""
+        return self.add(jobs)
+
     @abc.abstractmethod
     def trigger(self, name: str) -> float:
         """Start on-demand job `name` once through the manager's API; returns the time before."""

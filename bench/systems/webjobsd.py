@@ -70,12 +70,25 @@ class Webjobsd(System):
         return staging
 
     def _drop(self, staged: list[tuple[Job, Path]]) -> float:
-        for kind in ("continuous", "triggered"):
-            (self.jobs_root / kind).mkdir(parents=True, exist_ok=True)
+        """Each staged folder renamed into place in whole (a deployment, zip-and-drop)."""
+        self._kind_folders()
         before = time.time()
         for job, staging in staged:
             os.rename(staging, self.jobs_root / self._folder(job) / job.name)
         return before
+
+    def _copy(self, staged: list[tuple[Job, Path]]) -> float:
+        """Each staged folder built in place by `cp -r` (new files, written where they run)."""
+        self._kind_folders()
+        before = time.time()
+        for job, staging in staged:
+            target = self.jobs_root / self._folder(job) / job.name
+            subprocess.run(["cp", "-r", str(staging), str(target)], check=True)
+        return before
+
+    def _kind_folders(self) -> None:
+        for kind in ("continuous", "triggered"):
+            (self.jobs_root / kind).mkdir(parents=True, exist_ok=True)
 
     # -- System --------------------------------------------------------------------------------
 
@@ -88,7 +101,10 @@ class Webjobsd(System):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [daemon_path, env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "webjobsd", "serve", "--config", str(config_path)]
         self.process = spawn([*argv, "--no-auth"], self.log, env, self.root)
-        wait_until(self._ready, 60, "webjobsd to be ready", interval=0.02)
+        # Ready comes after the first scan and reconcile: thousands of jobs (scenario scale) take
+        # longer than 60 s on a loaded 2-core machine.
+        ready_s = 60 + 0.2 * len(jobs)
+        wait_until(self._ready, ready_s, "webjobsd to be ready", interval=0.02)
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -101,6 +117,9 @@ class Webjobsd(System):
 
     def add(self, jobs: Sequence[Job]) -> float:
         return self._drop([(job, self._stage(job)) for job in jobs])
+
+    def add_copied(self, jobs: Sequence[Job]) -> float:
+        return self._copy([(job, self._stage(job)) for job in jobs])
 
     def trigger(self, name: str) -> float:
         request = urllib.request.Request(

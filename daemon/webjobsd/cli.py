@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from webjobsd import __version__
-from webjobsd.client.commands import KINDS
 from webjobsd.config import ConfigError, load_config
+
+# webjobsd.client.commands has the same pair: the client is imported only by its verbs.
+KINDS = ("continuous", "triggered")
 
 
 def _parser() -> argparse.ArgumentParser:

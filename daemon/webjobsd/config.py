@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 TRUE_LIKE = {"1", "true"}
 
 
@@ -304,6 +302,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
             text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+        # Only with a file: a daemon configured by flags alone never loads YAML (http/lazy.py).
+        import yaml
+
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as error:

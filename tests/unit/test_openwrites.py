@@ -1,8 +1,12 @@
-"""Open-for-write bookkeeping from inotify events (pure, clock-driven)."""
+"""Open-for-write bookkeeping from inotify events (pure, clock-driven), and the look into /proc
+for folders that arrived."""
 
 from __future__ import annotations
 
-from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites
+import os
+from pathlib import Path
+
+from webjobsd.discovery.openwrites import CreatorOpens, OpenWrites, writers_under_each
 
 J = "/jobs/continuous/app"
 
@@ -62,11 +66,13 @@ def test_a_create_without_its_open_is_forgotten() -> None:
     assert not opens.keep("opened", f"{J}/link", is_directory=False, now=60.0)
 
 
-def test_a_made_up_create_of_a_folder_moved_in_is_not_followed_by_its_creators_open() -> None:
-    """The files of a folder renamed in are reported as created: the next open (a reader's: the
-    daemon's own, or an in-place job's interpreter) must not count as a writer's."""
+def test_made_up_events_of_a_folder_moved_in_are_not_passed_on() -> None:
+    """The files of a folder renamed in are reported as created (the folder's own move event
+    names the job already): not passed on, and the next open (a reader's: the daemon's own, or
+    an in-place job's interpreter) does not count as a creator's."""
     opens = CreatorOpens()
-    assert opens.keep("created", f"{J}/run.sh", is_directory=False, now=0.0, synthetic=True)
+    assert not opens.keep("created", f"{J}/run.sh", is_directory=False, now=0.0, synthetic=True)
+    assert not opens.keep("created", f"{J}/lib", is_directory=True, now=0.0, synthetic=True)
     assert not opens.keep("opened", f"{J}/run.sh", is_directory=False, now=0.01)
 
 
@@ -101,3 +107,22 @@ def test_an_upload_temp_name_open_for_writing_holds_its_job_other_noise_does_not
     assert writing_job(root, f"{J}/cache.tmp") is None
     assert writing_job(root, f"{J}/.git/.pack.Ab12Cd") is None
     assert writing_job(root, "/elsewhere/continuous/app/.big.bin.Ab12Cd") is None
+
+
+def test_one_look_into_proc_answers_for_each_folder(tmp_path: Path) -> None:
+    """Folders that arrived together are asked about in one pass over /proc; each gets its own
+    answer (this process writes into one of them and only reads in the other)."""
+    written, quiet = tmp_path / "written", tmp_path / "quiet"
+    for folder in (written, quiet):
+        folder.mkdir()
+        (folder / "run.sh").write_text("echo\n")
+    with open(quiet / "run.sh", "rb"), open(written / "data.bin", "wb") as writer:
+        writer.write(b"half")
+        writer.flush()
+        answers = writers_under_each([written, quiet])
+    assert answers[written] is True
+    if os.geteuid() == 0:  # every process's descriptors can be read: /proc tells
+        assert answers[quiet] is False
+        assert writers_under_each([written, quiet]) == {written: False, quiet: False}
+    else:
+        assert answers[quiet] is not True

@@ -61,7 +61,6 @@ import enum
 import os
 import stat
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -136,6 +135,8 @@ def _stat_identity(path: Path) -> Identity | None:
 def is_complete_zip(path: Path) -> bool:
     """The file ends with a central directory zipfile can read (a half-written zip does not).
     Raises PermissionError when the file may not be read."""
+    import zipfile  # on first use: see http/lazy.py's rule
+
     try:
         with zipfile.ZipFile(path):
             return True

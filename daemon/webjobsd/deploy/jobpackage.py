@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Final
 
-from webjobsd.deploy.archive import extract_zip
 from webjobsd.deploy.staging import Staging
 from webjobsd.discovery.catalog import NO_RUNNABLE_SCRIPT
 from webjobsd.discovery.scripts import select_command
@@ -59,6 +58,9 @@ def deploy_job_package(
     new = staging.new_folder()
     try:
         if is_zip:
+            # Imported on first use (zipfile with it): see http/lazy.py's rule.
+            from webjobsd.deploy.archive import extract_zip
+
             extract_zip(package_path, new, limits)
         else:
             _place_single_file(package_path, new, filename)

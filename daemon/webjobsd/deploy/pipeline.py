@@ -58,7 +58,6 @@ from typing import Final
 
 import structlog
 
-from webjobsd.deploy.archive import extract_zip
 from webjobsd.deploy.lock import IN_PROGRESS, DeploymentLock, deployment_in_progress
 from webjobsd.deploy.postactions import ACTION_TIMEOUT_S, find_actions, run_action
 from webjobsd.deploy.records import (
@@ -401,6 +400,9 @@ class Deployment:
             "Cleaning up temp folders from previous zip deployments and extracting pushed zip "
             f"file {archive.name} ({size / _MB:.2f} MB) to {extracted}"
         )
+        # Imported on first use (zipfile with it): see http/lazy.py's rule.
+        from webjobsd.deploy.archive import extract_zip
+
         try:
             await asyncio.to_thread(_fresh_folder, temp_dir, extracted)
             try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import stat as stat_module
@@ -50,7 +51,12 @@ import structlog
 
 from webjobsd.discovery.contents import FolderContent, HashCache, fingerprint_of, read_content
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
-from webjobsd.discovery.scripts import RESOURCE_ERRNOS, find_script_dir, select_command
+from webjobsd.discovery.scripts import (
+    RESOURCE_ERRNOS,
+    Which,
+    find_script_dir,
+    select_command,
+)
 from webjobsd.model import (
     JobKey,
     JobKind,
@@ -226,6 +232,11 @@ class Catalog:
     def job_dir(self, key: JobKey) -> Path:
         return self._jobs_root / key.kind.value / key.name
 
+    def which_memo(self) -> Which:
+        """The catalog's interpreter lookup, remembered: for the folders of one pass only (an
+        interpreter installed later is found by the next pass)."""
+        return functools.cache(self._which)
+
     # -- looking -----------------------------------------------------------------------------
 
     def present_keys(self) -> set[JobKey]:
@@ -255,10 +266,14 @@ class Catalog:
             return sorted(self.present_keys() | set(self._specs) | set(self._errors))
         return sorted(set(keys))
 
-    def observe(self, keys: Iterable[JobKey], *, settle: bool = True) -> list[Observation]:
+    def observe(
+        self, keys: Iterable[JobKey], *, settle: bool = True, which: Which | None = None
+    ) -> list[Observation]:
         """Blocking file-system reads only: run it in a thread when the loop must not stall.
 
         `settle=False` for intents: the daemon itself just wrote the folder completely.
+        `which`: the interpreter lookup to use instead of the catalog's (a memo of it shared by
+        the folders of one pass: a hundred bash jobs need one walk of PATH, not a hundred).
         """
         now = self._clock()
         settle_s = self.settle_s if settle else 0.0
@@ -268,7 +283,7 @@ class Catalog:
                 key,
                 settle_s=settle_s,
                 now=now,
-                which=self._which,
+                which=which or self._which,
                 cache=self.hashes,
                 hash_while_settling=self._settle_capped(key, now),
             )

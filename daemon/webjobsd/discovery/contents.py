@@ -173,8 +173,13 @@ def open_regular(path: str, *, dir_fd: int | None = None) -> tuple[int, os.stat_
 
 
 def hash_fd(fd: int) -> bytes:
+    # Reads ask for no more than the file holds (plus the byte that shows its end): `os.read`
+    # allocates what it asks for, and a MiB is above glibc's mmap threshold (malloc.py), so each
+    # small file cost two mmap/munmap pairs, which wait on the process's memory-map lock while
+    # jobs fork (reading 100 new job folders during a burst of starts: 130 us -> 39 us a file).
     digest = hashlib.sha256()
-    while chunk := os.read(fd, CHUNK_BYTES):
+    size = min(CHUNK_BYTES, os.fstat(fd).st_size + 1)
+    while chunk := os.read(fd, size):
         digest.update(chunk)
     return digest.digest()
 

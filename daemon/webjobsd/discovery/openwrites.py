@@ -9,8 +9,12 @@ for writing until `IN_CLOSE_WRITE`. The catalog never settles a job with such a 
 Decisions:
 * Only the creator's open counts after a create: links (`ln`, `ln -s`) and `mknod` create
   entries without opening them, and a reader's open is not a writer's. A create not followed by
-  its open within `_CREATE_OPEN_WINDOW_S` is forgotten; the creates watchdog makes up for the
-  files of a folder moved in (`is_synthetic`) are never followed by their creator's open.
+  its open within `_CREATE_OPEN_WINDOW_S` is forgotten.
+* The events watchdog makes up for the content of a folder moved in or within the tree
+  (`is_synthetic`: a create or a move per entry) are not passed on at all. The folder's own move
+  event comes first and names everything they would (its job, an arrival, or a rescan), and marks
+  move with it; passed on, a hundred folders renamed in at once brought a hundred job hints that
+  read every folder again a quiet period later, and no creator's open ever follows them.
 * A mark ends at `IN_CLOSE_WRITE` (a writer that dies has its files closed by the kernel, so the
   close comes then too), at delete, and moves with a rename.
 * After the creator's open, every open and close of the file is counted, and a close without
@@ -30,10 +34,11 @@ Decisions:
 * An open without a write yet counts (FTP servers buffer: the first bytes of a transfer that
   stalls at once may not have reached the file; tests/test_drops.py shows it with pyftpdlib).
 * A folder renamed into place in whole may hold files still open for writing that inotify never
-  saw opened (written outside the watch). `writers_under` asks /proc before such an arrival is
-  taken without a quiet period, and again while it holds the job; when it cannot tell (a daemon
-  that may not read every process's descriptors, i.e. not root), the arrival goes the usual way,
-  quiet period included. For an arrival, /proc has the last word: only written marks count.
+  saw opened (written outside the watch). `writers_under_each` asks /proc before such an arrival
+  is taken without a quiet period, and again while it holds the job (one pass over /proc for
+  every folder that arrived together); when it cannot tell (a daemon that may not read every
+  process's descriptors, i.e. not root), the arrival goes the usual way, quiet period included.
+  For an arrival, /proc has the last word: only written marks count.
 * Pure and clock-driven, fed on the event loop by the watcher; the watcher maps paths to jobs.
 """
 
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import structlog
@@ -79,8 +85,10 @@ class CreatorOpens:
     def keep(
         self, kind: str, path: str, *, is_directory: bool, now: float, synthetic: bool = False
     ) -> bool:
-        """Whether to pass the event on. `synthetic`: watchdog made it up (the files of a folder
-        moved in are reported as created); no open of the file followed such a create."""
+        """Whether to pass the event on. `synthetic`: watchdog made it up (the entries of a
+        folder moved in are reported as created, of one moved within the tree as moved)."""
+        if synthetic:
+            return False
         if is_directory:
             return kind not in ("opened", "closed_no_write")
         # Insertion order is time order: stop at the first recent one.
@@ -88,7 +96,7 @@ class CreatorOpens:
             if now - at < _CREATE_OPEN_WINDOW_S:
                 break
             del self._created[known]
-        if kind == "created" and not synthetic:
+        if kind == "created":
             self._created[path] = now
         elif kind == "opened":
             if path in self._passed:
@@ -179,17 +187,41 @@ class OpenWrites:
         self._written.clear()
 
 
-def writers_under(folder: Path) -> bool | None:
-    """True when some process holds a file under `folder` open for writing, False when none
-    does, None when it cannot be told. Blocking (reads /proc): call it in a thread."""
-    found = files_written_under(folder, first_only=True)
-    return None if found is None else bool(found)
+def writers_under_each(folders: Collection[Path]) -> dict[Path, bool | None]:
+    """For each folder: True when some process holds a file under it open for writing, False
+    when none does, None when it cannot be told. One pass over /proc answers for all of them (a
+    hundred folders renamed in at once must not cost a hundred passes: each reads every
+    descriptor of every process). Blocking: call it in a thread."""
+    if not folders:
+        return {}
+    scanned = _scan_written(os.path.commonpath([os.fspath(folder) for folder in folders]))
+    if scanned is None:
+        return dict.fromkeys(folders)
+    found, unknown = scanned
+    answers: dict[Path, bool | None] = {}
+    for folder in folders:
+        prefix = f"{folder}{os.sep}"
+        if any(path.startswith(prefix) for path in found):
+            answers[folder] = True
+        else:
+            answers[folder] = None if unknown else False
+    return answers
 
 
-def files_written_under(folder: Path, *, first_only: bool = False) -> set[str] | None:
+def files_written_under(folder: Path) -> set[str] | None:
     """The files under `folder` that some process holds open for writing (from /proc), or None
     when it cannot be told (a process whose descriptors may not be read)."""
-    prefix = str(folder) + os.sep
+    scanned = _scan_written(os.fspath(folder))
+    if scanned is None:
+        return None
+    found, unknown = scanned
+    return None if unknown and not found else found
+
+
+def _scan_written(folder: str) -> tuple[set[str], bool] | None:
+    """One pass over /proc: the files under `folder` open for writing, and whether some
+    process's descriptors could not be read (None: /proc itself cannot be read)."""
+    prefix = folder + os.sep
     unknown = False
     found: set[str] = set()
     try:
@@ -214,9 +246,7 @@ def files_written_under(folder: Path, *, first_only: bool = False) -> set[str] |
                 continue
             if target.startswith(prefix) and _opened_for_writing(pid, fd):
                 found.add(target)
-                if first_only:
-                    return found
-    return None if unknown and not found else found
+    return found, unknown
 
 
 def _opened_for_writing(pid: str, fd: str) -> bool:

@@ -241,13 +241,17 @@ def _choose(
 ) -> _Choice | None:
     fallback: _Choice | None = None
     for host in hosts:
-        prefix = host.argv_prefix(which)
-        if prefix is None:
-            continue
+        # Asked only for a host with files here: `which` walks PATH (an uninstalled host's
+        # interpreter costs a stat per PATH entry), and a job folder holds one kind of script.
+        prefix: tuple[str, ...] | None = None
         for slot in host.slots:
             matching = [c for c in candidates if slot.matches(c)]
             if not matching:
                 continue
+            if prefix is None:
+                prefix = host.argv_prefix(which)
+                if prefix is None:
+                    break
             run = next((c for c in matching if c.folded in slot.run_names), None)
             if run is not None:
                 return _Choice(host, prefix, run)

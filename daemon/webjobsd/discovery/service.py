@@ -2,16 +2,27 @@
 
 It owns the debouncer and the timing of scans. Folder reads run in a worker thread (a job with a
 large `node_modules` takes a while to walk; the loop keeps capturing output meanwhile); the catalog
-is updated back on the loop. After each refresh the watches are re-synced, and `on_changed` (which
-wakes the reconciler) is called when something changed. Keys reported as settling are touched
-again, so they are looked at once their files have been quiet for the debounce period.
+is updated back on the loop. The thread is discovery's own, not the loop's default executor:
+starting a hundred jobs queues a hundred working copies there, and the reads of the next folders
+that arrived (and their look into /proc) waited behind them; one thread is enough, as passes run
+one at a time (it ends with `run`: the daemon stops the API, which asks for refreshes too,
+first). After each refresh the watches are re-synced, and `on_changed` (which wakes the
+reconciler) is called when something changed. Keys reported as settling are touched again, so
+they are looked at once their files have been quiet for the debounce period.
 
 Hand-offs, one way: the watcher says which jobs have a file open for writing (taken before the
 folder reads and again after them, so a file closed while it was being read still counts) and the
 catalog never settles those. A job folder that *arrived* (renamed into place in whole) is looked
 at on the next turn without a quiet period, unless something in it is open for writing (inotify
-or /proc says so, or /proc cannot tell: see openwrites.py). At start no event has said anything:
-/proc tells which jobs a process is still writing into (an upload under way across a restart).
+or /proc says so, or /proc cannot tell: see openwrites.py). The folders that arrived since the
+last pass are asked about together, in one pass over /proc: a pass reads every descriptor of every
+process (a few thousand links with a hundred jobs running), and one per folder made a burst of a
+hundred folders wait seconds. A lone arrival is looked at at once; several since the last pass
+are a burst, gathered while more keep coming (`_gather_arrivals`, at most a quarter second), so
+that the burst costs one pass over /proc, whose cost grows with every descriptor on the host
+(17,000-32,000 on the shared bench machine: half a second a pass there). At start no event has
+said anything: /proc tells which jobs a process is still writing into (an upload under way
+across a restart).
 
 Deployment in progress (KUDU-DEPLOY.md Part A #4): while the site's deployment lock is held, by
 this daemon or any other sharing the site, no change the watcher or a rescan found is settled:
@@ -47,19 +58,26 @@ network file system, say).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import os
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import structlog
 
 from webjobsd.discovery.catalog import Catalog, Observation, RefreshResult
-from webjobsd.discovery.openwrites import files_written_under, writers_under
+from webjobsd.discovery.openwrites import files_written_under, writers_under_each
 from webjobsd.discovery.watcher import Debouncer, Hint, JobsWatcher, stop_observer
 from webjobsd.model import JobKey
 
 log = structlog.get_logger("webjobsd.discovery")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # A pass over 1000 jobs reads their folders in a few seconds; one that takes a minute is stuck.
 STUCK_AFTER_S = 60.0
@@ -69,6 +87,10 @@ STUCK_AFTER_S = 60.0
 HOLD_RECHECK_S = 0.05
 # How often watchdog's threads are checked when nothing else wakes discovery.
 WATCHER_CHECK_S = 2.0
+# Folders renamed in together (see `_gather_arrivals`): the next one of a burst reaches the loop
+# within this of the last; at most this many such waits (a quarter of a second).
+ARRIVALS_GAP_S = 0.01
+ARRIVALS_GATHER_TURNS = 25
 
 
 def _under(path: str, folder: Path) -> bool:
@@ -116,6 +138,15 @@ class DiscoveryService:
         # The observer whose dead thread was last reported, and failed tries to replace it.
         self._dead_reported: object | None = None
         self._replace_failures = 0
+        # Discovery's own reading thread (see the module docstring); made on first use.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="discovery")
+
+    async def _in_thread(
+        self, func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """`asyncio.to_thread`, on discovery's reading thread."""
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, call)
 
     def hint(self, hint: Hint) -> None:
         """Called on the loop for every relevant file event (or by intents)."""
@@ -206,7 +237,7 @@ class DiscoveryService:
         writing_before = self._writing(written_only=written_only)
         targets = self.catalog.targets(keys)
         suspects = self._suspects & set(targets)
-        observations, still_written = await asyncio.to_thread(
+        observations, still_written = await self._in_thread(
             self._observe, targets, suspects, settle
         )
         self._suspects -= suspects - still_written
@@ -226,20 +257,21 @@ class DiscoveryService:
         (folders that arrived with a writer inside) are asked about again, before the read."""
         still_written = {key for key, writer in self._writers(suspects).items() if writer}
         observations: list[Observation] = []
+        which = self.catalog.which_memo()
         for key in targets:
             self._set_stage(f"reading job folder {key}")
-            observations.extend(self.catalog.observe([key], settle=settle))
+            observations.extend(self.catalog.observe([key], settle=settle, which=which))
         self._set_stage("applying")
         return observations, still_written
 
     def _writers(self, keys: set[JobKey]) -> dict[JobKey, bool | None]:
         """In the reading thread: whether a process writes into each job folder (None: /proc
-        cannot tell)."""
-        found: dict[JobKey, bool | None] = {}
-        for key in keys:
-            self._set_stage(f"looking for writers in {key}")
-            found[key] = writers_under(self.catalog.job_dir(key))
-        return found
+        cannot tell), from one pass over /proc for them all."""
+        if not keys:
+            return {}
+        self._set_stage(f"looking for writers in {len(keys)} job folder(s)")
+        folders = {self.catalog.job_dir(key): key for key in keys}
+        return {folders[folder]: writer for folder, writer in writers_under_each(folders).items()}
 
     def _after(self, result: RefreshResult, *, full: bool) -> RefreshResult:
         now = self._clock()
@@ -266,6 +298,12 @@ class DiscoveryService:
         return max(deadline - now, 0.0)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._reader.shutdown(wait=False)
+
+    async def _run(self) -> None:
         while True:
             try:
                 # Not wait_for: on Python 3.11 it swallows a cancellation that arrives just as
@@ -313,11 +351,11 @@ class DiscoveryService:
         self._replace_failures = 0
         self.stage = "stopping the old file watcher"
         if old is not None:
-            await asyncio.to_thread(stop_observer, old)
+            await self._in_thread(stop_observer, old)
         # Open-for-write marks went with the old observer: /proc says who writes now.
         self.stage = "looking for writers after the watcher was replaced"
         targets = self.catalog.targets(None)
-        self._suspects |= await asyncio.to_thread(self._written_by_processes, targets)
+        self._suspects |= await self._in_thread(self._written_by_processes, targets)
 
     async def _held_by_deployment(self, due: set[Hint], now: float) -> bool:
         """Whether a deployment holds this pass's decisions; if so, `due` is kept for its end."""
@@ -325,7 +363,7 @@ class DiscoveryService:
             return False
         if self._recheck_at is None or now >= self._recheck_at:
             self.stage = "probing the deployment lock"
-            held = await asyncio.to_thread(self._probe_deployment)
+            held = await self._in_thread(self._probe_deployment)
             self._recheck_at = self._clock() + HOLD_RECHECK_S if held else None
         if self._recheck_at is None:
             return False
@@ -402,10 +440,12 @@ class DiscoveryService:
         await self._decide(due, now)
 
     async def _arrivals(self, now: float) -> None:
+        if len(self._arrived) > 1:
+            await self._gather_arrivals()
         if self._arrived:
             arrived, self._arrived = self._arrived, set()
             candidates = arrived - self._writing(written_only=True)
-            writers = await asyncio.to_thread(self._writers, candidates)
+            writers = await self._in_thread(self._writers, candidates)
             complete = {key for key, writer in writers.items() if writer is False}
             # A writer /proc saw holds the job until /proc sees it no more (inotify never saw
             # that file opened); where /proc cannot tell, the usual way (quiet period) decides.
@@ -414,6 +454,19 @@ class DiscoveryService:
                 self.debouncer.touch(key, now)
             if complete:
                 await self.refresh(complete, settle=False, arrived=True)
+
+    async def _gather_arrivals(self) -> None:
+        """More than one folder arrived since the last pass: a burst (a script renaming staged
+        jobs in one after the other) whose events reach the loop over tens of milliseconds. Wait
+        while they keep coming (bounded), so that the burst costs one look into /proc and one
+        read pass instead of several, each slowed by the job starts of the one before."""
+        seen = len(self._arrived)
+        for _ in range(ARRIVALS_GATHER_TURNS):
+            self.stage = "gathering folders renamed in together"
+            await asyncio.sleep(ARRIVALS_GAP_S)
+            if len(self._arrived) == seen:
+                return
+            seen = len(self._arrived)
 
     async def _decide(self, due: set[Hint], now: float) -> None:
         if None in due:

@@ -12,12 +12,11 @@ import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from webjobsd.config import AppSettings
-from webjobsd.deploy.pipeline import Deployments
-from webjobsd.deploy.records import DeploymentStore
 from webjobsd.limits import UploadLimits
 from webjobsd.model import JobKey, JobSpec
 from webjobsd.records.logtail import LogWakeups
@@ -25,6 +24,10 @@ from webjobsd.records.runstore import RunStore
 from webjobsd.runtime.scheduler import JobSchedule
 from webjobsd.runtime.triggered import TriggeredJobs
 from webjobsd.site import SiteLayout
+
+if TYPE_CHECKING:
+    from webjobsd.deploy.pipeline import Deployments
+    from webjobsd.deploy.records import DeploymentStore
 
 
 @dataclass(slots=True)

@@ -56,7 +56,7 @@ from webjobsd.deploy.records import (
     parse_deploy_time,
 )
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
-from webjobsd.http.errors import ApiError, bad_request, conflict, not_found, read_json_body
+from webjobsd.http.errors import ApiError, Handler, bad_request, conflict, not_found, read_json_body
 from webjobsd.site import SiteLayout
 
 LATEST = "latest"
@@ -431,14 +431,14 @@ async def runtime_info(_request: web.Request) -> web.StreamResponse:
     )
 
 
-def add_deployment_routes(app: web.Application) -> None:
-    router = app.router
-    for prefix in ("/api/deployments", "/deployments"):
-        router.add_get(prefix, list_deployments)
-        router.add_get(prefix + "/{id}", get_deployment)
-        router.add_put(prefix + "/{id}", put_deployment)
-        router.add_delete(prefix + "/{id}", delete_deployment)
-        router.add_get(prefix + "/{id}/log", get_log)
-        router.add_get(prefix + "/{id}/log/{log_id}", get_log_details)
-    router.add_get("/api/isdeploying", is_deploying)
-    router.add_get("/diagnostics/runtime", runtime_info)
+# By name, for the routes `http/lazy.py` registers at start (this module is imported on first use).
+HANDLERS: dict[str, Handler] = {
+    "list_deployments": list_deployments,
+    "get_deployment": get_deployment,
+    "put_deployment": put_deployment,
+    "delete_deployment": delete_deployment,
+    "get_log": get_log,
+    "get_log_details": get_log_details,
+    "is_deploying": is_deploying,
+    "runtime_info": runtime_info,
+}

@@ -147,22 +147,16 @@ for _type, _ext in (
     _MIME.add_type(_type, _ext)
 
 
-def add_file_routes(
-    app: web.Application,
+def file_api(
     *,
     site_root: Path,
     limits: UploadLimits,
     temp_dir: Path,
     on_change: Callable[[Path], None] | None = None,
     base_url: Callable[[web.Request], str] | None = None,
-) -> None:
-    """Register the vfs and zip routes (current and short forms) on `app`.
-
-    `on_change(path)` is called after every write or delete (for a zip, once with the folder).
-    `base_url(request)` gives `scheme://host` for absolute URLs (listing `href`s, redirects);
-    the daemon passes its trusted-proxy-aware helper, the default is `request.url`'s origin.
-    """
-    api = _FileApi(
+) -> FileApi:
+    """The handlers of the vfs and zip routes, for `add_file_routes` or `http/lazy.py`."""
+    return FileApi(
         site_root.absolute(),
         site_root.resolve(),
         limits,
@@ -170,15 +164,6 @@ def add_file_routes(
         on_change,
         base_url or _origin,
     )
-    for prefix in ("/api/vfs", "/vfs"):
-        for route in (prefix, prefix + "/{path:.*}"):
-            app.router.add_get(route, api.vfs_get)  # HEAD too
-            app.router.add_put(route, api.vfs_put)
-            app.router.add_delete(route, api.vfs_delete)
-    for prefix in ("/api/zip", "/zip"):
-        for route in (prefix, prefix + "/{path:.*}"):
-            app.router.add_get(route, api.zip_get)
-            app.router.add_put(route, api.zip_put)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +174,7 @@ class _Target:
 
 
 @dataclass(frozen=True, slots=True)
-class _FileApi:
+class FileApi:
     root: Path
     real_root: Path
     limits: UploadLimits

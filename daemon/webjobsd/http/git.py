@@ -180,9 +180,9 @@ async def receive_pack(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_git_routes(app: web.Application) -> None:
-    # The host root too, as Kudu: `git remote add azure https://HOST/` works.
-    for root in ("/{site}.git", "/git", ""):
-        app.router.add_get(root + "/info/refs", _plain_errors(info_refs))
-        app.router.add_post(root + "/git-upload-pack", _plain_errors(upload_pack))
-        app.router.add_post(root + "/git-receive-pack", _plain_errors(receive_pack))
+# By name, for the routes `http/lazy.py` registers at start (this module is imported on first use).
+HANDLERS: dict[str, Handler] = {
+    "info_refs": _plain_errors(info_refs),
+    "upload_pack": _plain_errors(upload_pack),
+    "receive_pack": _plain_errors(receive_pack),
+}

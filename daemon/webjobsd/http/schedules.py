@@ -106,7 +106,3 @@ async def list_schedules(request: web.Request) -> web.StreamResponse:
         if key.kind is JobKind.TRIGGERED and isinstance(spec.settings.schedule, str)
     ]
     return web.json_response(entries)
-
-
-def add_schedule_routes(app: web.Application) -> None:
-    app.router.add_get("/api/schedules", list_schedules)

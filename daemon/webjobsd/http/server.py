@@ -16,16 +16,18 @@ from aiohttp import web
 
 from webjobsd.http.context import CONTEXT, ApiContext, base_url
 from webjobsd.http.dashboard import add_dashboard_routes
-from webjobsd.http.deployments import add_deployment_routes
 from webjobsd.http.errors import error_middleware
-from webjobsd.http.files import add_file_routes
-from webjobsd.http.git import add_git_routes
 from webjobsd.http.jobs import add_job_routes
+from webjobsd.http.lazy import (
+    add_deployment_routes,
+    add_file_routes,
+    add_git_routes,
+    add_schedule_routes,
+    add_zipdeploy_routes,
+)
 from webjobsd.http.listener import ConnectionGuard, ConnectionLimits, Listener, track_requests
-from webjobsd.http.schedules import add_schedule_routes
 from webjobsd.http.settings import add_settings_routes
 from webjobsd.http.tls import ServerTls
-from webjobsd.http.zipdeploy import add_zipdeploy_routes
 
 log = structlog.get_logger("webjobsd.http")
 

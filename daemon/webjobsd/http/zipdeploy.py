@@ -459,11 +459,3 @@ async def publish(request: web.Request) -> web.StreamResponse:
         restart=flag(request, "restart", default=True),
     )
     return await deploy_request(request, deploy, placement, is_async=flag(request, "async"))
-
-
-def add_zipdeploy_routes(app: web.Application) -> None:
-    for prefix in ("/api", ""):
-        for method in ("POST", "PUT"):
-            app.router.add_route(method, f"{prefix}/zipdeploy", zipdeploy)
-            app.router.add_route(method, f"{prefix}/publish", publish)
-        app.router.add_post(f"{prefix}/wardeploy", wardeploy)

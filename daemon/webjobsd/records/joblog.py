@@ -43,15 +43,21 @@ Decisions:
   removed (the entry, never what it points to), said once in the daemon's log naming the file,
   and a fresh regular log is created in its place. The log is the job's output: suspending it
   until someone notices would lose that output for nothing.
-* **Cost.** One `stat` and one `write` per call, whatever the number of lines, and the
-  timestamp prefix is formatted once per second. Captured output travels as *blocks*: the bytes
-  of complete lines as they came from the pipe (`LineSplitter.feed_block`, `console_block`),
-  never split into a list of lines on the way. A plain block (valid UTF-8 without controls, the
-  usual case) is checked with one `translate`, then prefixed with one `replace` of LF by LF +
-  prefix; only a block with something to clean is split and rendered line by line. Splitting
-  and joining 2.6 million short lines per 256 MiB cost more than everything else together.
+* **Cost.** One `stat` and one `write` (or `writev`) per call, whatever the number of lines,
+  and the timestamp prefix is formatted once per second. Captured output travels as *blocks*:
+  the bytes of complete lines as they came from the pipe (`LineSplitter.feed_block`,
+  `console_block`), never split into a list of lines on the way. A plain block (valid UTF-8
+  without controls, the usual case) is checked with one `translate`, then prefixed with one
+  `replace` of LF by LF + prefix and written with `writev` (the first prefix and the body as
+  they are, not joined into a third copy); only a block with something to clean is split and
+  rendered line by line. Splitting and joining 2.6 million short lines per 256 MiB cost more
+  than everything else together. The `stat` stays per write rather than per N bytes: with the
+  large blocks of a flood (`runtime.pipereader`) it is one per 512 KiB, under 1 % of the
+  capture's time in a profile, and it is what makes other writers' lines count.
 
-The writer is synchronous and not thread-safe: use it from the event loop thread only.
+The writer is synchronous. Its public methods take one lock, because a job that floods has its
+pipes read by threads of their own (`runtime.pipereader`) while the event loop writes the host's
+lines; `on_written` is called from whichever thread wrote.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import enum
 import errno
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from io import RawIOBase
@@ -99,6 +106,8 @@ _NUL: Final = b"\x00"
 _REPLACEMENT: Final = "\ufffd".encode()
 _CR: Final = 0x0D
 _LF: Final = 0x0A
+
+Buffer = bytes | memoryview
 
 Opener = Callable[[Path], RawIOBase]
 """Opens the log for appending; returns an unbuffered binary file (`write` may be partial)."""
@@ -151,17 +160,18 @@ def _render(prefix: bytes, lines: Sequence[bytes]) -> bytes:
     return prefix + body.replace(b"\n", b"\n" + prefix) + b"\n"
 
 
-def _render_block(prefix: bytes, block: bytes) -> bytes:
-    """`_render` of the lines in `block` (complete lines, each ending with LF)."""
+def _render_block(prefix: bytes, block: bytes) -> list[Buffer]:
+    """`_render` of the lines in `block` (complete lines, each ending with LF), in pieces to
+    write one after the other."""
     if not block:
-        return b""
+        return []
     # The block's own LFs are its separators: no other C0 control may be in it.
     if len(block.translate(None, _C0_BUT_LF)) == len(block) and _is_text(block):
         # Replacing every LF leaves one prefix too many after the last one; the memoryview
-        # drops it without another copy of the block.
+        # drops it, and the first prefix goes out as a piece of its own: no further copy.
         body = block.replace(b"\n", b"\n" + prefix)
-        return b"".join((prefix, memoryview(body)[: len(body) - len(prefix)]))
-    return _render(prefix, block.split(b"\n")[:-1])
+        return [prefix, memoryview(body)[: len(body) - len(prefix)]]
+    return [_render(prefix, block.split(b"\n")[:-1])]
 
 
 def _is_plain(joined: bytes, count: int) -> bool:
@@ -258,6 +268,7 @@ class JobLogWriter:
         self._create_folder = create_folder
         # Told how many bytes reached the file (metrics); never given lines that did not.
         self._on_written = on_written
+        self._lock = threading.Lock()
         self._file: RawIOBase | None = None
         self._identity: tuple[int, int] | None = None
         self._closed = False
@@ -278,7 +289,8 @@ class JobLogWriter:
     def system(self, level: LogLevel, message: str) -> None:
         """A host line (`SYS` tag); a multi-line message becomes one line per line."""
         lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
-        self._append(_render(self._prefix(level, system=True), lines), console=False)
+        with self._lock:
+            self._append([_render(self._prefix(level, system=True), lines)], console=False)
 
     def console(self, level: LogLevel, message: bytes | str) -> None:
         """One line of the job's output; control characters inside it become U+FFFD."""
@@ -288,19 +300,35 @@ class JobLogWriter:
     def console_lines(self, level: LogLevel, lines: Sequence[bytes]) -> None:
         """Many lines of the job's output in one write."""
         if lines:
-            self._append(_render(self._prefix(level, system=False), lines), console=True)
+            with self._lock:
+                self._append([_render(self._prefix(level, system=False), lines)], console=True)
 
     def console_block(self, level: LogLevel, block: bytes) -> None:
         """The job's output as `LineSplitter.feed_block` gives it (complete lines), one write."""
         if block and not block.endswith(b"\n"):
             block += b"\n"  # the last line is a line too, not something to lose
         if block:
-            self._append(_render_block(self._prefix(level, system=False), block), console=True)
+            with self._lock:
+                self._append(_render_block(self._prefix(level, system=False), block), console=True)
+
+    def open_now(self) -> None:
+        """Open the file (and make its folder) now, from a worker thread when a job starts, so
+        that the event loop's first lines are plain writes: at 1000 jobs starting together the
+        first write's mkdir and open were a quarter of the loop's time. A failure is left to the
+        first write, which reports it as any write does."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._current_size()
+            except OSError:
+                self._drop_file()
 
     def close(self) -> None:
         """Close the file; every later write is ignored."""
-        self._closed = True
-        self._drop_file()
+        with self._lock:
+            self._closed = True
+            self._drop_file()
 
     def __enter__(self) -> JobLogWriter:
         return self
@@ -336,22 +364,25 @@ class JobLogWriter:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _append(self, data: bytes, *, console: bool) -> None:
-        if self._closed or not data:
+    def _append(self, pieces: list[Buffer], *, console: bool) -> None:
+        length = sum(map(len, pieces))
+        if self._closed or not length:
             return
         try:
             size = self._current_size()
             if self.cap_bytes is not None:
                 if console:
-                    data = self._apply_cap(data, size)
-            elif size > 0 and size + len(data) > self.max_bytes:
+                    capped = self._apply_cap(b"".join(pieces), size)
+                    pieces, length = [capped], len(capped)
+            elif size > 0 and size + length > self.max_bytes:
                 self._rotate()
                 self._current_size()
         except OSError as exc:
-            self._lost(data, exc)
+            self._lost(b"".join(pieces), exc)
             return
-        if data:
-            self._write(self._drop_notice(), data)
+        if length:
+            notice = self._drop_notice()
+            self._write([notice, *pieces] if notice else pieces, len(notice))
 
     def _apply_cap(self, data: bytes, size: int) -> bytes:
         """The part of `data` that fits under the cap, plus the one-time WARN line."""
@@ -372,19 +403,27 @@ class JobLogWriter:
         )
         return data[:cut] + _render(self._prefix(LogLevel.WARN, system=False), [message.encode()])
 
-    def _write(self, notice: bytes, data: bytes) -> None:
+    def _write(self, pieces: list[Buffer], notice_len: int) -> None:
         assert self._file is not None
-        payload = notice + data
-        view = memoryview(payload)
+        total = sum(map(len, pieces))
         written = 0
         try:
-            while written < len(payload):
-                count = self._file.write(view[written:])
-                if not count:  # a regular file never does this; do not spin if one does
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-                written += count
+            if len(pieces) == 1:
+                view = memoryview(pieces[0])
+                while written < total:
+                    count = self._file.write(view[written:])
+                    if not count:  # a regular file never does this; do not spin if one does
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    written += count
+            else:
+                fd = self._file.fileno()
+                while written < total:
+                    count = os.writev(fd, _after(pieces, written))
+                    if not count:
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    written += count
         except OSError as exc:
-            self._partial_failure(payload, len(notice), written, exc)
+            self._partial_failure(b"".join(pieces), notice_len, written, exc)
             return
         self._unreported_drops = 0
         self._torn = False
@@ -454,6 +493,17 @@ class JobLogWriter:
                 pass
 
 
+def _after(pieces: list[Buffer], offset: int) -> list[Buffer]:
+    """What is left of `pieces` once their first `offset` bytes were written."""
+    if not offset:
+        return pieces
+    for index, piece in enumerate(pieces):
+        if offset < len(piece):
+            return [memoryview(piece)[offset:], *pieces[index + 1 :]]
+        offset -= len(piece)
+    return []
+
+
 def _rotation_paths(folder: Path, rotated_name: str, generations: int) -> list[Path]:
     """`job_prev_log.txt`, `job_prev_log.2.txt`, ... newest first."""
     base = Path(rotated_name)
@@ -491,8 +541,9 @@ class LineSplitter:
             self._partial += chunk
             return self._drain_partial()
         if self._partial:
-            self._partial += memoryview(chunk)[: last + 1]
-            block, self._partial = bytes(self._partial), bytearray(chunk[last + 1 :])
+            # One copy: the partial line and the chunk's complete lines straight into the block.
+            block = b"".join((self._partial, memoryview(chunk)[: last + 1]))
+            self._partial = bytearray(memoryview(chunk)[last + 1 :])
         else:
             block = chunk if last == len(chunk) - 1 else chunk[: last + 1]
             self._partial += memoryview(chunk)[last + 1 :]
@@ -542,7 +593,9 @@ class OutputCapture:
 
     Fed from the pipe's `data_received` as the bytes arrive: no StreamReader in between, whose
     buffer would copy every byte twice more, and whose reading task would add a loop turn per
-    chunk. `on_activity` is called for every chunk, empty lines included (idle timeouts).
+    chunk. A pipe that floods is fed by its reader thread instead (`runtime.pipereader`), never
+    by both at once. `on_activity` is called for every chunk, empty lines included (idle
+    timeouts).
     """
 
     def __init__(

@@ -33,8 +33,12 @@ Decisions:
   local file systems and on NFS/SMB servers) and, if the id is taken, try the next tick. This
   holds across threads, processes and daemons sharing the site, lock or no lock. The start time
   stored is `now` itself (Kudu reads the clock twice, so its id and StartTime differ slightly).
-* **Statuses are rewritten by write-then-rename** with fsync (`records.atomic`), so a reader
-  never sees half a file; Kudu rewrites in place with retries.
+* **Statuses are rewritten by write-then-rename** (`records.atomic`), so a reader never sees half
+  a file; Kudu rewrites in place with retries. Only a finished run's status is fsync'ed: it is
+  the record that stays. `Initializing` and `Running` are written on the way to the process
+  (an fsync there cost a run request milliseconds), and after a crash of the host such a run
+  is `Aborted` by `repair_abandoned` whatever the disk kept; the rename alone already makes
+  each write atomic against a crash of the daemon.
 * **Reading is tolerant and read-only**: a missing folder, a missing, oversized or malformed
   status file, a status that is a link or no regular file (`records.safeopen`), an unknown
   status string, an invalid date: "no run" (None, or skipped by the listing). Keys are
@@ -378,7 +382,7 @@ class RunStore:
                 start_time=now,
             )
             try:
-                write_json_atomic(run_dir / STATUS_FILE, record.to_status_document())
+                write_json_atomic(run_dir / STATUS_FILE, record.to_status_document(), fsync=False)
             except BaseException:
                 # An empty folder would count against the history size and hold an id.
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -391,7 +395,7 @@ class RunStore:
         )
 
     def write(self, record: RunRecord) -> None:
-        """Replace the run's status file atomically (fsync'ed).
+        """Replace the run's status file atomically (fsync'ed once the run is finished).
 
         Raises FileNotFoundError when the run folder no longer exists, so that a run whose
         history was removed is not resurrected as a folder holding only a status; ValueError
@@ -401,7 +405,9 @@ class RunStore:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder is gone: {run_dir}")
         try:
-            write_json_atomic(run_dir / STATUS_FILE, record.to_status_document())
+            write_json_atomic(
+                run_dir / STATUS_FILE, record.to_status_document(), fsync=record.is_finished
+            )
         finally:
             self._changed()
 

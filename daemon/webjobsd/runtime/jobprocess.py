@@ -15,7 +15,8 @@ the pipes are drained with a deadline. The protocol also hands each chunk read f
 straight to its `OutputCapture` (no StreamReader and no reading task in between: every byte of
 output is copied once by the read, and a chunk costs one loop turn less), and a pipe that
 carries a lot is enlarged (`pipesize`), so a job that writes fast blocks less often and each
-read takes more.
+read takes more. A pipe that floods (still full when read once enlarged) is then read by a thread
+of its own (`pipereader`): large reads, and no loop turn per chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import structlog
 
 from webjobsd.records.joblog import OutputCapture
-from webjobsd.runtime import pipesize, proctree
+from webjobsd.runtime import pipereader, pipesize, proctree
+from webjobsd.runtime.pipereader import Ending, PipeReader
 from webjobsd.runtime.proctree import TOKEN_VARIABLE, ProcessIdentity
 from webjobsd.runtime.runas import RunAs
 
@@ -43,6 +45,9 @@ _DRAIN_AFTER_EXIT_S = 1.0
 # Pipes still open this long after the leftovers were killed: kill again (and at the deadline).
 _SECOND_LOOK_S = 0.1
 _TREE_POLL_S = 0.05
+# After the leader's exit, how long `wait_exit` waits for the pipes' EOF before it decides that
+# a descendant holds them.
+_OUTPUT_END_GRACE_S = 0.01
 # proctree's scan is a snapshot: a member may fork between the scan and the signal.
 _KILL_ROUNDS = 10
 
@@ -65,7 +70,10 @@ class _JobProtocol(asyncio.SubprocessProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, captures: dict[int, OutputCapture]) -> None:
         self._transport: asyncio.SubprocessTransport | None = None
+        self._loop = loop
         self._captures = captures
+        # Pipes read by a thread now (see `pipereader`); the loop does not read them meanwhile.
+        self._readers: dict[int, PipeReader] = {}
         self.exited: asyncio.Future[int] = loop.create_future()
         # Completed when the pipe of that fd reaches EOF (or is closed by us).
         self.pipes_done: dict[int, asyncio.Future[None]] = {
@@ -96,6 +104,36 @@ class _JobProtocol(asyncio.SubprocessProtocol):
             # A log that cannot take the output must not stop the reading: the job would
             # block on a full pipe. The writer already counts and reports its own I/O errors.
             log.exception("output capture failed", fd=fd)
+        if (
+            fd not in self._carried
+            and len(data) >= pipereader.FLOOD_READ_BYTES
+            and pipereader.available()
+        ):
+            self._hand_to_thread(fd, capture)
+
+    def _hand_to_thread(self, fd: int, capture: OutputCapture) -> None:
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if not isinstance(pipe, asyncio.ReadTransport) or pipe.is_closing():
+            return
+        pipe.pause_reading()
+        reader = PipeReader(
+            pipe.get_extra_info("pipe").fileno(),
+            capture,
+            self._loop,
+            lambda ending: self._reader_ended(fd, ending),
+        )
+        self._readers[fd] = reader
+        reader.start()
+
+    def _reader_ended(self, fd: int, ending: Ending) -> None:
+        del self._readers[fd]
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if not isinstance(pipe, asyncio.ReadTransport) or pipe.is_closing():
+            self._pipe_done(fd)
+        elif ending is Ending.IDLE:
+            pipe.resume_reading()
+        else:
+            pipe.close()  # pipe_connection_lost follows; the capture is already closed
 
     def _enlarge(self, fd: int) -> None:
         pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
@@ -106,12 +144,19 @@ class _JobProtocol(asyncio.SubprocessProtocol):
         if fd in self._enlarged:
             self._enlarged.discard(fd)
             pipesize.budget().give_back()
+        reader = self._readers.get(fd)
+        if reader is not None:  # not our doing: the reader ends and closes the capture
+            reader.stop()
+            return
         capture = self._captures.get(fd)
         if capture is not None:
             try:
                 capture.close()
             except Exception:
                 log.exception("output capture failed", fd=fd)
+        self._pipe_done(fd)
+
+    def _pipe_done(self, fd: int) -> None:
         done = self.pipes_done.get(fd)
         if done is not None and not done.done():
             done.set_result(None)
@@ -126,6 +171,10 @@ class _JobProtocol(asyncio.SubprocessProtocol):
         """Stop reading output (a descendant keeps a pipe open after the job ended)."""
         transport = self._transport
         for fd in self.pipes_done:
+            reader = self._readers.get(fd)
+            if reader is not None:
+                reader.stop()  # the pipe is closed once the thread is done with it
+                continue
             pipe = transport.get_pipe_transport(fd) if transport is not None else None
             if pipe is not None:
                 pipe.close()  # calls pipe_connection_lost on the next loop turn
@@ -223,9 +272,30 @@ class JobProcess:
 
         Safe to call several times and from several tasks: the work happens once.
         """
+        return await asyncio.shield(self._start_finish())
+
+    def _start_finish(self) -> asyncio.Task[int]:
         if self._finished is None:
             self._finished = asyncio.create_task(self._finish(), name=f"finish-{self.pid}")
-        return await asyncio.shield(self._finished)
+        return self._finished
+
+    async def wait_exit(self) -> int:
+        """Wait for the leader to exit and its output to end; returns its exit code.
+
+        Unlike `wait`, the leftovers are not looked for: the owner calls `wait` (or `close`)
+        later, when the scan of `/proc` (milliseconds, proportional to the processes on the
+        host) no longer delays anything. The output has ended when both pipes reached EOF,
+        which for a leader alone happens as it exits; when a descendant still holds a pipe,
+        the whole finish (`wait`) runs now, since ending the holders is what ends the output.
+        """
+        code = await asyncio.shield(self._protocol.exited)
+        pending = [done for done in self._protocol.pipes_done.values() if not done.done()]
+        if pending:
+            # The exit and the pipes' EOF are separate events: give the EOF its loop turn.
+            _, still = await asyncio.wait(pending, timeout=_OUTPUT_END_GRACE_S)
+            if still:
+                return await self.wait()
+        return code
 
     async def _finish(self) -> int:
         code = await self._protocol.exited

@@ -33,8 +33,10 @@ to `run_as_user` by older versions): they are opened through `records.safeopen`,
 link, never blocking on a FIFO. Such an entry at a lock's name cannot be a lock anyone holds (no
 holder could open it), so `try_acquire` removes it, says so in the log, and creates the file.
 
-All methods do blocking file I/O (the owner info is fsync'd); on slow shared storage call them
-through `asyncio.to_thread`. A `FileLock` is not thread-safe.
+All methods do blocking file I/O; on slow shared storage call them through `asyncio.to_thread`.
+A `FileLock` is not thread-safe. The owner info is not fsync'ed: it is a hint, and after a crash
+of the host no holder it could name survives (a torn or empty file reads as "no owner"); an fsync
+cost a triggered run milliseconds before its process could start.
 """
 
 from __future__ import annotations
@@ -202,4 +204,3 @@ def _write_owner(fd: int, data: bytes) -> None:
     while written < len(data):
         written += os.pwrite(fd, data[written:], written)
     os.ftruncate(fd, len(data))
-    os.fsync(fd)

@@ -35,10 +35,12 @@ import signal
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import structlog
+
+if TYPE_CHECKING:
+    import psutil
 
 log = structlog.get_logger("webjobsd.proctree")
 
@@ -156,6 +158,10 @@ def find_members(identity: ProcessIdentity) -> list[psutil.Process]:
     Never includes the calling process. Each returned `psutil.Process` was built while the pid
     still denoted the member, so psutil's own pid-reuse checks protect later calls on it.
     """
+    # Imported here, not at the top: only stopping a job needs it, and the running daemon
+    # stays about 1 MB smaller until then (the lazy-import rule of http/lazy.py).
+    import psutil
+
     members: list[psutil.Process] = []
     for stat in sorted(_scan_job(identity).members, key=lambda s: s.pid):
         try:
@@ -463,7 +469,17 @@ def _token_of(pid: int) -> bytes | None:
 
 def _epoch_start(start_ticks: int, boot_time: float | None = None) -> float:
     # Same formula as psutil's Process.create_time() on Linux, so the two agree exactly.
-    return start_ticks / _CLOCK_TICKS + (psutil.boot_time() if boot_time is None else boot_time)
+    return start_ticks / _CLOCK_TICKS + (_boot_time() if boot_time is None else boot_time)
+
+
+def _boot_time() -> float:
+    """`btime` of /proc/stat, read as psutil's `boot_time()` reads it (every call: the clock
+    may have been stepped), without importing psutil for it."""
+    with open(f"{_PROC}/stat", "rb") as file:
+        for line in file:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise RuntimeError(f"no btime in {_PROC}/stat")
 
 
 def _same_start(stat: _Stat, identity: ProcessIdentity, boot_time: float | None = None) -> bool:

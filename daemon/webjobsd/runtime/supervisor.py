@@ -6,8 +6,15 @@ from where it is to that target: starting, restarting after an exit with backoff
 stop ladder. Targets are replaced, never queued, so a burst of changes costs one restart.
 
 States are Kudu's continuous statuses (Part B §5.1). Every change goes through `_transition`,
-which writes `status_{instance}` atomically, appends Kudu's `Status changed to ...` line to the
-job log and logs why in the daemon log.
+which appends Kudu's `Status changed to ...` line to the job log, logs why in the daemon log and
+has `status_{instance}` written atomically: the latest status only, by the writes thread
+(`runtime.writes`, in order), and during a launch (an exit or a start up to the spawn) only once
+the process is spawned, or after `LAUNCH_STATUS_DELAY_S` for a slow launch.
+
+Restart path: the exit of the leader (its pipes at EOF) is enough to decide; the scan of `/proc`
+that ends the old tree's leftovers runs after the replacement's spawn (`_end_exited`), and an
+unchanged copy of a few files is checked on the loop (`WorkingCopy.reusable`). Both were most of
+a restart's time: 2.3 ms of scan at 94 processes, 7-10 ms of thread hops on a busy host.
 
 Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
@@ -36,7 +43,7 @@ from webjobsd.model import ContinuousStatus, JobKey, JobSpec
 from webjobsd.records.joblog import JobLogWriter, LogLevel
 from webjobsd.records.starts import StartHistory, starts_path
 from webjobsd.records.status import write_continuous_status
-from webjobsd.runtime import proctree
+from webjobsd.runtime import pipereader, proctree
 from webjobsd.runtime.environment import JobLaunch, job_environment
 from webjobsd.runtime.jobprocess import (
     JobProcess,
@@ -50,6 +57,7 @@ from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
 from webjobsd.runtime.runas import RunAs, prepare_job_data_folder, reclaim_data_folder
 from webjobsd.runtime.workcopy import FolderChanged, WorkingCopy, describe_error
+from webjobsd.runtime.writes import OrderedWrites
 from webjobsd.site import JOB_DATA_FOLDER, SiteLayout
 
 log = structlog.get_logger("webjobsd.supervisor")
@@ -60,6 +68,8 @@ COPY_FAILURE_MAX_S = 3600.0
 SETTLE_RETRY_S = 5.0
 UNIT_CRASH_BACKOFF_S = 5.0
 FORCED_STOP_BOUND_S = 5.0
+# During a launch (exit or start → spawn), the longest a status change waits to be written.
+LAUNCH_STATUS_DELAY_S = 0.05
 STOP_RETRY_S = 1.0
 
 
@@ -106,12 +116,15 @@ class SupervisorContext:
     on_exit: Callable[[str, int | None, float, float, int], None] | None = None
     # What the units started and have not seen end: the shutdown's last sweep.
     started: StartedProcesses = field(default_factory=StartedProcesses)
+    # Status files and process records of continuous jobs, off the loop (runtime.writes).
+    writes: OrderedWrites = field(default_factory=OrderedWrites)
 
     def log_counter(self, job_name: str) -> Callable[[int], None] | None:
         counter = self.on_log_bytes
         if counter is None:
             return None
-        return lambda count: counter(job_name, count)
+        # Called from a pipe's reader thread too (`pipereader`): delivered on the loop.
+        return pipereader.on_loop(lambda count: counter(job_name, count))
 
     def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
         """Before a start (blocking: call in a thread): the data folder stays the daemon's,
@@ -121,6 +134,14 @@ class SupervisorContext:
         prepare_job_data_folder(data_dir / JOB_DATA_FOLDER, self.run_as)
         if self.run_as is not None and working_root is not None:
             self.run_as.hand_over(working_root, recursive=True)
+
+
+class _HandOverFailed(Exception):
+    """The job's folders could not be made or handed to its user (an OSError inside)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _format_seconds(value: float) -> str:
@@ -137,9 +158,15 @@ class ContinuousUnit:
         # Why the job is held in its status (shown as the job's `error`), None when it is not.
         self._reason: str | None = None
         self._status_written: tuple[ContinuousStatus, str | None] | None = None
-        self._status_flush_scheduled = False
+        self._status_flush: asyncio.Handle | None = None
+        # Between the start of a launch and its spawn, status writes wait (see `_launch`).
+        self._launching = False
         self.restarts = 0
         self.process: JobProcess | None = None
+        # A process that exited on its own and whose leftovers are still to be ended (after the
+        # next spawn, or before any wait): see `_end_exited`.
+        self._exited: JobProcess | None = None
+        self._ending: set[asyncio.Task[None]] = set()
         self.port: int | None = None
         self._log = JobLogWriter(
             context.layout.job_log_path(self.key),
@@ -180,6 +207,7 @@ class ContinuousUnit:
         self._changed.set()
 
     async def _wait_changed(self, timeout: float | None = None) -> bool:
+        self._end_launch()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
@@ -207,28 +235,46 @@ class ContinuousUnit:
         )
         self.status = status
         self._log.system(LogLevel.INFO, f"Status changed to {status.value}")
-        # The file is written on the loop's next turn, not here: a restart passes through
-        # PendingRestart, Starting and Running within a millisecond, and writing each one before
-        # the spawn put three file replacements on the restart's critical path. Readers only
-        # ever need the latest; the turn comes at the first await (before or during the spawn).
+        # The file is written later, not here: a restart passes through PendingRestart,
+        # Starting and Running within a millisecond, and readers only ever need the latest.
+        # Outside a launch it is the loop's next turn; during one, after the spawn (`_launch`).
         self._schedule_status_flush()
 
     def _schedule_status_flush(self) -> None:
-        if not self._status_flush_scheduled:
-            self._status_flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_status)
+        if self._status_flush is None:
+            loop = asyncio.get_running_loop()
+            if self._launching:
+                # Bounded: a launch that copies a large job still shows Starting meanwhile.
+                self._status_flush = loop.call_later(LAUNCH_STATUS_DELAY_S, self._flush_status)
+            else:
+                self._status_flush = loop.call_soon(self._flush_status)
 
     def _flush_status(self) -> None:
-        self._status_flush_scheduled = False
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
         status = self.status
         if status is None or (status, self._reason) == self._status_written:
             return
+        self._status_written = (status, self._reason)
+        self._context.writes.submit(
+            self._write_status, asyncio.get_running_loop(), status, self._reason
+        )
+
+    def _write_status(
+        self, loop: asyncio.AbstractEventLoop, status: ContinuousStatus, reason: str | None
+    ) -> None:
+        """In the writes thread."""
         try:
-            write_continuous_status(self._context.layout, self.key, status, self._reason)
+            write_continuous_status(self._context.layout, self.key, status, reason)
         except OSError as error:
             log.error("cannot write status file", job=str(self.key), error=str(error))
-            return
-        self._status_written = (status, self._reason)
+            # Not written: the next flush of the same status tries again.
+            loop.call_soon_threadsafe(self._status_not_written, (status, reason))
+
+    def _status_not_written(self, failed: tuple[ContinuousStatus, str | None]) -> None:
+        if self._status_written == failed:
+            self._status_written = None
 
     def _status_name(self) -> str | None:
         return self.status.value if self.status else None
@@ -237,16 +283,40 @@ class ContinuousUnit:
 
     async def run(self) -> None:
         try:
+            await asyncio.to_thread(self._log.open_now)
             await self._loop()
         finally:
             if self.process is not None:
                 await self._close_process(self.process)
                 self._starts.ended("stopped", self.process.returncode)
                 self._forget_process()
+            self._end_exited()
+            if self._ending:
+                await asyncio.gather(*self._ending, return_exceptions=True)
             self._singleton.release()
             self._flush_status()
             self._starts.flush()
             self._log.close()
+
+    def _end_exited(self) -> None:
+        """End what is left of the process that exited on its own (its leftovers, pipes).
+
+        Deferred from the exit to here so that a restart spawns first: ending leftovers scans
+        `/proc` (milliseconds, more on a busy host), and the old tree's token never matches
+        the new process, so the order does not matter to the result.
+        """
+        process, self._exited = self._exited, None
+        if process is None:
+            return
+        task = asyncio.create_task(self._close_exited(process), name=f"end-{self.key}")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _close_exited(self, process: JobProcess) -> None:
+        await self._close_process(process)
+        if self.process is None:
+            # The slot names the newest process: a replacement already saved its own record.
+            self._forget_process()
 
     async def _close_process(self, process: JobProcess) -> None:
         """The unit ends only once its process is gone: a unit forgotten with a live process
@@ -344,24 +414,47 @@ class ContinuousUnit:
             self._log.system(LogLevel.INFO, "WebJob singleton lock is released")
 
     async def _run_once(self, target: Target) -> None:
+        """One launch: prepare, spawn, supervise. From here to the spawn is the restart's
+        critical path: status files are written after the spawn (or after
+        `LAUNCH_STATUS_DELAY_S`), the exited process's leftovers are ended after it, and the
+        folder work is one thread hop."""
+        self._begin_launch()
+        try:
+            launched = await self._launch(target)
+        finally:
+            self._end_launch()
+        if launched is None:
+            return
+        process, shutdown_file = launched
+        if process is None:
+            await self._after_exit(target, uptime_s=0.0)
+            return
+        await self._supervise(target, process, shutdown_file)
+
+    def _begin_launch(self) -> None:
+        self._launching = True
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
+            self._schedule_status_flush()
+
+    def _end_launch(self) -> None:
+        """The spawn happened (or the launch waits or gave up): what was held goes out now."""
+        self._launching = False
+        if self._status_flush is not None:
+            self._status_flush.cancel()
+            self._status_flush = None
+            self._schedule_status_flush()
+        self._end_exited()
+
+    async def _launch(self, target: Target) -> tuple[JobProcess | None, Path] | None:
+        """None when nothing was started (the unit waited, or the target moved on); else the
+        process, None when it could not be started, and its shutdown file."""
         spec = target.spec
         self._transition(ContinuousStatus.STARTING, "starting")
         root = await self._prepare_root(spec)
         if root is None or self._target is not target:
-            return
-        try:
-            await asyncio.to_thread(
-                self._context.hand_over,
-                None if spec.is_in_place else root,
-                self._context.layout.data_dir(self.key),
-            )
-        except OSError as error:
-            # The job's error (a full disk, a folder that cannot be made), not the unit's.
-            problem = f"Failed to prepare the job's folders: {error}"
-            self._log.system(LogLevel.ERR, problem)
-            self._transition(ContinuousStatus.PENDING_RESTART, "cannot prepare", reason=problem)
-            await self._wait_changed(COPY_FAILURE_RETRY_S)
-            return
+            return None
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(
@@ -398,12 +491,11 @@ class ContinuousUnit:
             self._starts.started(None)
             self._starts.ended("failed to start")
             log.warning("cannot start job process", job=str(self.key), error=repr(error))
-            await self._after_exit(target, uptime_s=0.0)
-            return
+            return None, shutdown_file
         self._context.started.add(self.process)
         self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
-        await self._supervise(target, self.process, shutdown_file)
+        return self.process, shutdown_file
 
     async def _prepare_root(self, spec: JobSpec) -> Path | None:
         """The folder to run `spec` from, or None after waiting (the loop then looks again).
@@ -414,16 +506,43 @@ class ContinuousUnit:
         of the job files, retried when they change or after a long backoff, never a unit crash.
         """
         loop = asyncio.get_running_loop()
+        data_dir = self._context.layout.data_dir(self.key)
 
         def note(message: str) -> None:
             # Called from the copying thread: hand the line to the loop's thread.
             loop.call_soon_threadsafe(self._log.system, LogLevel.INFO, message)
 
-        try:
+        def prepare() -> Path:
+            # The copy and the hand-over in one hop: a thousand jobs starting queue for the
+            # same few threads, twice as long with two hops each.
             if spec.is_in_place:
-                root = await asyncio.to_thread(self._workcopy.check_in_place, spec)
+                found = self._workcopy.check_in_place(spec)
             else:
-                root = await asyncio.to_thread(self._workcopy.prepare, spec, note)
+                found = self._workcopy.prepare(spec, note)
+            hand_over(found)
+            return found
+
+        def hand_over(found: Path) -> None:
+            try:
+                self._context.hand_over(None if spec.is_in_place else found, data_dir)
+            except OSError as error:
+                raise _HandOverFailed(error) from error
+
+        try:
+            # A restart of an unchanged job of a few files: no thread hop (workcopy.reusable).
+            reused = None if spec.is_in_place else self._workcopy.reusable(spec)
+            if reused is not None:
+                # One lstat per folder when it was handed over before, as a reused copy was.
+                hand_over(reused)
+                return reused
+            root = await asyncio.to_thread(prepare)
+        except _HandOverFailed as failed:
+            # The job's error (a full disk, a folder that cannot be made), not the unit's.
+            problem = f"Failed to prepare the job's folders: {failed.error}"
+            self._log.system(LogLevel.ERR, problem)
+            self._transition(ContinuousStatus.PENDING_RESTART, "cannot prepare", reason=problem)
+            await self._wait_changed(COPY_FAILURE_RETRY_S)
+            return None
         except FolderChanged as change:
             waiting = f"Waiting for the job folder: {change}"
             self._report_copy_problem(spec, LogLevel.INFO, waiting)
@@ -470,7 +589,7 @@ class ContinuousUnit:
         return folder / new_token()[:12]
 
     async def _supervise(self, target: Target, process: JobProcess, shutdown_file: Path) -> None:
-        exited = asyncio.create_task(process.wait(), name=f"wait-{self.key}")
+        exited = asyncio.create_task(process.wait_exit(), name=f"wait-{self.key}")
         try:
             while True:
                 changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
@@ -506,7 +625,10 @@ class ContinuousUnit:
             self._stopped_by_us = False
             return
         self._starts.ended("exited", code)
-        self._forget_process()
+        # Its leftovers are ended (and its record removed) once the replacement is spawned:
+        # from here to that spawn is a launch.
+        self._exited = process
+        self._begin_launch()
         # It exited on its own, maybe at the same moment as a change arrived: say so either way.
         self._report_exit(code)
         if self._target is target and not self._forced:
@@ -592,16 +714,21 @@ class ContinuousUnit:
         self._release_singleton()
 
     def _remember_process(self, identity: ProcessIdentity) -> None:
-        try:
-            self._context.records.save(self._slot, identity)
-        except OSError as error:
-            log.error("cannot persist process record", job=str(self.key), error=str(error))
+        self._context.writes.submit(self._save_record, identity)
         if self._singleton.held:
             with contextlib.suppress(OSError):
                 self._singleton.update_owner(self._singleton_owner_info(identity))
 
+    def _save_record(self, identity: ProcessIdentity) -> None:
+        """In the writes thread."""
+        try:
+            self._context.records.save(self._slot, identity)
+        except OSError as error:
+            log.error("cannot persist process record", job=str(self.key), error=str(error))
+
     def _forget_process(self) -> None:
-        self._context.records.remove(self._slot)
+        # Through the same queue as the save: a record is never removed before it is written.
+        self._context.writes.submit(self._context.records.remove, self._slot)
 
 
 class Supervisor(ContinuousRuntime):
@@ -687,6 +814,7 @@ class Supervisor(ContinuousRuntime):
             self.retire(key, reason="shutdown")
         retiring = dict(self._retiring)
         if not retiring:
+            await self._context.writes.close()
             return
         forcing: asyncio.Task[bool] = asyncio.create_task(force.wait(), name="shutdown-force")
         try:
@@ -711,6 +839,8 @@ class Supervisor(ContinuousRuntime):
             with contextlib.suppress(asyncio.CancelledError):
                 await forcing
             self._end_started("exit")
+            # The units' last statuses and record removals are written before the daemon ends.
+            await self._context.writes.close()
 
     def _end_started(self, when: str) -> None:
         """SIGKILL whatever the units started and have not seen end, now, on the loop's thread.

@@ -3,8 +3,11 @@
 `TriggeredJobs.request_run` is the one entry point (the scheduler, the HTTP API and tests call it).
 It refuses with Kudu's 409 texts, reserves the job on this daemon before anything else can happen,
 then the run's own task takes the run lock (`triggeredJob.lock`, an flock that also holds across
-daemons sharing the site), applies history retention and records the run as `Initializing`;
-`request_run` returns as soon as the run is recorded and the process starts right after.
+daemons sharing the site) and records the run as `Initializing`; `request_run` returns as soon as
+the run is recorded and the process starts right after. What Kudu does before the process and a
+client cannot tell from after it is done once the process is spawned: the `Running` status file
+(its log line stays before the spawn, ahead of any output) and the history retention (Kudu's runs
+before the new run is created; ours after, keeping one more, so the same runs remain).
 
 A run walks `Initializing → Running → Success | Failed | Stopped`; every transition is written
 atomically to `{runId}/status` and logged as `Status changed to ...` in `output_log.txt`. The run
@@ -122,6 +125,7 @@ class ActiveRun:
     record: RunRecord | None = None
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
+    history_trimmed: bool = False
 
 
 def _retrieve(future: asyncio.Future[RunRecord]) -> None:
@@ -199,7 +203,6 @@ class TriggeredJobs:
                 latest = self._store.latest(name)
                 if latest is not None and latest.start_time >= occurrence:
                     raise AlreadyDone("This occurrence already ran.")
-            self._store.apply_retention(name, self._context.app_settings.history_size)
             return self._store.create_run(name, trigger, self._clock())
         except BaseException:
             lock.release()
@@ -253,17 +256,29 @@ class TriggeredJobs:
         status = RunStatus.FAILED
         try:
             output.system(LogLevel.INFO, f"Status changed to {RunStatus.INITIALIZING.value}")
-            root = None if active.stop_requested.is_set() else await self._prepare(active, output)
+            # A run of an unchanged job of a few files: no thread hop (workcopy.reusable).
+            copy = self._workcopies.get(name)
+            reused = None
+            if copy is not None and not spec.is_in_place and not active.stop_requested.is_set():
+                reused = copy.reusable(spec)
+            if reused is not None:
+                root: Path | None = reused
+            elif active.stop_requested.is_set():
+                root = None
+            else:
+                root = await self._prepare(active, output)
             spec = active.spec  # the catalog's newer spec when the run waited for one
             if root is None or active.stop_requested.is_set():
                 status = RunStatus.STOPPED
                 output.system(LogLevel.INFO, f"WebJob is stopping: {active.stop_reason}")
                 return
-            await asyncio.to_thread(
-                self._context.hand_over,
-                None if spec.is_in_place else root,
-                self._context.layout.data_dir(spec.key),
-            )
+            copy_root = None if spec.is_in_place else root
+            data_dir = self._context.layout.data_dir(spec.key)
+            if reused is not None:
+                # One lstat per folder when it was handed over before, as a reused copy was.
+                self._context.hand_over(copy_root, data_dir)
+            else:
+                await asyncio.to_thread(self._context.hand_over, copy_root, data_dir)
             command = spec.command
             env = job_environment(
                 self._context.base_environ,
@@ -277,8 +292,8 @@ class TriggeredJobs:
                 LogLevel.INFO,
                 f"Run script '{command.script_name}' with script host - '{command.host}'",
             )
-            record = self._transition(record, RunStatus.RUNNING, output)
-            active.record = record
+            # The line now, before any output of the process; the status file once it runs.
+            output.system(LogLevel.INFO, f"Status changed to {RunStatus.RUNNING.value}")
             process = await JobProcess.spawn(
                 command.argv(extra),
                 cwd=root / command.script_dir if command.script_dir else root,
@@ -289,8 +304,11 @@ class TriggeredJobs:
                 max_line_bytes=self._context.config.max_line_bytes,
                 run_as=self._context.run_as,
             )
+            record = self._write_status(record, RunStatus.RUNNING)
+            active.record = record
             with contextlib.suppress(OSError):
                 self._context.records.save(slot, process.identity)
+            await self._trim_history(active)
             status = await self._watch(active, process, output)
         except Exception as error:
             output.system(LogLevel.ERR, f"{type(error).__name__}: {error}")
@@ -317,12 +335,14 @@ class TriggeredJobs:
                     await asyncio.wait_for(
                         asyncio.shield(process.close()), timeout=FORCED_STOP_BOUND_S
                     )
+            await self._trim_history(active)  # a run that never started counts too
         finally:
             try:
                 self._context.records.remove(slot)
             except OSError as error:
                 log.warning("cannot remove process record", job=name, error=str(error))
-            record = self._transition(record, status, output, end=True)
+            # The final status is fsync'ed (runstore): in a thread, not on the loop.
+            record = await self._transition_in_thread(record, status, output, end=True)
             active.record = record
             lock.release()
             output.close()
@@ -333,6 +353,23 @@ class TriggeredJobs:
                     self._on_run_finished(record)
                 except Exception:
                     log.exception("run-finished hook failed", job=name, run=record.run_id)
+
+    async def _trim_history(self, active: ActiveRun) -> None:
+        """Kudu trims the history before it creates a run; here once the process is spawned
+        (or the run ended without one), under the same run lock, keeping one more run (this
+        one, the newest): the same runs remain, and the trimming is off the run's critical
+        path."""
+        if active.history_trimmed:
+            return
+        active.history_trimmed = True
+        name = active.spec.key.name
+        try:
+            await asyncio.to_thread(
+                self._store.apply_retention, name, self._context.app_settings.history_size + 1
+            )
+        except Exception as error:
+            # A history that cannot be trimmed must not stop a run (nor fail one that runs).
+            log.warning("cannot trim run history", job=name, error=repr(error))
 
     async def _prepare(self, active: ActiveRun, output: JobLogWriter) -> Path | None:
         """The folder to run from; None when the run was stopped meanwhile.
@@ -468,15 +505,25 @@ class TriggeredJobs:
             )
             return
 
-    def _transition(
+    async def _transition_in_thread(
         self, record: RunRecord, status: RunStatus, output: JobLogWriter, *, end: bool = False
+    ) -> RunRecord:
+        updated = record.with_status(status, end_time=self._clock() if end else None)
+        try:
+            await asyncio.to_thread(self._store.write, updated)
+        except OSError as error:
+            log.error("cannot write run status", job=record.job_name, error=str(error))
+        output.system(LogLevel.INFO, f"Status changed to {status.value}")
+        return updated
+
+    def _write_status(
+        self, record: RunRecord, status: RunStatus, *, end: bool = False
     ) -> RunRecord:
         updated = record.with_status(status, end_time=self._clock() if end else None)
         try:
             self._store.write(updated)
         except OSError as error:
             log.error("cannot write run status", job=record.job_name, error=str(error))
-        output.system(LogLevel.INFO, f"Status changed to {status.value}")
         return updated
 
     # -- stopping ----------------------------------------------------------------------------

@@ -31,7 +31,13 @@ Decisions:
   `RecursionError`). A failure raises from `prepare` with the partial copy removed; the caller
   reports it as the job's error.
 
-Blocking: callers run `prepare`, `check_in_place` and `discard` in a thread.
+* `reusable(spec)` is `prepare`'s first step alone, for a copy of a few files: a restart or a
+  run of an unchanged job reuses its copy, and checking it costs one `lstat` per file, less than
+  a hop to a thread and back (which on a busy host is most of a restart's time). Anything else
+  (a job of many files, a copy to build, an in-place job) goes to `prepare` in a thread.
+
+Blocking: callers run `prepare`, `check_in_place` and `discard` in a thread; `reusable` is
+bounded by `REUSE_CHECK_MAX_FILES` lstats and may run on the event loop.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ CopyStat = tuple[int, int, int]  # inode, size, mtime_ns of a file as written in
 # Read and write: the copy is hashed after it is written.
 _WRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_RANGE_BYTES = 64 * 1024 * 1024
+# The most files `reusable` checks; a copy of more is checked by `prepare`, in a thread.
+REUSE_CHECK_MAX_FILES = 32
 # copy_file_range is refused across some file systems (old kernels), by some (FUSE, NFS without
 # support), or not there at all; read and write then.
 _NO_COPY_RANGE = frozenset(
@@ -233,6 +241,20 @@ class WorkingCopy:
                     "between source and working directories."
                 )
         return None
+
+    def reusable(self, spec: JobSpec) -> Path | None:
+        """The current copy when it was built for `spec`, is intact, and is small enough to
+        check here (see the module docstring); None means: ask `prepare`."""
+        current = self._current
+        if (
+            current is None
+            or self._built_for != spec.fingerprint
+            or len(self._stats) > REUSE_CHECK_MAX_FILES
+            or not current.is_dir()
+            or self._damage() is not None
+        ):
+            return None
+        return current
 
     def prepare(self, spec: JobSpec, note: Note) -> Path:
         """The folder to run `spec` from: the copy made for it, or a new verified copy.

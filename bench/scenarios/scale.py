@@ -1,0 +1,121 @@
+"""Scenario 11 (`scale`): 5000 running jobs: start, the manager's RSS and idle CPU, and the list.
+
+It shows how the cost grows with the number of jobs: RSS per job against scenario 7's (a
+constant cost per job, nothing quadratic), idle CPU at 5000 against scenario 8's at 100 (a
+manager that polls something per job burns CPU in proportion; one that waits on events does
+not). Heavy (5000 processes per sample): one round, left out of `--quick`.
+
+What it needs of the machine: about 5000 processes more than usual (each job is a bash script
+that becomes `sleep`: one process per job; `ulimit -u` and the pids cgroup must allow them), and
+open files for the managers: webjobsd keeps 4 descriptors per job (stdout and stderr pipes, the
+open job log, a pidfd), supervisord about 4 (it is configured with `minfds=16384`), PM2 a few
+per app. `ulimit -n` is checked before the scenario starts; a system that cannot start 5000
+jobs within START_TIMEOUT_S is reported in the notes, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from bench import httpload, jobs
+from bench.common import cpu_seconds, rss_bytes
+from bench.harness import Harness, JobsFor
+from bench.report import Result
+from bench.systems import System, Webjobsd
+
+MB = 1_000_000
+START_TIMEOUT_S = 900.0
+FILES_PER_JOB = 4  # webjobsd and supervisord keep about 4 open per job
+LIST_PATH = "/api/webjobs"
+# After the last job's first instruction, before CPU and RSS are read: a manager may still be
+# finishing its start-up (status files, the first heap release) for a few seconds at this size.
+SETTLE_S = 5.0
+
+
+def _sleepers(count: int) -> JobsFor:
+    def make(system: System) -> list[jobs.Job]:
+        return [jobs.sleeper(f"s{i:04d}", system.stamps_path) for i in range(count)]
+
+    return make
+
+
+def limits_note(count: int) -> str:
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    processes, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    shown = "unlimited" if processes == resource.RLIM_INFINITY else str(processes)
+    enough = files >= FILES_PER_JOB * count + 1000
+    return (
+        f"limits of this run: open files {files} ({'enough' if enough else 'TOO FEW'} for "
+        f"{FILES_PER_JOB} per job), processes {shown}"
+    )
+
+
+def scale(h: Harness) -> list[Result]:
+    count = h.sizes.scale_jobs
+    window = h.sizes.idle_window_s
+    # Every system gets its row, empty (n/a) where it could not start the jobs.
+    start: dict[str, list[float]] = {name: [] for name in h.systems}
+    rss: dict[str, list[float]] = {name: [] for name in h.systems}
+    per_job: dict[str, list[float]] = {name: [] for name in h.systems}
+    cpu: dict[str, list[float]] = {name: [] for name in h.systems}
+    listing: dict[str, list[float]] = {"webjobsd": []}
+    failed: list[str] = []
+
+    def empty_rss(name: str) -> float:
+        system = h.open(name)
+        try:
+            time.sleep(h.sizes.settle_s)
+            return rss_bytes(system.manager_pid) / MB
+        finally:
+            h.close(system)
+
+    def sample(name: str, _index: int) -> list[float]:
+        began = time.time()
+        try:
+            system = h.open(name, _sleepers(count), start_timeout=START_TIMEOUT_S)
+        except Exception as error:  # a peer that cannot: said in the notes
+            failed.append(f"{name} could not start {count} jobs: {type(error).__name__}: {error}")
+            h.progress(failed[-1])
+            h.close_all()
+            return []
+        try:
+            start[name].append(time.time() - began)
+            time.sleep(SETTLE_S)
+            pid = system.manager_pid
+            cpu_before, clock = cpu_seconds(pid), time.monotonic()
+            time.sleep(window)
+            used = cpu_seconds(pid) - cpu_before
+            cpu[name].append(100.0 * used / (time.monotonic() - clock))
+            megabytes = rss_bytes(pid) / MB
+            rss[name].append(megabytes)
+            if isinstance(system, Webjobsd):
+                listing["webjobsd"] += httpload.latencies(system.url + LIST_PATH, 20)
+        finally:
+            h.close(system)
+        # Per job: above the same manager with no jobs, measured right after.
+        per_job[name].append((megabytes - empty_rss(name)) * 1000.0 / count)
+        return [megabytes]
+
+    h.alternate(sample, rounds=1)
+    notes = [
+        f"{count} continuous jobs (`exec sleep infinity`) configured before the manager starts;"
+        " start = manager started -> every job's first instruction",
+        f"idle CPU: utime+stime of the manager over {window:g} s, {SETTLE_S:g} s after"
+        " all jobs ran; RSS per job: (RSS at this size - RSS of the same manager with no jobs)"
+        " / jobs",
+        limits_note(count),
+        *failed,
+    ]
+    list_note = (
+        f"GET {LIST_PATH} (both kinds) with {count} running jobs: one keep-alive connection, 20"
+        " sequential requests after 5 warm-up; webjobsd only (the peers have no such API)"
+    )
+    title = f"11 {count} jobs"
+    return [
+        Result(f"{title}: start", "s", start, notes=notes, digits=2),
+        Result(f"{title}: RSS", "MB", rss),
+        Result(f"{title}: RSS per job", "kB", per_job),
+        Result(f"{title}: idle CPU", "%", cpu, digits=2),
+        Result(f"{title}: GET list", "ms", listing, notes=[list_note], digits=1),
+    ]
