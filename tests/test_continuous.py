@@ -119,6 +119,30 @@ async def test_restart_delay_is_capped_by_webjobs_restart_time(site: Site) -> No
         assert "Status changed to Success" in site.job_log("capped")
 
 
+async def test_a_start_that_makes_no_process_waits_even_with_restart_time_zero(
+    site: Site,
+) -> None:
+    """A process that ran is paced by its own fork and exit; a start that fails at once (here
+    exec's ENOEXEC, under load EMFILE) is not, and with WEBJOBS_RESTART_TIME=0 it spun the loop
+    and wrote a warning per millisecond."""
+    job = site.job_dir("continuous", "noexec")
+    job.mkdir(parents=True)
+    (job / "run").write_bytes(b"\x7fELF garbage")
+    (job / "run").chmod(0o755)
+    old = time.time() - 60
+    os.utime(job / "run", (old, old))
+    async with running_daemon(
+        site, restart_backoff_initial_s=0.2, environ={"WEBJOBS_RESTART_TIME": "0"}
+    ):
+        await wait_for(
+            lambda: site.job_log("noexec").count("Failed to start process") >= 2,
+            what="two failed starts",
+        )
+        log = site.job_log("noexec")
+        assert "waiting for 0 seconds" not in log
+        assert "waiting for 1 seconds" in log
+
+
 async def test_a_job_ignoring_sigterm_is_killed_after_stopping_wait_time(site: Site) -> None:
     job_dir = site.write_job(
         "continuous",

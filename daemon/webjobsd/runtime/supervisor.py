@@ -68,6 +68,11 @@ COPY_FAILURE_MAX_S = 3600.0
 SETTLE_RETRY_S = 5.0
 UNIT_CRASH_BACKOFF_S = 5.0
 FORCED_STOP_BOUND_S = 5.0
+# Least wait after a start that made no process (EMFILE, a missing interpreter), whatever
+# WEBJOBS_RESTART_TIME says: with a restart time of 0 nothing else paced the retries, and a job
+# that could not start spun the event loop (5000 jobs under a 20,000-descriptor limit: 100 % of
+# a core, a warning per millisecond). A process that ran is paced by its own fork and exit.
+START_FAILURE_MIN_S = 1.0
 # During a launch (exit or start → spawn), the longest a status change waits to be written.
 LAUNCH_STATUS_DELAY_S = 0.05
 STOP_RETRY_S = 1.0
@@ -693,6 +698,8 @@ class ContinuousUnit:
             reset_after_s=config.restart_backoff_reset_s,
             cap_s=float(self._context.app_settings.restart_time_s),
         )
+        if code is None:
+            delay = max(delay, START_FAILURE_MIN_S)
         self.restarts += 1
         self._log.system(
             LogLevel.INFO, f"Process went down, waiting for {_format_seconds(delay)} seconds"
