@@ -438,19 +438,20 @@ class ContinuousUnit:
 
     def _begin_launch(self) -> None:
         self._launching = True
-        if self._status_flush is not None:
-            self._status_flush.cancel()
-            self._status_flush = None
-            self._schedule_status_flush()
+        self._reschedule_status_flush()
 
     def _end_launch(self) -> None:
         """The spawn happened (or the launch waits or gave up): what was held goes out now."""
         self._launching = False
+        self._reschedule_status_flush()
+        self._end_exited()
+
+    def _reschedule_status_flush(self) -> None:
+        """A pending flush is timed again by whether a launch is under way now."""
         if self._status_flush is not None:
             self._status_flush.cancel()
             self._status_flush = None
             self._schedule_status_flush()
-        self._end_exited()
 
     async def _launch(self, target: Target) -> tuple[JobProcess | None, Path] | None:
         """None when nothing was started (the unit waited, or the target moved on); else the
