@@ -96,6 +96,17 @@ class Site:
     def job_dir(self, kind: str, name: str) -> Path:
         return self.jobs / kind / name
 
+    def write_unstartable_job(self, kind: str, name: str) -> Path:
+        """A job whose start makes no process: ELF magic with the exec bit but no valid
+        program, so exec fails with ENOEXEC. Aged like `write_job`'s files."""
+        folder = self.job_dir(kind, name)
+        folder.mkdir(parents=True)
+        (folder / "run").write_bytes(b"\x7fELF garbage")
+        (folder / "run").chmod(0o755)
+        old = time.time() - 60
+        os.utime(folder / "run", (old, old))
+        return folder
+
     def write_job(
         self,
         kind: str,

@@ -125,12 +125,7 @@ async def test_a_start_that_makes_no_process_waits_even_with_restart_time_zero(
     """A process that ran is paced by its own fork and exit; a start that fails at once (here
     exec's ENOEXEC, under load EMFILE) is not, and with WEBJOBS_RESTART_TIME=0 it spun the loop
     and wrote a warning per millisecond."""
-    job = site.job_dir("continuous", "noexec")
-    job.mkdir(parents=True)
-    (job / "run").write_bytes(b"\x7fELF garbage")
-    (job / "run").chmod(0o755)
-    old = time.time() - 60
-    os.utime(job / "run", (old, old))
+    site.write_unstartable_job("continuous", "noexec")
     async with running_daemon(
         site, restart_backoff_initial_s=0.2, environ={"WEBJOBS_RESTART_TIME": "0"}
     ):

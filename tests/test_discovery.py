@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -98,13 +96,7 @@ async def test_the_periodic_rescan_finds_what_no_event_announced(tmp_path: Path)
 
 
 async def test_a_job_that_cannot_start_does_not_disturb_the_others(site: Site) -> None:
-    bad = site.job_dir("continuous", "broken")
-    bad.mkdir(parents=True)
-    # ELF magic with the exec bit but no valid program: exec fails with ENOEXEC.
-    (bad / "run").write_bytes(b"\x7fELF garbage")
-    (bad / "run").chmod(0o755)
-    old = time.time() - 60
-    os.utime(bad / "run", (old, old))
+    site.write_unstartable_job("continuous", "broken")
     site.write_job("continuous", "fine", LOOP)
     async with running_daemon(site):
         await wait_for(lambda: leaders(site, "fine"), what="good job running")
