@@ -38,6 +38,8 @@ class Sizes:
     list_requests: int = 100  # sequential requests per round (latency)
     list_connections: int = 8
     list_seconds: float = 4.0  # duration of each throughput sample
+    failover_kills: int = 20  # hosts: kills of the singleton's host per watch mode
+    host_deployments: int = 5  # hosts: deployments per watch mode
 
 
 QUICK = Sizes(
@@ -52,6 +54,8 @@ QUICK = Sizes(
     settle_s=0.5,
     list_requests=20,
     list_seconds=1.0,
+    failover_kills=3,
+    host_deployments=1,
 )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from bench.harness import Harness
 from bench.report import Result
 from bench.scenarios.deploy import deploy
+from bench.scenarios.hosts import hosts
 from bench.scenarios.latency import burst, drop, restart, run
 from bench.scenarios.listapi import list_api
 from bench.scenarios.logs import logs
@@ -28,6 +29,7 @@ SCENARIOS: dict[str, Scenario] = {
     "list": list_api,
     "deploy": deploy,
     "scale": scale,
+    "hosts": hosts,
 }
 
 # Left out of `--quick` unless named with `--only`: thousands of processes per sample.
