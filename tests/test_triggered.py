@@ -6,6 +6,8 @@ import asyncio
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -329,3 +331,45 @@ async def test_a_run_ends_when_its_script_exits_even_if_a_child_holds_the_output
         status = await finished(site, "bg", record.run_id, timeout=5)
         assert status["Status"] == "Success"
         assert not job_pids(site, "bg")
+
+
+def test_a_run_asked_for_as_soon_as_the_last_one_reads_finished_is_never_409(site: Site) -> None:
+    """A script's loop: run, poll until the run reads finished, run again at once. The final
+    status reaches the disk before the daemon's bookkeeping of the run ends; a request in
+    between used to be refused with 409 ("already running")."""
+    from webjobsd.runtime.jobprocess import free_loopback_port
+
+    site.write_job("triggered", "quick", {"run.sh": "#!/bin/sh\necho quick\n"})
+    port = free_loopback_port()
+    daemon = DaemonProcess(site, listen=f"127.0.0.1:{port}").start()
+    base = f"http://127.0.0.1:{port}/api/triggeredwebjobs/quick"
+
+    def call(method: str, url: str) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(url, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else {}
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+        except OSError:
+            return 0, {}
+
+    try:
+        wait_for_sync(lambda: call("GET", base)[0] == 200, timeout=30, what="the job listed")
+        answers = []
+        for _ in range(100):
+            status, _ = call("POST", f"{base}/run")
+            answers.append(status)
+            if status != 202:
+                break
+
+            def finished() -> bool:
+                _, job = call("GET", base)
+                latest = job.get("latest_run")
+                return isinstance(latest, dict) and latest.get("status") == "Success"
+
+            wait_for_sync(finished, timeout=10, interval=0.001, what="the run finished")
+        assert answers == [202] * 100, answers
+    finally:
+        daemon.stop()

@@ -126,6 +126,8 @@ class ActiveRun:
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
     history_trimmed: bool = False
+    # Set before the final status is written: the run is over, only its bookkeeping remains.
+    finishing: bool = False
 
 
 def _retrieve(future: asyncio.Future[RunRecord]) -> None:
@@ -175,6 +177,11 @@ class TriggeredJobs:
         if self._shutting_down or self._context.app_settings.jobs_stopped:
             raise RunConflict(JOBS_STOPPED)
         extra = split_arguments(arguments)
+        ending = self._active.get(name)
+        if ending is not None and ending.finishing and ending.task is not None:
+            # Its final status may already be on disk: a client that read it and asks for the
+            # next run at once must not get a 409 for the few milliseconds of bookkeeping left.
+            await asyncio.wait({ending.task}, timeout=FORCED_STOP_BOUND_S)
         if name in self._active:
             raise RunConflict(ALREADY_RUNNING)
         # Reserved before the first await: a stop, a removal or a shutdown sees this run from
@@ -341,10 +348,14 @@ class TriggeredJobs:
                 self._context.records.remove(slot)
             except OSError as error:
                 log.warning("cannot remove process record", job=name, error=str(error))
-            # The final status is fsync'ed (runstore): in a thread, not on the loop.
-            record = await self._transition_in_thread(record, status, output, end=True)
+            # The final status is fsync'ed (runstore): in a thread, not on the loop. The lock is
+            # released in that thread right after it, so that another daemon that reads the
+            # final status finds the lock free too.
+            active.finishing = True
+            record = await self._transition_in_thread(
+                record, status, output, end=True, release=lock
+            )
             active.record = record
-            lock.release()
             output.close()
             self._active.pop(name, None)
             log.info("run finished", job=name, run=record.run_id, status=status.value)
@@ -506,11 +517,25 @@ class TriggeredJobs:
             return
 
     async def _transition_in_thread(
-        self, record: RunRecord, status: RunStatus, output: JobLogWriter, *, end: bool = False
+        self,
+        record: RunRecord,
+        status: RunStatus,
+        output: JobLogWriter,
+        *,
+        end: bool = False,
+        release: FileLock | None = None,
     ) -> RunRecord:
         updated = record.with_status(status, end_time=self._clock() if end else None)
+
+        def write() -> None:
+            try:
+                self._store.write(updated)
+            finally:
+                if release is not None:
+                    release.release()
+
         try:
-            await asyncio.to_thread(self._store.write, updated)
+            await asyncio.to_thread(write)
         except OSError as error:
             log.error("cannot write run status", job=record.job_name, error=str(error))
         output.system(LogLevel.INFO, f"Status changed to {status.value}")
