@@ -16,6 +16,12 @@ that ends the old tree's leftovers runs after the replacement's spawn (`_end_exi
 unchanged copy of a few files is checked on the loop (`WorkingCopy.reusable`). Both were most of
 a restart's time: 2.3 ms of scan at 94 processes, 7-10 ms of thread hops on a busy host.
 
+Singletons where the site's file locks do not exclude (the start-up check, `records.lockcheck`):
+the unit does not start the job unless `allow_singletons_without_locks` is set; it shows
+`InactiveInstance` (this instance does not run the singleton, as when another holds it) with the
+reason, says it once in the job log, and waits with no timer: only a new target or a reload
+(`Supervisor.config_changed`) can change the answer.
+
 Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
 stayed up for `restart_backoff_reset_s`.
