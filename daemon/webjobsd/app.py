@@ -46,6 +46,7 @@ from webjobsd.logs import configure_logging
 from webjobsd.malloc import tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
+from webjobsd.records.lockcheck import LockCheck, check_site_locks
 from webjobsd.records.lockprobe import is_locked_by_other
 from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunRecord, RunStore
@@ -159,6 +160,8 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.notifier = SystemdNotifier.from_environ(self._environ)
         self.drops: DropService | None = None
+        # Whether flock on the site excludes, checked at start-up (`records.lockcheck`).
+        self.lock_check: LockCheck | None = None
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -211,6 +214,8 @@ class Daemon:
         self.app_settings.replace_config_settings(new.settings)
         if self._context is not None:
             self._context.config = new
+        if self.supervisor is not None:
+            self.supervisor.config_changed()  # allow_singletons_without_locks may have changed
         if self.catalog is not None:
             self.catalog.settle_s = new.debounce_s
             self.catalog.settle_cap_s = new.debounce_cap_s
@@ -310,6 +315,10 @@ class Daemon:
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         layout, config = self.layout, self.config
+        # Before any job: whether singletons may run depends on it. In a thread of its own,
+        # bounded: a hung mount must not hang the start.
+        self.lock_check = await check_site_locks(layout.daemon_state_dir)
+        self._report_lock_check(self.lock_check)
         records = ProcessRecords(layout.process_records_dir)
         await end_leftovers(records, owner_marker(layout))
         # Before anything opens a data folder: older versions gave them to run_as_user.
@@ -338,6 +347,7 @@ class Daemon:
             run_as=run_as,
             on_log_bytes=self._log_written,
             on_exit=self._continuous_exited,
+            lock_check=self.lock_check,
         )
         self._context = context
         self.supervisor = Supervisor(context)
@@ -422,6 +432,31 @@ class Daemon:
             )
         self.ready.set()
         self.notifier.ready(f"watching {len(catalog.specs)} jobs")
+
+    def _report_lock_check(self, check: LockCheck) -> None:
+        """One line: which mount holds the site and whether its locks exclude; an error with
+        what follows when they do not (every daemon sharing the site would run a singleton)."""
+        where = {
+            "mount_point": check.mount_point,
+            "fs_type": check.fs_type,
+            "source": check.source,
+            "lock_file": check.lock_file,
+            "detail": check.error,
+        }
+        if check.works:
+            log.info("file locks on the site exclude", **where)
+        elif self.config.allow_singletons_without_locks:
+            log.error(
+                "file locks on the site do not exclude: singleton jobs run anyway "
+                "(allow_singletons_without_locks: true) and may run on several daemons at once",
+                **where,
+            )
+        else:
+            log.error(
+                "file locks on the site do not exclude: singleton jobs will not run; "
+                "set allow_singletons_without_locks: true to run them anyway",
+                **where,
+            )
 
     async def _start_http(self) -> None:
         config = self.config
@@ -560,9 +595,20 @@ class Daemon:
         }
 
     def readiness_notes(self) -> list[str]:
-        """What /readyz says beside its checks: a deployment holding job changes is no fault."""
+        """What /readyz says beside its checks, none a fault of this daemon: a deployment
+        holding job changes, singleton jobs refused because the site's locks do not exclude."""
+        notes: list[str] = []
         note = self.discovery.hold_note() if self.discovery is not None else None
-        return [note] if note else []
+        if note:
+            notes.append(note)
+        check = self.lock_check
+        if check is not None and not check.works:
+            # No mount, no source: /readyz answers without authentication; the log has them.
+            if self.config.allow_singletons_without_locks:
+                notes.append("file locks on the site do not exclude: singleton jobs run anyway")
+            else:
+                notes.append("file locks on the site do not exclude: singleton jobs are refused")
+        return notes
 
     def _file_changed(self, path: Path) -> None:
         """A file written through /api/vfs or /api/zip: a hint, like a watcher event."""

@@ -128,6 +128,13 @@ class DaemonConfig:
     run_as_group: str | None = field(
         default=None, metadata={"doc": "jobs run with this group (default: the user's)"}
     )
+    allow_singletons_without_locks: bool = field(
+        default=False,
+        metadata={
+            "doc": "run singleton jobs even when the start-up check finds that the site's file"
+            " locks do not exclude (they may then run on several daemons at once)"
+        },
+    )
 
     def resolved_instance_id(self, environ: Mapping[str, str]) -> str:
         """Kudu: first 6 characters of WEBSITE_INSTANCE_ID, else of the machine name."""
@@ -191,6 +198,7 @@ _FIELD_TYPES: dict[str, type] = {
     "auth_password_hash": str,
     "run_as_user": str,
     "run_as_group": str,
+    "allow_singletons_without_locks": bool,
 }
 
 

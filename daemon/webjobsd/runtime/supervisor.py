@@ -16,6 +16,12 @@ that ends the old tree's leftovers runs after the replacement's spawn (`_end_exi
 unchanged copy of a few files is checked on the loop (`WorkingCopy.reusable`). Both were most of
 a restart's time: 2.3 ms of scan at 94 processes, 7-10 ms of thread hops on a busy host.
 
+Singletons where the site's file locks do not exclude (the start-up check, `records.lockcheck`):
+the unit does not start the job unless `allow_singletons_without_locks` is set; it shows
+`InactiveInstance` (this instance does not run the singleton, as when another holds it) with the
+reason, says it once in the job log, and waits with no timer: only a new target or a reload
+(`Supervisor.config_changed`) can change the answer.
+
 Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
 stayed up for `restart_backoff_reset_s`.
@@ -41,6 +47,7 @@ import structlog
 from webjobsd.config import AppSettings, DaemonConfig
 from webjobsd.model import ContinuousStatus, JobKey, JobSpec
 from webjobsd.records.joblog import JobLogWriter, LogLevel
+from webjobsd.records.lockcheck import LockCheck
 from webjobsd.records.starts import StartHistory, starts_path
 from webjobsd.records.status import write_continuous_status
 from webjobsd.runtime import pipereader, proctree
@@ -128,6 +135,20 @@ class SupervisorContext:
     started: StartedProcesses = field(default_factory=StartedProcesses)
     # Status files and process records of continuous jobs, off the loop (runtime.writes).
     writes: OrderedWrites = field(default_factory=OrderedWrites)
+    # The start-up check of the site's file locks (records.lockcheck); None: not checked.
+    lock_check: LockCheck | None = None
+
+    def singleton_refusal(self) -> str | None:
+        """Why singleton jobs may not start here, or None when they may: the site's locks do
+        not exclude and the configuration does not allow singletons without them."""
+        check = self.lock_check
+        if check is None or check.works or self.config.allow_singletons_without_locks:
+            return None
+        return (
+            "WebJob singleton refused: the site's file locks do not exclude "
+            f"({check.describe_mount()}), so another daemon could run it at the same time; "
+            "set allow_singletons_without_locks: true to run it anyway"
+        )
 
     def log_counter(self, job_name: str) -> Callable[[int], None] | None:
         counter = self.on_log_bytes
@@ -194,6 +215,10 @@ class ContinuousUnit:
         )
         self._singleton = FileLock(context.layout.singleton_lock_path(self.key))
         self._singleton_setting: bool | None = None
+        # Refused for want of working locks (`_hold_singleton_if_needed`): said once, not per
+        # wake; and whether running one without them was said.
+        self._refused: str | None = None
+        self._unlocked_said = False
         self._slot = f"{self.key.kind.value}.{self.key.name}"
         self._forced = False
         self._stopped_by_us = False
@@ -378,10 +403,15 @@ class ContinuousUnit:
             )
         self._singleton_setting = wanted
         if not wanted:
+            self._refused = None
             self._release_singleton()
             return True
         if self._singleton.held:
             return True
+        if not self._singleton_allowed():
+            # No retry timer: only a new target, or a reload that may allow it, changes this.
+            await self._wait_changed()
+            return False
         previous_owner = FileLock.read_owner(self._singleton.path)
         if self._singleton.try_acquire(self._singleton_owner_info(None)):
             self._log.system(LogLevel.INFO, "WebJob singleton lock is acquired")
@@ -390,6 +420,35 @@ class ContinuousUnit:
         self._transition(ContinuousStatus.INACTIVE_INSTANCE, "another instance holds the lock")
         await self._wait_changed(SINGLETON_RETRY_S)
         return False
+
+    def _singleton_allowed(self) -> bool:
+        """False while singletons are refused here (see `SupervisorContext.singleton_refusal`);
+        the refusal goes to the job log and the status once, however often the unit wakes."""
+        refusal = self._context.singleton_refusal()
+        if refusal is None:
+            self._refused = None
+            check = self._context.lock_check
+            if check is not None and not check.works and not self._unlocked_said:
+                self._unlocked_said = True
+                self._log.system(
+                    LogLevel.WARN,
+                    "WebJob singleton runs although the site's file locks do not exclude "
+                    f"({check.describe_mount()}): allow_singletons_without_locks is true",
+                )
+            return True
+        if self._refused != refusal:
+            self._refused = refusal
+            self._log.system(LogLevel.ERR, refusal)
+        log.debug("singleton job refused: the site's file locks do not exclude", job=str(self.key))
+        self._transition(
+            ContinuousStatus.INACTIVE_INSTANCE, "file locks do not exclude", reason=refusal
+        )
+        return False
+
+    def recheck_singleton(self) -> None:
+        """The configuration changed: a refused singleton looks again (nothing else wakes)."""
+        if self._refused is not None:
+            self._changed.set()
 
     def _singleton_owner_info(self, identity: ProcessIdentity | None) -> dict[str, Any]:
         return {
@@ -757,6 +816,11 @@ class Supervisor(ContinuousRuntime):
     @property
     def units(self) -> Mapping[JobKey, ContinuousUnit]:
         return self._units
+
+    def config_changed(self) -> None:
+        """After a reload: singletons refused for want of working locks may now be allowed."""
+        for unit in self._units.values():
+            unit.recheck_singleton()
 
     def _stopping_unit(self, key: JobKey) -> tuple[asyncio.Task[None], ContinuousUnit] | None:
         for task, unit in self._retiring.items():
