@@ -261,10 +261,14 @@ class DropService:
         *,
         quiet_s: float,
         rescan_s: float,
+        polling: bool = False,
         deployments: Deployments | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`rescan_s`: the period of the sweep; `polling`: poll mode, no watch, the sweep is
+        the only source of events (see the module docstring)."""
         self.layout = layout
+        self.polling = polling
         self.deployments = deployments
         self.limits = limits
         self.quiet_s = quiet_s
@@ -289,8 +293,9 @@ class DropService:
     def start(self) -> None:
         """Watch, and sweep everything at the first turn of `run`."""
         self._loop = asyncio.get_running_loop()
-        self._watches.start()
-        self._watches.sync()
+        if not self.polling:
+            self._watches.start()
+            self._watches.sync()
         self._next_sweep = self._clock()
 
     async def close(self) -> None:
@@ -472,11 +477,13 @@ class DropService:
         """In a thread: whether the writer is done. (ready, when to look again if not)."""
         real = os.path.realpath(path)
         writers = files_written_under(Path(os.path.dirname(real)))
-        if writers is not None:
+        if writers is not None and real in writers:
             # Open for writing: its close-write (or the next sweep) brings it back.
-            return (real not in writers, None)
-        if closed:
+            return (False, None)
+        if not self.polling and (writers is not None or closed):
             return (True, None)
+        # Poll mode (a writer on another host is invisible to /proc, and no close-write is
+        # seen), or /proc cannot tell: quiet and complete.
         age_s = time.time() - identity[2] / 1e9
         if age_s < self.quiet_s:
             return (False, self._clock() + self.quiet_s - age_s)

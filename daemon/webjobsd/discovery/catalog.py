@@ -387,13 +387,40 @@ class Catalog:
             fingerprint=spec.fingerprint,
         )
 
-    def _spec_from(self, observation: Observation) -> JobSpec:
+    def in_question(self, observation: Observation) -> bool:
+        """Whether `apply` would settle a change from this observation, or is waiting for its
+        files to settle: what a file open for writing must hold. Reads only; a poll pass asks
+        /proc about these jobs alone (an idle pass asks nothing)."""
+        if not observation.present or observation.unreadable:
+            return False
+        if observation.settling:
+            return True
+        key = observation.key
+        if observation.error is not None:
+            return key in self._specs or self._errors.get(key) != observation.error
+        return self._build_spec(observation) != self._specs.get(key)
+
+    def _build_spec(self, observation: Observation) -> JobSpec:
+        """The spec an observation makes (a settings.job that does not parse keeps the last
+        good settings); no reporting."""
         key = observation.key
         assert observation.scan is not None and observation.command is not None
         settings = observation.settings
         if settings is None:
             previous = self._specs.get(key)
             settings = previous.settings if previous is not None else JobSettings()
+        return JobSpec(
+            key=key,
+            job_dir=self.job_dir(key),
+            command=observation.command,
+            settings=settings,
+            disabled=observation.disabled,
+            fingerprint=fingerprint_of(observation.scan, settings),
+        )
+
+    def _spec_from(self, observation: Observation) -> JobSpec:
+        key = observation.key
+        if observation.settings is None:
             self._report_once(
                 ("settings", key, observation.settings_error),
                 f"settings.job does not parse: {observation.settings_error}; "
@@ -409,14 +436,7 @@ class Catalog:
                     folder=str(observation.settings_path),
                 )
         self._report_skipped(observation)
-        return JobSpec(
-            key=key,
-            job_dir=self.job_dir(key),
-            command=observation.command,
-            settings=settings,
-            disabled=observation.disabled,
-            fingerprint=fingerprint_of(observation.scan, settings),
-        )
+        return self._build_spec(observation)
 
     def _report_skipped(self, observation: Observation) -> None:
         """A FIFO or socket in a job folder is no job file: said once per file, not per scan."""

@@ -108,15 +108,19 @@ class DiscoveryService:
         clock: Callable[[], float] = time.monotonic,
         stuck_after_s: float = STUCK_AFTER_S,
         deployment_in_progress: Callable[[], bool] | None = None,
+        polling: bool = False,
     ) -> None:
-        """`deployment_in_progress`: whether the site's deployment lock is held (blocking)."""
+        """`deployment_in_progress`: whether the site's deployment lock is held (blocking).
+        `polling`: poll mode, no watcher; the rescan (every `rescan_s`, then the poll interval)
+        is the source of events (see the module docstring)."""
         self.catalog = catalog
         self.debouncer = debouncer
         self.rescan_s = rescan_s
+        self.polling = polling
         self._on_changed = on_changed
         self._clock = clock
         self._wake = asyncio.Event()
-        self._next_rescan = clock() + rescan_s
+        self._next_rescan = clock() + self.rescan_s
         self.watcher: JobsWatcher | None = None
         self.rescans = 0
         self.last_pass_monotonic: float | None = None
@@ -247,6 +251,8 @@ class DiscoveryService:
             # of its own writes may still be on their way from the watcher's thread (the close
             # events lag the writes); they must not hold the folder it just completed.
             writing = set()
+        elif self.polling:
+            writing |= await self._written_in_question(observations)
         result = self.catalog.apply(observations, confirm=confirm, writing=writing)
         return self._after(result, full=keys is None)
 
@@ -263,6 +269,18 @@ class DiscoveryService:
             observations.extend(self.catalog.observe([key], settle=settle, which=which))
         self._set_stage("applying")
         return observations, still_written
+
+    async def _written_in_question(self, observations: list[Observation]) -> set[JobKey]:
+        """Poll mode: no inotify mark says which files are open for writing, so /proc is asked,
+        after the read, about the jobs whose look would change something (or that are settling)
+        only: an idle pass asks nothing (a look into /proc reads every descriptor on the host).
+        A writer on another host is invisible here; the quiet period and the second look of a
+        rescan stand for it."""
+        asked = {o.key for o in observations if self.catalog.in_question(o)}
+        if not asked:
+            return set()
+        writers = await self._in_thread(self._writers, asked)
+        return {key for key, writer in writers.items() if writer}
 
     def _writers(self, keys: set[JobKey]) -> dict[JobKey, bool | None]:
         """In the reading thread: whether a process writes into each job folder (None: /proc
