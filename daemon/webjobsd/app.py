@@ -223,7 +223,9 @@ class Daemon:
         if self.discovery is not None:
             self.discovery.debouncer.quiet_s = new.debounce_s
             self.discovery.debouncer.cap_s = new.debounce_cap_s
-            self.discovery.rescan_s = new.scan_period_s
+            self.discovery.rescan_s = new.rescan_s
+            if self.discovery.polling:
+                self.discovery.poll_s = new.poll_interval_s
             self.discovery.request_rescan()
         if self.drops is not None:
             self.drops.rescan_s = new.scan_period_s
@@ -372,8 +374,8 @@ class Daemon:
         self.discovery = DiscoveryService(
             catalog,
             debouncer=Debouncer(config.debounce_s, config.debounce_cap_s),
-            rescan_s=config.scan_period_s,
-            polling=config.polling,
+            rescan_s=config.rescan_s,
+            poll_s=config.poll_interval_s if config.polling else None,
             on_changed=lambda _keys: self.wake(),
             # Job changes wait while any daemon of the site deploys (KUDU-DEPLOY.md Part A #4).
             deployment_in_progress=functools.partial(

@@ -108,19 +108,23 @@ class DiscoveryService:
         clock: Callable[[], float] = time.monotonic,
         stuck_after_s: float = STUCK_AFTER_S,
         deployment_in_progress: Callable[[], bool] | None = None,
-        polling: bool = False,
+        poll_s: float | None = None,
     ) -> None:
         """`deployment_in_progress`: whether the site's deployment lock is held (blocking).
-        `polling`: poll mode, no watcher; the rescan (every `rescan_s`, then the poll interval)
-        is the source of events (see the module docstring)."""
+        `poll_s`: poll mode (no watcher): a rescan this often is the source of events, a quick
+        one but every `rescan_s` (see the module docstring)."""
         self.catalog = catalog
         self.debouncer = debouncer
         self.rescan_s = rescan_s
-        self.polling = polling
+        self.poll_s = poll_s
+        # Quick looks compare a folder's stamp with the last look's: every look is stamped.
+        catalog.stamp_looks = poll_s is not None
+        # Poll mode: when the next rescan reads every folder in full (not quick).
+        self._next_full = clock() + rescan_s
         self._on_changed = on_changed
         self._clock = clock
         self._wake = asyncio.Event()
-        self._next_rescan = clock() + self.rescan_s
+        self._next_rescan = clock() + self.scan_period_s
         self.watcher: JobsWatcher | None = None
         self.rescans = 0
         self.last_pass_monotonic: float | None = None
@@ -144,6 +148,15 @@ class DiscoveryService:
         self._replace_failures = 0
         # Discovery's own reading thread (see the module docstring); made on first use.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="discovery")
+
+    @property
+    def polling(self) -> bool:
+        return self.poll_s is not None
+
+    @property
+    def scan_period_s(self) -> float:
+        """The period of the rescan: the poll interval in poll mode."""
+        return self.poll_s if self.poll_s is not None else self.rescan_s
 
     async def _in_thread(
         self, func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
@@ -233,16 +246,18 @@ class DiscoveryService:
         settle: bool = True,
         arrived: bool = False,
         released: bool = False,
+        quick: bool = False,
     ) -> RefreshResult:
         """`arrived`: folders renamed in whole, with no writer /proc could see (openwrites.py).
         `released` (with `settle=False`): held while a deployment ran, looked at as it ended;
-        files open for writing still hold their jobs."""
+        files open for writing still hold their jobs. `quick`: a folder whose entries all
+        look as they did is taken as it was (`Catalog.observe`)."""
         written_only = arrived
         writing_before = self._writing(written_only=written_only)
         targets = self.catalog.targets(keys)
         suspects = self._suspects & set(targets)
         observations, still_written = await self._in_thread(
-            self._observe, targets, suspects, settle
+            self._observe, targets, suspects, settle, quick
         )
         self._suspects -= suspects - still_written
         writing = writing_before | self._writing(written_only=written_only) | still_written
@@ -257,7 +272,7 @@ class DiscoveryService:
         return self._after(result, full=keys is None)
 
     def _observe(
-        self, targets: Collection[JobKey], suspects: set[JobKey], settle: bool
+        self, targets: Collection[JobKey], suspects: set[JobKey], settle: bool, quick: bool
     ) -> tuple[list[Observation], set[JobKey]]:
         """In the reading thread: one job at a time, so a stuck read names its job. Suspects
         (folders that arrived with a writer inside) are asked about again, before the read."""
@@ -266,7 +281,9 @@ class DiscoveryService:
         which = self.catalog.which_memo()
         for key in targets:
             self._set_stage(f"reading job folder {key}")
-            observations.extend(self.catalog.observe([key], settle=settle, which=which))
+            observations.extend(
+                self.catalog.observe([key], settle=settle, which=which, quick=quick)
+            )
         self._set_stage("applying")
         return observations, still_written
 
@@ -430,7 +447,7 @@ class DiscoveryService:
             # Folders renamed in whole go their own way (/proc is asked about writers first).
             await self._arrivals(now)
             if None in held:
-                self._next_rescan = now + self.rescan_s
+                self._next_rescan = now + self.scan_period_s
                 await self.refresh(None, settle=False, released=True)
             elif held:
                 keys = {hint for hint in held if hint is not None}
@@ -489,12 +506,15 @@ class DiscoveryService:
     async def _decide(self, due: set[Hint], now: float) -> None:
         if None in due:
             # Events on the jobs root or a kind folder: look at everything, events announced it.
-            self._next_rescan = now + self.rescan_s
+            self._next_rescan = now + self.scan_period_s
             await self.refresh(None)
         elif now >= self._next_rescan:
-            self._next_rescan = now + self.rescan_s
+            self._next_rescan = now + self.scan_period_s
+            full = not self.polling or now >= self._next_full
+            if full:
+                self._next_full = now + self.rescan_s
             # Nothing announced what this scan may find: confirm changes with a second look.
-            await self.refresh(None, confirm=True)
+            await self.refresh(None, confirm=True, quick=not full)
             if due:
                 await self.refresh({hint for hint in due if hint is not None})
         elif due:
