@@ -247,14 +247,16 @@ class DiscoveryService:
         arrived: bool = False,
         released: bool = False,
         quick: bool = False,
+        skip: Collection[Hint] = (),
     ) -> RefreshResult:
         """`arrived`: folders renamed in whole, with no writer /proc could see (openwrites.py).
         `released` (with `settle=False`): held while a deployment ran, looked at as it ended;
         files open for writing still hold their jobs. `quick`: a folder whose entries all
-        look as they did is taken as it was (`Catalog.observe`)."""
+        look as they did is taken as it was (`Catalog.observe`). `skip`: keys not looked at by
+        this pass (pending in the debouncer: looked at when due)."""
         written_only = arrived
         writing_before = self._writing(written_only=written_only)
-        targets = self.catalog.targets(keys)
+        targets = [key for key in self.catalog.targets(keys) if key not in skip]
         suspects = self._suspects & set(targets)
         observations, still_written = await self._in_thread(
             self._observe, targets, suspects, settle, quick
@@ -514,7 +516,10 @@ class DiscoveryService:
             if full:
                 self._next_full = now + self.rescan_s
             # Nothing announced what this scan may find: confirm changes with a second look.
-            await self.refresh(None, confirm=True, quick=not full)
+            # Poll mode: a job already waiting for its quiet period is left to that look (the
+            # poll's look would mark it unconfirmed again and add a quiet period to the wait).
+            pending = self.debouncer.pending() if self.polling else set()
+            await self.refresh(None, confirm=True, quick=not full, skip=pending)
             if due:
                 await self.refresh({hint for hint in due if hint is not None})
         elif due:

@@ -109,6 +109,10 @@ class Debouncer:
         self._pending.clear()
         return pending
 
+    def pending(self) -> set[Hint]:
+        """The hints waiting for their quiet period."""
+        return set(self._pending)
+
     def pop_due(self, now: float) -> set[Hint]:
         due = {hint for hint, entry in self._pending.items() if self._due_at(entry) <= now}
         for hint in due:
