@@ -28,6 +28,14 @@ Decisions:
   sizes and timestamps restarts the job.
 * A job with a file open for writing (the watcher knows it, `apply(writing=...)`) is settling
   however long its files have been quiet: a transfer that stalls inside a file is not complete.
+* Quick looks (poll mode, `observe(quick=True)`): a folder is stamped before it is read
+  (`contents.folder_stamp`: the name, type and identity of every entry, from stat alone), and a
+  folder whose stamp equals the last look's is taken as that look saw it: no script chosen, no
+  settings.job read, no fingerprint computed again (its spec is remembered with the look). The
+  stamp is taken *before* the read, so a change during the read leaves a stamp that does not
+  match what was read, and the next look reads again. A file changed within the racy window
+  makes no stamp (it may change again under the same identity). What stat cannot see (PATH
+  gaining an interpreter, the target of a link changing) waits for the next full look.
 * Only "the folder is gone" removes a job. A folder that cannot be read (out of file
   descriptors, an I/O error) keeps the last good spec and is looked at again: dropping it would
   stop a healthy job and start it again once the error passes.
