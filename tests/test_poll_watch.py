@@ -6,19 +6,23 @@ there is no watcher, and the inotify-mode rescan (`rescan_s`) is an hour away.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import Site, leaders, running_daemon, wait_for
 from tests.test_api_deploy import zip_of
 from tests.test_drops import starts
 from webjobsd.app import Daemon
+from webjobsd.deploy.pipeline import DeployRequest
 
 POLL = {"watch": "poll", "poll_interval_s": 0.2, "rescan_s": 3600.0}
 LOOP = 'echo "started {text}"\nwhile true; do sleep 0.2; done\n'
@@ -190,3 +194,36 @@ async def test_poll_mode_deploys_dropped_zips_and_waits_for_a_zip_written_in_two
         await wait_for(lambda: not half.exists(), what="zipped.zip consumed")
         assert start_lines(site, "zipped") == ["started zipped"]
         assert inotify_watches() == before and watchdog_threads() == []
+
+
+async def test_poll_mode_holds_job_changes_while_a_deployment_runs(site: Site) -> None:
+    """1. a job runs v1  2. while a deployment holds the site lock, its script becomes v2: the
+    polls go on and the job keeps v1 (the poll would take v2 within about 0.5 s)  3. once the
+    deployment ends, the job restarts once, with v2; /readyz said `"watch": "poll"`."""
+    folder = site.write_job("continuous", "held", {"run.sh": LOOP.format(text="v1")})
+    async with running_daemon(site, **POLL) as daemon:
+        discovery = daemon.discovery
+        assert discovery is not None and daemon.http is not None
+        await wait_for(lambda: start_lines(site, "held"), what="v1 running")
+        body = await asyncio.to_thread(readyz, daemon.http.port)
+        assert body["watch"] == "poll" and body["checks"]["watcher"] is True
+        holder = await daemon.deployments.begin(DeployRequest(deployer="test", message="held"))
+        try:
+            (folder / "run.sh").write_text(LOOP.format(text="v2"))
+            old = time.time() - 60
+            os.utime(folder / "run.sh", (old, old))
+            written = time.monotonic()
+            await wait_for(
+                lambda: discovery.holding and (discovery.last_pass_monotonic or 0) > written + 1.5,
+                what="polls held past the time the change would take",
+            )
+            assert start_lines(site, "held") == ["started v1"]
+        finally:
+            await holder.finish()
+        await wait_for(lambda: len(start_lines(site, "held")) == 2, what="v2 after the deployment")
+        assert start_lines(site, "held") == ["started v1", "started v2"]
+
+
+def readyz(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+        return dict(json.loads(response.read()))

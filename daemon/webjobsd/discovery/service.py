@@ -76,7 +76,10 @@ never another NFS client's). Decisions:
   file for longer than the quiet period is not seen (no event and no /proc can tell); the
   quiet period, and the second look of the confirmation, are what stand for it there.
 * The deployment lock is probed at every poll pass that has something to decide, which in
-  poll mode is every pass (about 60 us, in the reading thread): the hold works as with events.
+  poll mode is every pass (about 60 us, in the reading thread). While it is held, the poll is
+  held too (the rescan is among what is held: `hold_note` says "and a rescan"), and the
+  deployment's end looks at every folder at once, without a quiet period, as it does at what
+  events held; a file open for writing (in /proc) still holds its job then.
 * On NFS, a client caches attributes (`actimeo`, 3 to 60 s by default): a file another host
   writes may look unchanged to stat for that long, and the pick-up waits for it as well.
 
@@ -436,6 +439,10 @@ class DiscoveryService:
         if self._recheck_at is None:
             return False
         self._held |= due
+        if self.polling and now >= self._next_rescan:
+            # Poll mode: the poll is the only way changes are found, and it is held too; the
+            # deployment's end looks at every folder at once, as it does at what events held.
+            self._held.add(None)
         self.last_pass_monotonic = now
         if self._held_since is None:
             self._held_since = now
