@@ -22,6 +22,7 @@ async def test_readyz_turns_unready_when_a_core_task_dies(site: Site) -> None:
             body = await response.json()
         assert body["ready"] is True
         assert set(body["checks"]) == {"watcher", "discovery", "reconciler", "scheduler"}
+        assert body["watch"] == "inotify"
         reconciler = daemon._tasks["reconciler"]
         reconciler.cancel()  # fault injection: a core loop is gone
         await asyncio.gather(reconciler, return_exceptions=True)

@@ -201,6 +201,7 @@ class Daemon:
             "max_connections",
             "header_timeout_s",
             "keepalive_timeout_s",
+            "watch",
         ):
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("configuration change needs a restart", key=name)
@@ -228,7 +229,11 @@ class Daemon:
             self.discovery.debouncer.quiet_s = new.debounce_s
             self.discovery.debouncer.cap_s = new.debounce_cap_s
             self.discovery.rescan_s = new.rescan_s
+            if self.discovery.polling:
+                self.discovery.poll_s = new.poll_interval_s
             self.discovery.request_rescan()
+        if self.drops is not None:
+            self.drops.rescan_s = new.scan_period_s
         self.config = new
         log.info(
             "configuration reloaded", file=str(self._config_path) if self._config_path else None
@@ -380,6 +385,7 @@ class Daemon:
             catalog,
             debouncer=Debouncer(config.debounce_s, config.debounce_cap_s),
             rescan_s=config.rescan_s,
+            poll_s=config.poll_interval_s if config.polling else None,
             on_changed=lambda _keys: self.wake(),
             # Job changes wait while any daemon of the site deploys (KUDU-DEPLOY.md Part A #4).
             deployment_in_progress=functools.partial(
@@ -396,11 +402,13 @@ class Daemon:
         # Not in `_tasks`: it outlives them at shutdown, to deliver the last runs' events.
         self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
         self._webhooks_task.add_done_callback(self._task_done)
-        self.watcher = JobsWatcher(
-            layout.jobs_root, loop, self.discovery.hint, on_arrival=self.discovery.arrived
-        )
-        self.discovery.watcher = self.watcher
-        self.watcher.start()
+        if not config.polling:
+            # Poll mode makes no inotify watch at all: the poll is discovery's own rescan.
+            self.watcher = JobsWatcher(
+                layout.jobs_root, loop, self.discovery.hint, on_arrival=self.discovery.arrived
+            )
+            self.discovery.watcher = self.watcher
+            self.watcher.start()
         self.discovery.initial_scan()
         self._mark_vanished_jobs_stopped(catalog)
         await asyncio.to_thread(self._remove_stale_working_copies, catalog)
@@ -413,7 +421,8 @@ class Daemon:
             layout,
             self.upload_limits,
             quiet_s=config.debounce_s,
-            rescan_s=config.rescan_s,
+            rescan_s=config.scan_period_s,
+            polling=config.polling,
             deployments=self.deployments,
         )
         self.drops.start()
@@ -482,6 +491,7 @@ class Daemon:
             deployment_store=self.deployment_store,
             deployments=self.deployments,
             readiness_notes=self.readiness_notes,
+            watch=config.watch,
         )
         middlewares: tuple[Any, ...] = ()
         if self._auth_enabled:
@@ -580,11 +590,12 @@ class Daemon:
         config = self.config
         reconciler, discovery, scheduler = self.reconciler, self.discovery, self.scheduler
         return {
-            "watcher": self.watcher is not None and self.watcher.is_alive(),
+            # Poll mode has no watcher to die: its poll is discovery's loop, checked below.
+            "watcher": config.polling or (self.watcher is not None and self.watcher.is_alive()),
             # A pass that never ends is not a live discovery (its stage is logged).
             "discovery": alive("discovery")
             and discovery is not None
-            and recent(discovery.last_pass_monotonic, 2 * config.rescan_s + 5)
+            and recent(discovery.last_pass_monotonic, 2 * config.scan_period_s + 5)
             and discovery.stuck_stage() is None,
             "reconciler": alive("reconciler")
             and reconciler is not None

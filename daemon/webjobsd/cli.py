@@ -175,6 +175,17 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--instance-id", help="instance id (default WEBSITE_INSTANCE_ID, host)")
     parser.add_argument("--listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8181)")
+    parser.add_argument(
+        "--watch",
+        choices=["inotify", "poll"],
+        help="how file changes are found (default inotify; poll for NFS, CephFS, EFS)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
+        help="poll mode: period of the full scan (default 1.0)",
+    )
     parser.add_argument("--log-format", choices=["auto", "console", "json"])
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -186,6 +197,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "jobs_root": str(args.jobs_root.absolute()) if args.jobs_root else None,
         "instance_id": args.instance_id,
         "listen": args.listen,
+        "watch": args.watch,
+        "poll_interval_s": args.poll_interval,
         "log_format": args.log_format,
         "log_level": args.log_level,
     }

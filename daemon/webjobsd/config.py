@@ -53,7 +53,19 @@ class DaemonConfig:
     debounce_cap_s: float = field(
         default=30.0, metadata={"doc": "act after this long even under constant writes"}
     )
-    rescan_s: float = field(default=30.0, metadata={"doc": "period of the full rescan"})
+    rescan_s: float = field(
+        default=30.0, metadata={"doc": "period of the full rescan (inotify mode)"}
+    )
+    watch: str = field(
+        default="inotify",
+        metadata={
+            "doc": "how file changes are found: inotify (local disks), or poll (NFS, CephFS, "
+            "EFS: writes by other hosts make no inotify event)"
+        },
+    )
+    poll_interval_s: float = field(
+        default=1.0, metadata={"doc": "poll mode: period of the full scan of jobs and drops"}
+    )
     reconcile_tick_s: float = field(
         default=5.0, metadata={"doc": "period of the reconcile pass without any event"}
     )
@@ -136,6 +148,16 @@ class DaemonConfig:
         },
     )
 
+    @property
+    def polling(self) -> bool:
+        return self.watch == "poll"
+
+    @property
+    def scan_period_s(self) -> float:
+        """The period of the full scan of job folders and drop folders: in poll mode the scan
+        is the source of events, otherwise it repairs what events missed."""
+        return self.poll_interval_s if self.polling else self.rescan_s
+
     def resolved_instance_id(self, environ: Mapping[str, str]) -> str:
         """Kudu: first 6 characters of WEBSITE_INSTANCE_ID, else of the machine name."""
         if self.instance_id:
@@ -151,6 +173,7 @@ class DaemonConfig:
 
 _LOG_FORMATS = {"auto", "console", "json"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+WATCH_MODES = ("inotify", "poll")
 
 
 def _check_type(name: str, value: Any, expected: type, source: str) -> Any:
@@ -173,6 +196,8 @@ _FIELD_TYPES: dict[str, type] = {
     "debounce_s": float,
     "debounce_cap_s": float,
     "rescan_s": float,
+    "watch": str,
+    "poll_interval_s": float,
     "reconcile_tick_s": float,
     "restart_backoff_initial_s": float,
     "restart_backoff_reset_s": float,
@@ -268,6 +293,7 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
     positive = (
         "debounce_cap_s",
         "rescan_s",
+        "poll_interval_s",
         "reconcile_tick_s",
         "log_max_bytes",
         "max_upload_bytes",
@@ -297,6 +323,10 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'max_line_bytes' must be at least 1024")
     if config.log_format not in _LOG_FORMATS:
         raise ConfigError(f"{source}: key 'log_format' must be one of {sorted(_LOG_FORMATS)}")
+    if config.watch not in WATCH_MODES:
+        raise ConfigError(
+            f"{source}: key 'watch' must be one of {', '.join(WATCH_MODES)}, got {config.watch!r}"
+        )
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"{source}: key 'log_level' must be one of {sorted(_LOG_LEVELS)}")
 

@@ -197,3 +197,53 @@ def test_a_folder_read_failing_for_lack_of_descriptors_keeps_every_job(tmp_path:
     assert report["starved_changed"] == []
     assert report["after"] == report["before"]
     assert report["after_changed"] == []
+
+
+def stamping_catalog(root: Path, which: dict[str, str]) -> Catalog:
+    """A catalog that stamps its looks (poll mode), with a clock 5 s ahead: the files just
+    written are past the racy window, so their folders get a stamp at once."""
+    cat = Catalog(root, settle_s=1.0, which=which.get, clock=lambda: time.time() + 5)
+    cat.stamp_looks = True
+    return cat
+
+
+def test_a_quick_look_takes_an_unchanged_folder_as_it_was_and_sees_any_change(
+    tmp_path: Path,
+) -> None:
+    """1. a quick look at a folder that did not change is the last look itself  2. an edit
+    that keeps the size and puts the old mtime back is still seen (its ctime moved) and
+    changes the fingerprint."""
+    script = make(tmp_path, "continuous/app/run.sh", "echo v1\n")
+    cat = stamping_catalog(tmp_path, {"bash": "/bin/bash"})
+    cat.refresh()
+    first = cat.specs[APP].fingerprint
+    [look] = cat.observe([APP])
+    assert look.stamp
+    [again] = cat.observe([APP], quick=True)
+    assert again is look
+    assert cat.apply([again], confirm=True).changed == set()
+    before = script.stat()
+    script.write_text("echo v2\n")
+    os.utime(script, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # A ctime in the same tick as the write would keep the identity: the stamp is then empty
+    # (racy) and the look reads the folder, so either way the change is seen.
+    [changed] = cat.observe([APP], quick=True)
+    assert changed is not look
+    assert cat.apply([changed]).changed == {APP}
+    assert cat.specs[APP].fingerprint != first
+
+
+def test_an_interpreter_installed_later_is_found_by_a_full_look_not_a_quick_one(
+    tmp_path: Path,
+) -> None:
+    """What stat cannot see waits for the next full look (every rescan_s in poll mode)."""
+    make(tmp_path, "continuous/app/run.js")
+    paths: dict[str, str] = {}
+    cat = stamping_catalog(tmp_path, paths)
+    cat.refresh()
+    assert cat.errors[APP] == NO_RUNNABLE_SCRIPT
+    cat.observe([APP])
+    paths["node"] = "/usr/bin/node"
+    assert cat.apply(cat.observe([APP], quick=True)).changed == set()
+    assert cat.apply(cat.observe([APP])).changed == {APP}
+    assert cat.specs[APP].command.host == "node"

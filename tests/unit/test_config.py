@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from webjobsd.cli import main
+from webjobsd.cli import _overrides, _parser, main
 from webjobsd.config import AppSettings, ConfigError, load_config
 
 
@@ -39,6 +39,11 @@ def test_values_from_yaml_and_flags_on_top(tmp_path: Path) -> None:
         ("log_max_bytes: 1.5\n", "key 'log_max_bytes' must be int, got float"),
         ("log_max_bytes: true\n", "key 'log_max_bytes' must be int, got bool"),
         ("rescan_s: 0\n", "key 'rescan_s' must be greater than 0"),
+        ("watch: fanotify\n", "key 'watch' must be one of inotify, poll, got 'fanotify'"),
+        ("watch: 1\n", "key 'watch' must be str, got int"),
+        ("poll_interval_s: 0\n", "key 'poll_interval_s' must be greater than 0"),
+        ("poll_interval_s: -1.5\n", "key 'poll_interval_s' must be greater than 0"),
+        ("poll_interval_s: often\n", "key 'poll_interval_s' must be float, got str"),
         ("log_format: xml\n", "key 'log_format' must be one of"),
         ("settings:\n  A: [1]\n", "key 'settings.A' must be a string or a number"),
         ("- a\n- b\n", "the top level must be a mapping"),
@@ -60,6 +65,32 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad.write_text("colour: blue\n")
     assert main(["check-config", "--config", str(bad)]) == 2
     assert "unknown key 'colour'" in capsys.readouterr().err
+
+
+def test_watch_mode_from_yaml_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watch` and `poll_interval_s` default to inotify and 1 s; `--watch` and `--poll-interval`
+    override the file; a bad flag value is refused naming the key."""
+    defaults = load_config(None, {})
+    assert (defaults.watch, defaults.poll_interval_s, defaults.scan_period_s) == (
+        "inotify",
+        1.0,
+        30.0,
+    )
+    path = write(tmp_path, "watch: poll\npoll_interval_s: 2\n")
+    from_file = load_config(path, {})
+    assert (from_file.watch, from_file.poll_interval_s, from_file.scan_period_s) == (
+        "poll",
+        2.0,
+        2.0,
+    )
+    flags = _parser().parse_args(["serve", "--watch", "inotify", "--poll-interval", "0.5"])
+    overridden = load_config(path, _overrides(flags))
+    assert (overridden.watch, overridden.poll_interval_s) == ("inotify", 0.5)
+    assert main(["check-config", "--config", str(path), "--poll-interval", "0"]) == 2
+    assert "key 'poll_interval_s' must be greater than 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check-config", "--watch", "fanotify"])
+    assert "--watch: invalid choice: 'fanotify'" in capsys.readouterr().err
 
 
 def test_app_settings_precedence(tmp_path: Path) -> None:

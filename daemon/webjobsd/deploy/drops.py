@@ -36,6 +36,17 @@ Decisions:
   anything and does not know of drops: data flows one way, the drop service writes a job folder
   (renamed into place in whole) and discovery sees it as any other arrival, starting or
   restarting the job once.
+* **Poll mode (`watch: poll`): no watch, a sweep every `poll_interval_s`.** On shared storage
+  (NFS, CephFS, EFS) another host's writes make no inotify event, so no observer is started
+  (no inotify instance, no watchdog thread) and the sweep, every poll interval instead of every
+  rescan period, is what finds a zip. A sweep costs three `scandir`s when nothing is dropped.
+  No close-write is ever seen, and /proc sees writers on this host only: a file a local process
+  holds open for writing is still never taken, and otherwise a file is taken once it has been
+  quiet (by its mtime) for the quiet period *and* reads as a complete zip, as where /proc cannot
+  tell. So a zip another host is still copying (its central directory, at the end, not written
+  yet) waits, and is deployed at the first sweep after it is complete and quiet: pick-up within
+  `poll_interval_s` + the quiet period. The price: a broken zip that will never be completed is
+  failed only after `OPEN_WRITE_CAP_S` (15 minutes), not at once (no writer can be seen done).
 * **Zips are not jobs.** The catalog takes only folders as jobs, so `*.zip`, `*.zip.failed` and
   `*.zip.failed.txt` files in a kind folder are never jobs nor job errors (a test holds it).
 * **One drop at a time, in arrival order.** The service is one task. Every drop waits while a
@@ -261,10 +272,14 @@ class DropService:
         *,
         quiet_s: float,
         rescan_s: float,
+        polling: bool = False,
         deployments: Deployments | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`rescan_s`: the period of the sweep; `polling`: poll mode, no watch, the sweep is
+        the only source of events (see the module docstring)."""
         self.layout = layout
+        self.polling = polling
         self.deployments = deployments
         self.limits = limits
         self.quiet_s = quiet_s
@@ -289,8 +304,9 @@ class DropService:
     def start(self) -> None:
         """Watch, and sweep everything at the first turn of `run`."""
         self._loop = asyncio.get_running_loop()
-        self._watches.start()
-        self._watches.sync()
+        if not self.polling:
+            self._watches.start()
+            self._watches.sync()
         self._next_sweep = self._clock()
 
     async def close(self) -> None:
@@ -472,11 +488,13 @@ class DropService:
         """In a thread: whether the writer is done. (ready, when to look again if not)."""
         real = os.path.realpath(path)
         writers = files_written_under(Path(os.path.dirname(real)))
-        if writers is not None:
+        if writers is not None and real in writers:
             # Open for writing: its close-write (or the next sweep) brings it back.
-            return (real not in writers, None)
-        if closed:
+            return (False, None)
+        if not self.polling and (writers is not None or closed):
             return (True, None)
+        # Poll mode (a writer on another host is invisible to /proc, and no close-write is
+        # seen), or /proc cannot tell: quiet and complete.
         age_s = time.time() - identity[2] / 1e9
         if age_s < self.quiet_s:
             return (False, self._clock() + self.quiet_s - age_s)

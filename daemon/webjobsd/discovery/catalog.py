@@ -28,6 +28,14 @@ Decisions:
   sizes and timestamps restarts the job.
 * A job with a file open for writing (the watcher knows it, `apply(writing=...)`) is settling
   however long its files have been quiet: a transfer that stalls inside a file is not complete.
+* Quick looks (poll mode, `observe(quick=True)`): a folder is stamped before it is read
+  (`contents.folder_stamp`: the name, type and identity of every entry, from stat alone), and a
+  folder whose stamp equals the last look's is taken as that look saw it: no script chosen, no
+  settings.job read, no fingerprint computed again (its spec is remembered with the look). The
+  stamp is taken *before* the read, so a change during the read leaves a stamp that does not
+  match what was read, and the next look reads again. A file changed within the racy window
+  makes no stamp (it may change again under the same identity). What stat cannot see (PATH
+  gaining an interpreter, the target of a link changing) waits for the next full look.
 * Only "the folder is gone" removes a job. A folder that cannot be read (out of file
   descriptors, an I/O error) keeps the last good spec and is looked at again: dropping it would
   stop a healthy job and start it again once the error passes.
@@ -49,7 +57,13 @@ from types import MappingProxyType
 
 import structlog
 
-from webjobsd.discovery.contents import FolderContent, HashCache, fingerprint_of, read_content
+from webjobsd.discovery.contents import (
+    FolderContent,
+    HashCache,
+    fingerprint_of,
+    folder_stamp,
+    read_content,
+)
 from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
 from webjobsd.discovery.scripts import (
     RESOURCE_ERRNOS,
@@ -97,6 +111,8 @@ class Observation:
     # The folder exists but could not be read (out of file descriptors, an I/O error): nothing
     # is known about the job, so whatever was known before stands.
     unreadable: bool = False
+    # `folder_stamp` taken before the look, when looks are stamped (poll mode); b"": none.
+    stamp: bytes = b""
 
 
 @dataclass(slots=True)
@@ -136,11 +152,16 @@ def observe_job(
     which: Callable[[str], str | None],
     cache: HashCache | None = None,
     hash_while_settling: bool = False,
+    previous: Observation | None = None,
+    stamped: bool = False,
 ) -> Observation:
     """Look at one job folder. Reads files only; safe in any thread.
 
     Files still being written are not hashed unless `hash_while_settling` (the settle cap is
-    reached and the folder is taken as it is).
+    reached and the folder is taken as it is). `stamped`: the folder's stamp is taken first
+    (before the read: a change during the read then shows as a stamp that does not match the
+    content); `previous`: the last look at this folder, taken as it is when the stamp is the
+    same (a quick look, see `Catalog.observe`).
     """
     if not is_valid_job_name(key.name):
         return Observation(key, present=False)
@@ -149,6 +170,10 @@ def observe_job(
             if cache is not None:
                 cache.forget(os.fspath(job_dir))
             return Observation(key, present=False)
+        stamp = folder_stamp(job_dir, now) if stamped or previous is not None else b""
+        if _unchanged(previous, stamp):
+            assert previous is not None
+            return previous
         window = None if hash_while_settling else (now - settle_s, now + _FUTURE_TOLERANCE_S)
         scan = scan_folder(job_dir, cache, window if settle_s > 0 else None)
         command = select_command(job_dir, which=which)
@@ -162,7 +187,9 @@ def observe_job(
         )
     settling = now - settle_s < scan.newest_mtime <= now + _FUTURE_TOLERANCE_S or scan.deferred
     if command is None:
-        return Observation(key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT)
+        return Observation(
+            key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT, stamp=stamp
+        )
     settings_path = script_dir / "settings.job"
     settings: JobSettings | None = None
     warnings: tuple[str, ...] = ()
@@ -189,6 +216,20 @@ def observe_job(
         settings_path=settings_path,
         # Kudu's File.Exists: a regular file (links followed); a folder or FIFO of that name is not.
         disabled=(script_dir / "disable.job").is_file(),
+        stamp=stamp,
+    )
+
+
+def _unchanged(previous: Observation | None, stamp: bytes) -> bool:
+    """Every entry is as the last look found it, and that look was complete and quiet: what
+    it read from the files (script, settings, disabled) stands."""
+    return (
+        previous is not None
+        and bool(stamp)
+        and previous.stamp == stamp
+        and not previous.settling
+        and not previous.unreadable
+        and (previous.scan is None or not previous.scan.deferred)
     )
 
 
@@ -213,6 +254,12 @@ class Catalog:
         self._settling_since: dict[JobKey, float] = {}
         self._unconfirmed: dict[JobKey, tuple[str, bool]] = {}
         self.hashes = HashCache()
+        # The last complete look at each folder, for quick looks (see `observe`); and the spec
+        # each one made, so that a look taken as it was is not fingerprinted again.
+        self._looks: dict[JobKey, Observation] = {}
+        self._built: dict[JobKey, tuple[Observation, JobSpec]] = {}
+        # Stamp every look (poll mode), so that the next quick one can be compared with it.
+        self.stamp_looks = False
         self.generation = 0
 
     # -- published views ---------------------------------------------------------------------
@@ -267,18 +314,30 @@ class Catalog:
         return sorted(set(keys))
 
     def observe(
-        self, keys: Iterable[JobKey], *, settle: bool = True, which: Which | None = None
+        self,
+        keys: Iterable[JobKey],
+        *,
+        settle: bool = True,
+        which: Which | None = None,
+        quick: bool = False,
     ) -> list[Observation]:
         """Blocking file-system reads only: run it in a thread when the loop must not stall.
 
         `settle=False` for intents: the daemon itself just wrote the folder completely.
         `which`: the interpreter lookup to use instead of the catalog's (a memo of it shared by
         the folders of one pass: a hundred bash jobs need one walk of PATH, not a hundred).
+        `quick`: a folder whose walk finds every entry as the last look left it (names, inodes,
+        sizes, times: `folder_stamp`) is taken as that look saw it, without choosing its
+        script, reading settings.job or asking PATH again (poll mode's passes between two full
+        rescans: an interpreter installed meanwhile is found by the next full one). The looks
+        remembered for this are the catalog's only state written here (with the hash cache),
+        by one reading thread at a time.
         """
         now = self._clock()
         settle_s = self.settle_s if settle else 0.0
-        return [
-            observe_job(
+        observations = []
+        for key in keys:
+            observation = observe_job(
                 self.job_dir(key),
                 key,
                 settle_s=settle_s,
@@ -286,9 +345,15 @@ class Catalog:
                 which=which or self._which,
                 cache=self.hashes,
                 hash_while_settling=self._settle_capped(key, now),
+                previous=self._looks.get(key) if quick else None,
+                stamped=self.stamp_looks,
             )
-            for key in keys
-        ]
+            if observation.present and observation.stamp:
+                self._looks[key] = observation
+            else:
+                self._looks.pop(key, None)
+            observations.append(observation)
+        return observations
 
     def _settle_capped(self, key: JobKey, now: float) -> bool:
         since = self._settling_since.get(key)
@@ -339,6 +404,11 @@ class Catalog:
             self._settling_since.pop(key, None)
             result.settling.add(key)
             return
+        if self._is_current(observation):
+            # A quick look found the folder as the look that made its spec (poll mode).
+            self._settling_since.pop(key, None)
+            self._unconfirmed.pop(key, None)
+            return
         if observation.unreadable:
             # Only "the folder is gone" removes a job: a read error (EMFILE under load) keeps
             # the last good spec, and the key is looked at again.
@@ -387,13 +457,58 @@ class Catalog:
             fingerprint=spec.fingerprint,
         )
 
-    def _spec_from(self, observation: Observation) -> JobSpec:
+    def in_question(self, observation: Observation) -> bool:
+        """Whether `apply` would settle a change from this observation, or is waiting for its
+        files to settle: what a file open for writing must hold. Reads only; a poll pass asks
+        /proc about these jobs alone (an idle pass asks nothing)."""
+        if not observation.present or observation.unreadable:
+            return False
+        if observation.settling:
+            return True
+        if self._is_current(observation):
+            return False
+        key = observation.key
+        if observation.error is not None:
+            return key in self._specs or self._errors.get(key) != observation.error
+        return self._build_spec(observation) != self._specs.get(key)
+
+    def _is_current(self, observation: Observation) -> bool:
+        """The observation is the very look (taken as it was by a quick look) whose spec is
+        the job's now: nothing to decide."""
+        built = self._built.get(observation.key)
+        return (
+            built is not None
+            and built[0] is observation
+            and self._specs.get(observation.key) is built[1]
+        )
+
+    def _build_spec(self, observation: Observation) -> JobSpec:
+        """The spec an observation makes (a settings.job that does not parse keeps the last
+        good settings); no reporting. A look taken as it was (quick) makes the same spec: it
+        is not fingerprinted again."""
         key = observation.key
         assert observation.scan is not None and observation.command is not None
         settings = observation.settings
         if settings is None:
             previous = self._specs.get(key)
             settings = previous.settings if previous is not None else JobSettings()
+        built = self._built.get(key)
+        if built is not None and built[0] is observation and built[1].settings is settings:
+            return built[1]
+        spec = JobSpec(
+            key=key,
+            job_dir=self.job_dir(key),
+            command=observation.command,
+            settings=settings,
+            disabled=observation.disabled,
+            fingerprint=fingerprint_of(observation.scan, settings),
+        )
+        self._built[key] = (observation, spec)
+        return spec
+
+    def _spec_from(self, observation: Observation) -> JobSpec:
+        key = observation.key
+        if observation.settings is None:
             self._report_once(
                 ("settings", key, observation.settings_error),
                 f"settings.job does not parse: {observation.settings_error}; "
@@ -409,14 +524,7 @@ class Catalog:
                     folder=str(observation.settings_path),
                 )
         self._report_skipped(observation)
-        return JobSpec(
-            key=key,
-            job_dir=self.job_dir(key),
-            command=observation.command,
-            settings=settings,
-            disabled=observation.disabled,
-            fingerprint=fingerprint_of(observation.scan, settings),
-        )
+        return self._build_spec(observation)
 
     def _report_skipped(self, observation: Observation) -> None:
         """A FIFO or socket in a job folder is no job file: said once per file, not per scan."""
@@ -434,6 +542,7 @@ class Catalog:
             )
 
     def _drop(self, key: JobKey, result: RefreshResult) -> None:
+        self._built.pop(key, None)
         if self._specs.pop(key, None) is not None:
             result.changed.add(key)
             log.info("job removed", job=str(key))

@@ -302,6 +302,39 @@ def read_content(
     return FolderContent(tuple(entries), newest, tuple(skipped), deferred)
 
 
+_IGNORED_DIRECTORY_NAMES = frozenset(os.fsencode(name) for name in IGNORED_DIRECTORIES)
+
+
+def folder_stamp(root: str | os.PathLike[str], now: float) -> bytes:
+    """A digest of the name, type and identity (inode, size, times) of every entry below
+    `root` (VCS folders left out, as the walk does): equal stamps, the same folder as far as
+    stat can tell. b"" when it proves nothing: a file changed within `RACY_S` (it may change
+    again under the same identity) or an entry that could not be read. A lean walk of its own
+    (no entries built, no cache looked up): a poll pass stamps every job folder, and compares
+    the stamp with the last look's before reading anything more. Blocking."""
+    digest = hashlib.blake2b(digest_size=16)
+    # Bytes paths: no decoding of names that are only hashed.
+    stack = [(os.fsencode(root), b"")]
+    try:
+        while stack:
+            directory, prefix = stack.pop()
+            with os.scandir(directory) as listing:
+                for entry in listing:
+                    st = entry.stat(follow_symlinks=False)
+                    rel = prefix + entry.name
+                    digest.update(rel)
+                    digest.update(identity_of(st))
+                    digest.update(b"%o\0" % st.st_mode)
+                    if stat.S_ISDIR(st.st_mode):
+                        if entry.name not in _IGNORED_DIRECTORY_NAMES:
+                            stack.append((entry.path, rel + b"/"))
+                    elif now - max(st.st_mtime, st.st_ctime) < RACY_S:
+                        return b""
+    except OSError:
+        return b""
+    return digest.digest()
+
+
 def content_digest(content: FolderContent) -> str:
     """The SHA-256 over the entries that make the code (settings.job and disable.job excluded:
     they enter a fingerprint through the parsed settings and the disabled flag)."""

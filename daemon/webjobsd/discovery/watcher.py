@@ -40,6 +40,11 @@ error that names the dead threads), and the new watch asks for a full rescan, si
 happened meanwhile is known to no event. The old observer is stopped by the caller, in a thread
 (joining watchdog's threads blocks).
 
+Not made at all in poll mode (`watch: poll`, config.py): on NFS, CephFS or EFS, inotify reports
+this host's writes only, so a watch would see some changes and miss others depending on which
+host wrote. There the discovery service's rescan, run every `poll_interval_s`, is the only
+source of events (see service.py); the `Debouncer` below still times its second looks.
+
 `Debouncer` is pure and clock-driven: a key is due once it has been quiet for `quiet_s`, or once
 `cap_s` has passed since its first event even if writes never stop.
 """
@@ -108,6 +113,10 @@ class Debouncer:
         pending = set(self._pending)
         self._pending.clear()
         return pending
+
+    def pending(self) -> set[Hint]:
+        """The hints waiting for their quiet period."""
+        return set(self._pending)
 
     def pop_due(self, now: float) -> set[Hint]:
         due = {hint for hint, entry in self._pending.items() if self._due_at(entry) <= now}

@@ -57,6 +57,9 @@ class ApiContext:
     deployments: Deployments | None = None
     # What /readyz says beside its checks ("deployment in progress, 3 job changes held").
     readiness_notes: Callable[[], list[str]] | None = None
+    # How file changes are found (config `watch`): /readyz says it, since its `watcher` check
+    # is true in poll mode, where there is no watcher to fail.
+    watch: str = "inotify"
 
 
 CONTEXT = web.AppKey("webjobsd_context", ApiContext)

@@ -41,11 +41,14 @@ async def healthz(_request: web.Request) -> web.StreamResponse:
 
 async def readyz(request: web.Request) -> web.StreamResponse:
     """Readiness: the watcher, the reconciler and the scheduler are alive and recent; `notes`
-    say what is going on without being a fault (a deployment holding job changes)."""
+    say what is going on without being a fault (a deployment holding job changes); `watch` says
+    how file changes are found (`inotify`, or `poll`: no watcher, its check is true)."""
     ctx = request.app[CONTEXT]
     checks = ctx.readiness() if ctx.readiness is not None else {}
     notes = ctx.readiness_notes() if ctx.readiness_notes is not None else []
-    extra: dict[str, object] = {"notes": notes} if notes else {}
+    extra: dict[str, object] = {"watch": ctx.watch}
+    if notes:
+        extra["notes"] = notes
     if all(checks.values()):
         return web.json_response({"ready": True, "checks": checks, **extra})
     failing = sorted(name for name, ok in checks.items() if not ok)
