@@ -70,7 +70,9 @@ JOBS: dict[tuple[str, str], dict[str, str]] = {
 pytestmark = pytest.mark.timeout(300)
 
 WATCH_MODES: dict[str, dict[str, Any]] = {
-    "inotify": {},
+    "inotify": {"watch": "inotify"},
+    # What hosts on NFS need: no host hears of another's writes; the scan is the only source.
+    "poll": {"watch": "poll", "poll_interval_s": 1.0},
 }
 
 

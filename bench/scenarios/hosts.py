@@ -34,8 +34,8 @@ from bench.report import Result, Target
 
 HOSTS = ("h1", "h2", "h3")
 MODES: dict[str, dict[str, Any]] = {
-    "inotify": {},
-    # "poll": {"watch": "poll", "poll_interval_s": 1.0},
+    "inotify": {"watch": "inotify"},
+    "poll": {"watch": "poll", "poll_interval_s": 1.0},
 }
 FAILOVER_TARGET_S = 5.0
 SAMPLE_S = 0.01
