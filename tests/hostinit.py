@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
     while True:
         pid, status = os.wait()
         if pid == child:
-            return os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code  # a signal, as a shell reports it
 
 
 if __name__ == "__main__":
