@@ -72,8 +72,13 @@ class FileLock:
     worse than holding it too long).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, make_parents: bool = True) -> None:
+        """`make_parents=False`: only the lock's own folder may be made, not the folders above
+        it. A missing folder above is what a lost mount of shared storage looks like (the mount
+        point's empty folder shows through), and a lock taken on a file made there is a lock
+        nobody else can see: `try_acquire` raises FileNotFoundError instead."""
         self.path = Path(path)
+        self._make_parents = make_parents
         self._fd: int | None = None
 
     def __repr__(self) -> str:
@@ -86,14 +91,15 @@ class FileLock:
     def try_acquire(self, owner_info: Mapping[str, Any]) -> bool:
         """Take the lock if free and write `owner_info` into it; False if someone holds it.
 
-        Creates missing parent folders. Returns True only once the owner info is on disk; if
-        writing it fails, the lock is released and the error raised. Raises RuntimeError if this
-        object already holds the lock, TypeError/ValueError if `owner_info` is not JSON-able.
+        Creates missing parent folders (only the lock's own with `make_parents=False`). Returns
+        True only once the owner info is on disk; if writing it fails, the lock is released and
+        the error raised. Raises RuntimeError if this object already holds the lock,
+        TypeError/ValueError if `owner_info` is not JSON-able.
         """
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FileLock")
         data = _encode(owner_info)  # before locking: a bad owner must not leave the lock taken
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=self._make_parents, exist_ok=True)
         for _ in range(_REPLACED_RETRIES):
             try:
                 fd = safeopen.open_file(self.path, os.O_RDWR | os.O_CREAT)
@@ -129,6 +135,14 @@ class FileLock:
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not held by this FileLock")
         _write_owner(self._fd, _encode(owner_info))
+
+    def duplicate(self) -> int:
+        """A new descriptor (close-on-exec) of the held lock's open file description, for a
+        checker in another thread (`lockguard`). Closing it never releases the lock while this
+        object holds it; `release` unlocks the description explicitly, whoever still has a dup."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is not held by this FileLock")
+        return os.dup(self._fd)
 
     def release(self) -> None:
         """Unlock and close; idempotent. The file and its (now stale) owner info stay."""
