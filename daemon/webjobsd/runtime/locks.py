@@ -58,6 +58,10 @@ _REPLACED_RETRIES = 3
 _MAX_OWNER_BYTES = 64 * 1024
 
 
+class ForeignFileSystem(OSError):
+    """The lock file is not on the file system it must be on (see `FileLock`)."""
+
+
 class FileLock:
     """One exclusive, non-blocking, advisory lock on `path`.
 
@@ -72,13 +76,13 @@ class FileLock:
     worse than holding it too long).
     """
 
-    def __init__(self, path: Path | str, *, make_parents: bool = True) -> None:
-        """`make_parents=False`: only the lock's own folder may be made, not the folders above
-        it. A missing folder above is what a lost mount of shared storage looks like (the mount
-        point's empty folder shows through), and a lock taken on a file made there is a lock
-        nobody else can see: `try_acquire` raises FileNotFoundError instead."""
+    def __init__(self, path: Path | str, *, device: int | None = None) -> None:
+        """`device`: the file system (st_dev) the lock must be on, or `try_acquire` raises
+        `ForeignFileSystem`. A lost mount of shared storage shows the local folder under it,
+        where any writer's `mkdir -p` makes the lock's folders again, and a lock taken on a
+        file there is a lock nobody else can see."""
         self.path = Path(path)
-        self._make_parents = make_parents
+        self._device = device
         self._fd: int | None = None
 
     def __repr__(self) -> str:
@@ -91,15 +95,15 @@ class FileLock:
     def try_acquire(self, owner_info: Mapping[str, Any]) -> bool:
         """Take the lock if free and write `owner_info` into it; False if someone holds it.
 
-        Creates missing parent folders (only the lock's own with `make_parents=False`). Returns
-        True only once the owner info is on disk; if writing it fails, the lock is released and
-        the error raised. Raises RuntimeError if this object already holds the lock,
-        TypeError/ValueError if `owner_info` is not JSON-able.
+        Creates missing parent folders. Returns True only once the owner info is on disk; if
+        writing it fails, the lock is released and the error raised. Raises RuntimeError if this
+        object already holds the lock, TypeError/ValueError if `owner_info` is not JSON-able,
+        `ForeignFileSystem` if the file is not on `device`.
         """
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FileLock")
         data = _encode(owner_info)  # before locking: a bad owner must not leave the lock taken
-        self.path.parent.mkdir(parents=self._make_parents, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_REPLACED_RETRIES):
             try:
                 fd = safeopen.open_file(self.path, os.O_RDWR | os.O_CREAT)
@@ -123,6 +127,12 @@ class FileLock:
         else:
             return False
         try:
+            device = os.fstat(fd).st_dev
+            if self._device is not None and device != self._device:
+                raise ForeignFileSystem(
+                    f"{self.path} is on another file system (device {device}) than expected "
+                    f"({self._device}): is the shared storage mounted?"
+                )
             _write_owner(fd, data)
         except BaseException:
             os.close(fd)

@@ -40,9 +40,10 @@ with it when the share hangs:
   while the guard looked (the thread did not see it) is stopped by the loop's own ladder, before
   the lock is let go;
 * then the unit tries the lock again like any other instance (InactiveInstance while another
-  holds it). A lock file whose folders above its own are missing is not made: that is what a
-  lost mount looks like (`FileLock(make_parents=False)`), and a lock nobody else can see would
-  run the job twice.
+  holds it). A lock is taken only on the file system the site's data was on when the daemon
+  started (`SupervisorContext.data_device`): a lost mount shows the local folder under it,
+  where the daemon's own log and status writes make the folders again, and a lock nobody else
+  can see would run the job twice.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class SupervisorContext:
     writes: OrderedWrites = field(default_factory=OrderedWrites)
     # The start-up check of the site's file locks (records.lockcheck); None: not checked.
     lock_check: LockCheck | None = None
+    # st_dev of the site's data/jobs at start: singleton locks are taken there only (fencing).
+    data_device: int | None = None
 
     def singleton_refusal(self) -> str | None:
         """Why singleton jobs may not start here, or None when they may: the site's locks do
@@ -251,7 +254,9 @@ class ContinuousUnit:
         self._workcopy = WorkingCopy(
             target.spec.job_dir, context.layout.working_copies_dir(self.key)
         )
-        self._singleton = FileLock(context.layout.singleton_lock_path(self.key), make_parents=False)
+        self._singleton = FileLock(
+            context.layout.singleton_lock_path(self.key), device=context.data_device
+        )
         self._singleton_setting: bool | None = None
         # Refused for want of working locks (`_hold_singleton_if_needed`): said once, not per
         # wake; and whether running one without them was said.
@@ -466,7 +471,7 @@ class ContinuousUnit:
             if acquired:
                 self._start_guard()
         except OSError as error:
-            # The share is gone or failing (ENOENT of a lost mount, EIO): not this unit's end.
+            # The share is gone or failing (EIO, a lost mount): not this unit's end.
             self._singleton.release()
             problem = f"Cannot take the singleton lock: {error}"
             if problem != self._lock_problem:
@@ -604,7 +609,7 @@ class ContinuousUnit:
             fence = guard.fence  # decided in the guard's thread, not yet heard of here
         if fence is not None:
             lock = self._singleton
-            self._singleton = FileLock(lock.path, make_parents=False)
+            self._singleton = FileLock(lock.path, device=self._context.data_device)
             threading.Thread(
                 target=_release_in_thread,
                 args=(lock, str(self.key)),
