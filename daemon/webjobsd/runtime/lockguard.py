@@ -5,9 +5,9 @@ Why: daemons on several hosts share a site on network storage (NFSv4, CephFS, EF
 holder's host loses the storage (a network partition), the storage server lets the holder's
 lease run out (90 s by default on Linux nfsd) and grants the lock to another host, which starts
 the job. The partitioned holder learns nothing unless it asks: its copy keeps running and the
-job runs twice. So the holder asks every `singleton_check_s`, and stops its copy when the
-answer is "lost" or when no answer came for `singleton_fence_s`. With `singleton_fence_s` below
-the lease minus the job's stop time, the holder's copy is gone before the lock can move.
+job runs twice. So the holder asks every `check_s`, and stops its copy when the answer is "lost"
+or when no answer came for `fence_s`. With `fence_s` below the lease minus the job's stop time,
+the holder's copy is gone before the lock can move.
 
 A check (`verify`):
 * opens the lock's path read-only and compares the inode found there (st_dev, st_ino) with the
@@ -23,16 +23,22 @@ Another inode or none at the path (the file was replaced or deleted: whoever loc
 locks another file, and nobody can see ours), or an error (EIO, ESTALE, ENOENT...) is a lost
 lock.
 
-A check that hangs (a hard mount whose server is unreachable) never answers: a watchdog that
-does no I/O fences once no check has succeeded for `fence_s`. Hence two threads per held lock,
-the checker and the watchdog, and nothing on the event loop, which a hung share would stop.
-A checker stuck in the kernel is a daemon thread left behind; it ends (and closes its
-descriptor) when its call returns. The checker works on a `dup` of the held descriptor, so the
-owner may close its own at any time without the checker ever using a number reused for another
-file. Cost: one open, one fstat, one 1-byte pread and one close per held lock per period.
+A check that hangs (a hard mount whose server is unreachable) never answers, so a watchdog that
+does no I/O fences every guard whose last successful check is `fence_s` old. Two threads for
+the whole daemon, not per lock: a daemon may hold hundreds of singleton locks, all on the same
+share, and a hung check of one means the others cannot be checked either (they would hang
+too); then each is fenced at its own bound, which is the point. Nothing runs on the event loop,
+which a hung share would stop. The threads start with the first guard and then stay (daemon
+threads: a checker stuck in the kernel never holds up the exit).
 
-The guard only decides and tells: `on_fence` is called once, from a guard thread, and must not
-wait for the event loop (the supervisor stops the job from that thread, see `supervisor`).
+Descriptors: a guard works on a `dup` of the held descriptor, so the owner may close its own at
+any time; the dup is closed by the checker thread once the guard ended, never while a check may
+be using it (a number reused for another file would be checked instead). Cost: one open, one
+fstat, one 1-byte pread and one close per held lock per period.
+
+The guards only decide and tell: `on_fence(guard)` is called once per guard, from the checker or the
+watchdog thread, and must not wait for the event loop (the supervisor stops the job from that
+thread, see `supervisor`).
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ def verify(fd: int, path: Path) -> None:
         held = os.fstat(fd)
         os.pread(fd, 1, 0)
     except OSError as error:
-        raise LockLost(f"{error.strerror or error} ({_errno_name(error)})") from error
+        name = errno.errorcode.get(error.errno or 0, str(error.errno))
+        raise LockLost(f"{error.strerror or error} ({name})") from error
     if (held.st_dev, held.st_ino) != (at_path.st_dev, at_path.st_ino):
         raise LockLost(
             f"the lock file was replaced: inode {held.st_ino} is held, {at_path.st_ino} is at "
@@ -84,91 +91,146 @@ def verify(fd: int, path: Path) -> None:
         )
 
 
-def _errno_name(error: OSError) -> str:
-    return errno.errorcode.get(error.errno or 0, str(error.errno))
-
-
-class LockGuard:
-    """Checks one held lock every `check_s`; fences once (see the module docstring)."""
+class Guard:
+    """One held lock under watch. `stop()` when the lock is let go; `fence` once fenced."""
 
     def __init__(
+        self,
+        guards: LockGuards,
+        fd: int,
+        path: Path,
+        check_s: float,
+        fence_s: float,
+        on_fence: Callable[[Guard], None],
+    ) -> None:
+        self.path = path
+        self.fence: Fence | None = None
+        self._guards = guards
+        self._fd = fd
+        self._check_s = check_s
+        self._fence_s = fence_s
+        self._on_fence = on_fence
+        now = time.monotonic()
+        self._last_ok = now
+        self._next_check = now + check_s
+        self._ended = False  # stopped or fenced: no fence (any more) after this
+
+    def stop(self) -> None:
+        """No fence after this returns (unless one is already under way). Never blocks."""
+        self._guards._end(self)
+
+
+class LockGuards:
+    """The daemon's held locks, checked by one thread and watched by another."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._checker_wake = threading.Condition(self._mutex)
+        self._watchdog_wake = threading.Condition(self._mutex)
+        self._guards: list[Guard] = []
+        self._started = False
+
+    def watch(
         self,
         fd: int,
         path: Path,
         *,
         check_s: float,
         fence_s: float,
-        on_fence: Callable[[Fence], None],
-        name: str,
-    ) -> None:
-        """Takes ownership of `fd` (a dup of the holder's descriptor): closed by the checker."""
-        self.path = path
-        self._fd = fd
-        self._check_s = check_s
-        self._fence_s = fence_s
-        self._on_fence = on_fence
-        self._name = name
-        self._mutex = threading.Lock()
-        self._done = threading.Event()
-        self._last_ok = time.monotonic()
-        self.fence: Fence | None = None
-
-    def start(self) -> None:
-        for role, target in (("check", self._check_loop), ("watch", self._watch_loop)):
-            threading.Thread(target=target, name=f"lock-{role}-{self._name}", daemon=True).start()
-
-    def stop(self) -> None:
-        """No fence after this returns (unless one is already under way). Never blocks."""
+        on_fence: Callable[[Guard], None],
+    ) -> Guard:
+        """Check the lock held through `fd` (a dup: owned and closed by the guards from now on)
+        at `path` every `check_s`; `on_fence(guard)` once it is lost or unverified for `fence_s`
+        (`guard.fence` says why)."""
+        guard = Guard(self, fd, path, check_s, fence_s, on_fence)
         with self._mutex:
-            self._done.set()
+            self._guards.append(guard)
+            if not self._started:
+                self._started = True
+                for role, target in (("check", self._check_loop), ("watch", self._watch_loop)):
+                    name = f"lock-{role}"
+                    threading.Thread(target=target, name=name, daemon=True).start()
+            self._checker_wake.notify()
+            self._watchdog_wake.notify()
+        return guard
+
+    def _end(self, guard: Guard) -> None:
+        with self._mutex:
+            guard._ended = True
+            self._checker_wake.notify()  # its descriptor is closed there
+
+    def _fence(self, guard: Guard, fence: Fence) -> None:
+        with self._mutex:
+            if guard._ended:
+                return
+            guard._ended = True
+            guard.fence = fence
+            self._checker_wake.notify()
+        try:
+            guard._on_fence(guard)
+        except Exception:
+            log.exception("fencing failed", lock=str(guard.path))
 
     def _check_loop(self) -> None:
+        while True:
+            with self._mutex:
+                ended = [guard for guard in self._guards if guard._ended]
+                self._guards = [guard for guard in self._guards if not guard._ended]
+                now = time.monotonic()
+                due = [guard for guard in self._guards if guard._next_check <= now]
+                if not due and not ended:
+                    upcoming = min((g._next_check for g in self._guards), default=None)
+                    self._checker_wake.wait(None if upcoming is None else upcoming - now)
+                    continue
+            for guard in ended:
+                # Here, not in `stop`: a close on a hung share blocks, and this thread may wait.
+                os.close(guard._fd)
+            for guard in due:
+                self._check(guard)
+
+    def _check(self, guard: Guard) -> None:
         try:
-            while not self._done.wait(self._check_s):
-                try:
-                    verify(self._fd, self.path)
-                except LockLost as lost:
-                    self._fence(
-                        Fence(
-                            "singleton lock lost: stopping the job so that another host may run it",
-                            str(lost),
-                            lost=True,
-                        )
-                    )
-                    return
-                with self._mutex:
-                    self._last_ok = time.monotonic()
-        finally:
-            # Here, not in `stop`: a close on a hung share blocks, and this thread may wait.
-            os.close(self._fd)
+            verify(guard._fd, guard.path)
+        except LockLost as lost:
+            self._fence(
+                guard,
+                Fence(
+                    "singleton lock lost: stopping the job so that another host may run it",
+                    str(lost),
+                    lost=True,
+                ),
+            )
+            return
+        with self._mutex:
+            now = time.monotonic()
+            guard._last_ok = now
+            guard._next_check = now + guard._check_s
 
     def _watch_loop(self) -> None:
         while True:
+            expired: list[tuple[Guard, float]] = []
             with self._mutex:
-                last_ok = self._last_ok
-            remaining = last_ok + self._fence_s - time.monotonic()
-            if remaining <= 0:
-                since = time.monotonic() - last_ok
+                now = time.monotonic()
+                deadline: float | None = None
+                for guard in self._guards:
+                    if guard._ended:
+                        continue
+                    bound = guard._last_ok + guard._fence_s
+                    if bound <= now:
+                        expired.append((guard, now - guard._last_ok))
+                    elif deadline is None or bound < deadline:
+                        deadline = bound
+                if not expired:
+                    self._watchdog_wake.wait(None if deadline is None else deadline - now)
+                    continue
+            for guard, since in expired:
                 self._fence(
+                    guard,
                     Fence(
-                        f"cannot verify the singleton lock for {self._fence_s:g} s: stopping "
+                        f"cannot verify the singleton lock for {guard._fence_s:g} s: stopping "
                         "the job so that another host may run it",
                         f"no check completed in the last {since:.1f} s (the storage may be "
                         "unreachable)",
                         lost=False,
-                    )
+                    ),
                 )
-                return
-            if self._done.wait(remaining):
-                return
-
-    def _fence(self, fence: Fence) -> None:
-        with self._mutex:
-            if self._done.is_set():
-                return
-            self._done.set()
-            self.fence = fence
-        try:
-            self._on_fence(fence)
-        except Exception:
-            log.exception("fencing failed", lock=str(self.path))

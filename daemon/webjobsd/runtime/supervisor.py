@@ -79,7 +79,7 @@ from webjobsd.runtime.jobprocess import (
     free_loopback_port,
     stop_tree_blocking,
 )
-from webjobsd.runtime.lockguard import Fence, LockGuard
+from webjobsd.runtime.lockguard import Fence, Guard, LockGuards
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
@@ -161,6 +161,8 @@ class SupervisorContext:
     lock_check: LockCheck | None = None
     # st_dev of the site's data/jobs at start: singleton locks are taken there only (fencing).
     data_device: int | None = None
+    # The held singleton locks' checks (fencing, runtime.lockguard).
+    lock_guards: LockGuards = field(default_factory=LockGuards)
 
     def singleton_refusal(self) -> str | None:
         """Why singleton jobs may not start here, or None when they may: the site's locks do
@@ -265,7 +267,7 @@ class ContinuousUnit:
         # Fencing (see the module docstring): the guard of the held lock, the fence once the
         # loop has heard of it, the process the guard's thread stops itself (set by that thread
         # before it tells the loop), and what that thread reads to find the running process.
-        self._guard: LockGuard | None = None
+        self._guard: Guard | None = None
         self._fence: Fence | None = None
         self._fence_covers: JobProcess | None = None
         self._running: _Running | None = None
@@ -528,26 +530,23 @@ class ContinuousUnit:
     def _start_guard(self) -> None:
         loop = asyncio.get_running_loop()
         config = self._context.config
-        guard = LockGuard(
+        self._guard = self._context.lock_guards.watch(
             self._singleton.duplicate(),
             self._singleton.path,
             check_s=config.singleton_check_s,
             fence_s=config.singleton_fence_s,
-            on_fence=lambda fence: self._fence_from_thread(loop, guard, fence),
-            name=self._slot,
+            on_fence=lambda guard: self._fence_from_thread(loop, guard),
         )
-        self._guard = guard
-        guard.start()
 
     def _fenced(self) -> bool:
         """The held lock was fenced, whether or not the loop has heard of it yet."""
         guard = self._guard
         return self._fence is not None or (guard is not None and guard.fence is not None)
 
-    def _fence_from_thread(
-        self, loop: asyncio.AbstractEventLoop, guard: LockGuard, fence: Fence
-    ) -> None:
-        """In the guard's thread: say it, tell the loop, stop the running process."""
+    def _fence_from_thread(self, loop: asyncio.AbstractEventLoop, guard: Guard) -> None:
+        """In a guard thread: say it, tell the loop, stop the running process."""
+        fence = guard.fence
+        assert fence is not None
         running = self._running
         # Before the loop hears of it: the loop stops by itself only what this thread does not.
         self._fence_covers = running.process if running is not None else None
@@ -565,7 +564,7 @@ class ContinuousUnit:
                 graceful=graceful,
             )
 
-    def _notice_fence(self, guard: LockGuard, fence: Fence) -> None:
+    def _notice_fence(self, guard: Guard, fence: Fence) -> None:
         if self._guard is not guard:
             return  # that hold ended meanwhile
         self._fence = fence
