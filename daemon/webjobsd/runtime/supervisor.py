@@ -26,14 +26,14 @@ Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
 stayed up for `restart_backoff_reset_s`.
 
-Singleton fencing (`runtime.lockguard`): while a unit holds its singleton lock, a guard checks it
-from threads of its own. When the guard fences (the lock is lost, or could not be checked for
-`singleton_fence_s`), everything that must happen before another host may run the job happens
-off the event loop, because the loop writes the job log and the status to the share and stops
-with it when the share hangs:
-* the guard's thread logs the error and walks the stop ladder itself on the process it finds
-  running (`jobprocess.stop_tree_blocking`: shutdown file in the local temp folder, SIGTERM,
-  SIGKILL after `stopping_wait_time`; /proc and signals only), then tells the loop;
+Singleton fencing (`runtime.lockguard`): while a unit holds its singleton lock, a guard checks
+it from the guards' two threads (the daemon's, never the loop's). When the guard fences (the lock
+is lost, or could not be checked for `singleton_fence_s`), everything that must happen before
+another host may run the job happens off the event loop, because the loop writes the job log and
+the status to the share and stops with it when the share hangs:
+* the guard thread that fenced logs the error and walks the stop ladder itself on the process
+  it finds running (`jobprocess.stop_tree_blocking`: shutdown file in the local temp folder,
+  SIGTERM, SIGKILL after `stopping_wait_time`; /proc and signals only), then tells the loop;
 * the loop marks the job stopped, reaps the process and drains its pipes, and releases the lock
   in a thread of its own (an unlock or close on a hung share blocks; not the default executor,
   which a few hung calls would fill), with a fresh `FileLock` for the next try. A process spawned
@@ -546,7 +546,8 @@ class ContinuousUnit:
     def _fence_from_thread(self, loop: asyncio.AbstractEventLoop, guard: Guard) -> None:
         """In a guard thread: say it, tell the loop, stop the running process."""
         fence = guard.fence
-        assert fence is not None
+        if fence is None or self._guard is not guard:
+            return  # that hold ended meanwhile: its process (if any) was stopped by the loop
         running = self._running
         # Before the loop hears of it: the loop stops by itself only what this thread does not.
         self._fence_covers = running.process if running is not None else None
