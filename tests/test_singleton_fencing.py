@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from tests.helpers import DaemonProcess, Site, leaders, wait_for_sync
+from tests.helpers import DaemonProcess, Site, leaders, running_daemon, wait_for, wait_for_sync
 from webjobsd.runtime.locks import FileLock
 
 LOOP = {
@@ -96,6 +96,28 @@ def test_a_holder_whose_lock_file_is_replaced_stops_the_job_and_takes_the_new_lo
         print(f"\nlock file replaced → old process gone after {stopped_after:.2f} s")
     finally:
         daemon.stop()
+
+
+async def test_the_fenced_job_is_stopped_while_the_event_loop_is_blocked(site: Site) -> None:
+    """The kill must not wait for the event loop (which a hung share stops, writing the job log):
+    the daemon runs in this test's loop, and the test blocks that loop from the moment the lock
+    file is replaced until the job's process is gone. Once the loop runs again, the job comes
+    back, once."""
+    site.write_job("continuous", "solo", LOOP)
+    async with running_daemon(site, singleton_check_s=CHECK_S, singleton_fence_s=5.0):
+        first = await wait_for(lambda: leaders(site, "solo"), what="the job running")
+        lock_path = site.data_dir("continuous", "solo") / "singleton.job.lock"
+        replacement = lock_path.with_name("singleton.job.lock.new")
+        replacement.write_text("{}")
+        os.rename(replacement, lock_path)
+        # Blocking, on the loop's thread: nothing of the daemon's loop runs meanwhile.
+        wait_for_sync(lambda: not _alive(first[0]), timeout=CHECK_S + 5, what="old process gone")
+        again = await wait_for(
+            lambda: (now := leaders(site, "solo")) and now != first and now,
+            what="the job running again",
+        )
+        assert len(again) == 1
+        assert site.status("solo") == "Running"
 
 
 def test_fencing_keys_are_validated(site: Site) -> None:
