@@ -128,6 +128,11 @@ def test_a_partitioned_holder_stops_its_singleton_before_another_host_runs_it(
         lock = site.data_dir("continuous", "solo") / "singleton.job.lock"
         assert fenced[0]["lock"] == str(lock) and fenced[0]["level"] == "error", fenced[0]
         assert not [r for r in records if r.get("event") == "job unit crashed"]
+        # As it sees the job (its own status, in the folders its writes made again): inactive,
+        # with the reason it cannot take the lock.
+        _, view = holder.request("GET", "/api/continuouswebjobs/solo")
+        assert view["status"] == "InactiveInstance", view
+        assert "Cannot take the singleton lock" in view["error"], view
     except BaseException:
         for host in cluster.hosts:
             print(f"--- host {host.name} log (tail)\n{host.log()[-4000:]}")
