@@ -127,8 +127,8 @@ class FileLock:
         else:
             return False
         try:
-            device = os.fstat(fd).st_dev
-            if self._device is not None and device != self._device:
+            device = self._device if self._device is None else os.fstat(fd).st_dev
+            if device != self._device:
                 raise ForeignFileSystem(
                     f"{self.path} is on another file system (device {device}) than expected "
                     f"({self._device}): is the shared storage mounted?"
