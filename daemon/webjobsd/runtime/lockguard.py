@@ -24,7 +24,9 @@ locks another file, and nobody can see ours), or an error (EIO, ESTALE, ENOENT..
 lock.
 
 A check that hangs (a hard mount whose server is unreachable) never answers, so a watchdog that
-does no I/O fences every guard whose last successful check is `fence_s` old. Two threads for
+does no I/O fences every guard whose last successful check is `fence_s` old. Time is measured
+on CLOCK_BOOTTIME, which runs while the host is suspended (the server's lease does too), and the
+watchdog looks every `check_s` at least, so a resumed host fences within `check_s`. Two threads for
 the whole daemon, not per lock: a daemon may hold hundreds of singleton locks, all on the same
 share, and a hung check of one means the others cannot be checked either (they would hang
 too); then each is fenced at its own bound, which is the point. Nothing runs on the event loop,
@@ -56,6 +58,12 @@ import structlog
 log = structlog.get_logger("webjobsd.lockguard")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _now() -> float:
+    """Seconds on a clock that also runs while the host is suspended: the storage's lease runs
+    out meanwhile, and a suspension must count against `fence_s` (the monotonic clock stops)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class LockLost(Exception):
@@ -110,7 +118,7 @@ class Guard:
         self._check_s = check_s
         self._fence_s = fence_s
         self._on_fence = on_fence
-        now = time.monotonic()
+        now = _now()
         self._last_ok = now
         self._next_check = now + check_s
         self._ended = False  # stopped or fenced: no fence (any more) after this
@@ -176,7 +184,7 @@ class LockGuards:
             with self._mutex:
                 ended = [guard for guard in self._guards if guard._ended]
                 self._guards = [guard for guard in self._guards if not guard._ended]
-                now = time.monotonic()
+                now = _now()
                 due = [guard for guard in self._guards if guard._next_check <= now]
                 if not due and not ended:
                     upcoming = min((g._next_check for g in self._guards), default=None)
@@ -202,7 +210,7 @@ class LockGuards:
             )
             return
         with self._mutex:
-            now = time.monotonic()
+            now = _now()
             guard._last_ok = now
             guard._next_check = now + guard._check_s
 
@@ -210,18 +218,22 @@ class LockGuards:
         while True:
             expired: list[tuple[Guard, float]] = []
             with self._mutex:
-                now = time.monotonic()
-                deadline: float | None = None
+                now = _now()
+                wait_s: float | None = None
                 for guard in self._guards:
                     if guard._ended:
                         continue
                     bound = guard._last_ok + guard._fence_s
                     if bound <= now:
                         expired.append((guard, now - guard._last_ok))
-                    elif deadline is None or bound < deadline:
-                        deadline = bound
+                        continue
+                    # A timed wait measures monotonic time, which stops while the host is
+                    # suspended: waking every `check_s` too bounds how late a fence comes after
+                    # a resume.
+                    until = min(bound - now, guard._check_s)
+                    wait_s = until if wait_s is None else min(wait_s, until)
                 if not expired:
-                    self._watchdog_wake.wait(None if deadline is None else deadline - now)
+                    self._watchdog_wake.wait(wait_s)
                     continue
             for guard, since in expired:
                 self._fence(
