@@ -120,6 +120,48 @@ async def test_the_fenced_job_is_stopped_while_the_event_loop_is_blocked(site: S
         assert site.status("solo") == "Running"
 
 
+async def test_a_slow_stop_of_one_fenced_job_does_not_hold_up_another(site: Site) -> None:
+    """One pair of guard threads serves every held lock: a fenced job that ignores SIGTERM (its
+    ladder waits 4 s) must not delay the fence of another."""
+    deaf = {
+        "run.sh": "trap '' TERM\nwhile true; do sleep 0.1; done\n",
+        "settings.job": '{"is_singleton": true, "stopping_wait_time": 4}',
+    }
+    site.write_job("continuous", "deaf", deaf)
+    site.write_job("continuous", "solo", LOOP)
+
+    def replace_lock(name: str) -> None:
+        lock_path = site.data_dir("continuous", name) / "singleton.job.lock"
+        replacement = lock_path.with_name("singleton.job.lock.new")
+        replacement.write_text("{}")
+        os.rename(replacement, lock_path)
+
+    async with running_daemon(site, singleton_check_s=CHECK_S, singleton_fence_s=5.0):
+        deaf_first = await wait_for(lambda: leaders(site, "deaf"), what="deaf running")
+        solo_first = await wait_for(lambda: leaders(site, "solo"), what="solo running")
+        shutdown_dir = site.temp / "JobsShutdown" / "continuous" / "deaf"
+        replace_lock("deaf")
+        # The deaf job's ladder has begun (its shutdown file is written first) and will wait.
+        await wait_for(
+            lambda: shutdown_dir.is_dir() and any(shutdown_dir.iterdir()),
+            timeout=CHECK_S + 3,
+            what="the deaf job's stop begun",
+        )
+        replace_lock("solo")
+        replaced_at = time.monotonic()
+        await wait_for(
+            lambda: not _alive(solo_first[0]), timeout=CHECK_S + 2, what="solo stopped at once"
+        )
+        assert time.monotonic() - replaced_at < 4.0
+        assert _alive(deaf_first[0]), "the deaf job ignores SIGTERM: still in its 4 s wait"
+        await wait_for(lambda: not _alive(deaf_first[0]), timeout=8, what="deaf killed")
+        for name, first in (("solo", solo_first), ("deaf", deaf_first)):
+            await wait_for(
+                lambda name=name, first=first: (now := leaders(site, name)) and now != first,
+                what=f"{name} running again",
+            )
+
+
 def test_fencing_keys_are_validated(site: Site) -> None:
     from webjobsd.config import ConfigError, config_from_mapping
 

@@ -38,9 +38,9 @@ any time; the dup is closed by the checker thread once the guard ended, never wh
 be using it (a number reused for another file would be checked instead). Cost: one open, one
 fstat, one 1-byte pread and one close per held lock per period.
 
-The guards only decide and tell: `on_fence(guard)` is called once per guard, from the checker or the
-watchdog thread, and must not wait for the event loop (the supervisor stops the job from that
-thread, see `supervisor`).
+The guards only decide and tell: `on_fence(guard)` is called once per guard, from the checker or
+the watchdog thread. It must return at once (every other guard waits meanwhile) and must not
+wait for the event loop: the supervisor starts the job's stop in a thread of its own.
 """
 
 from __future__ import annotations

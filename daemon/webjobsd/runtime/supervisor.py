@@ -31,9 +31,10 @@ it from the guards' two threads (the daemon's, never the loop's). When the guard
 is lost, or could not be checked for `singleton_fence_s`), everything that must happen before
 another host may run the job happens off the event loop, because the loop writes the job log and
 the status to the share and stops with it when the share hangs:
-* the guard thread that fenced logs the error and walks the stop ladder itself on the process
-  it finds running (`jobprocess.stop_tree_blocking`: shutdown file in the local temp folder,
-  SIGTERM, SIGKILL after `stopping_wait_time`; /proc and signals only), then tells the loop;
+* the guard thread that fenced logs the error, tells the loop, and starts a thread that walks
+  the stop ladder on the process it found running (`jobprocess.stop_tree_blocking`: shutdown
+  file in the local temp folder, SIGTERM, SIGKILL after `stopping_wait_time`; /proc and signals
+  only);
 * the loop marks the job stopped, reaps the process and drains its pipes, and releases the lock
   in a thread of its own (an unlock or close on a hung share blocks; not the default executor,
   which a few hung calls would fill), with a fresh `FileLock` for the next try. A process spawned
@@ -555,15 +556,25 @@ class ContinuousUnit:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is ending
             loop.call_soon_threadsafe(self._notice_fence, guard, fence)
         if running is not None:
-            graceful = stop_tree_blocking(
-                running.process.identity, running.wait_s, running.shutdown_file
-            )
-            log.warning(
-                "job stopped: its singleton lock was fenced",
-                job=str(self.key),
-                pid=running.process.pid,
-                graceful=graceful,
-            )
+            # A thread per fence (rare): the guards' threads serve every other lock meanwhile.
+            threading.Thread(
+                target=self._stop_fenced_tree,
+                args=(running,),
+                name=f"fence-stop-{self._slot}",
+                daemon=True,
+            ).start()
+
+    def _stop_fenced_tree(self, running: _Running) -> None:
+        """In a thread of its own: the ladder, without the loop (see the module docstring)."""
+        graceful = stop_tree_blocking(
+            running.process.identity, running.wait_s, running.shutdown_file
+        )
+        log.warning(
+            "job stopped: its singleton lock was fenced",
+            job=str(self.key),
+            pid=running.process.pid,
+            graceful=graceful,
+        )
 
     def _notice_fence(self, guard: Guard, fence: Fence) -> None:
         if self._guard is not guard:
