@@ -12,6 +12,12 @@ process of the host at once; nothing of the daemon's shutdown runs, and the file
 processes held are released by the kernel, as an NFS server releases a dead client's locks once
 its lease runs out. `Host.start()` brings the host back, with the same name.
 
+`Host.partition()` is a network partition as the host sees it: its view of the shared folders is
+unmounted (lazily, in its own mount namespace), so every path on the share fails with ENOENT
+while the files its processes hold open stay open, and the locks on them stay held, as an NFS
+client's descriptors of a share it cannot reach do until the server's lease runs out (which
+never happens here: the holder must let go itself). The other hosts keep their view.
+
 `JobSampler` tells which hosts run a job at one instant from /proc: the init's PID namespace
 (`/proc/PID/ns/pid`) names the host of every process, and the job's working copy path in its
 command line names the job. Both reads are a few microseconds per process, so a sample every
@@ -166,6 +172,22 @@ class Host:
             os.kill(self.init_pid, signal.SIGKILL)
         self.process.wait(30)
         return killed_at
+
+    def partition(self) -> float:
+        """The host loses the shared folders (see the module docstring); returns the monotonic
+        time of the loss."""
+        assert self.alive and self.init_pid is not None
+        # --pid too: umount reads /proc/self/mountinfo, and the host's /proc is its PID
+        # namespace's, where only a process of that namespace has a /proc/self.
+        enter = ["nsenter", "--target", str(self.init_pid), "--mount", "--pid"]
+        for path in self.shared:
+            subprocess.run(
+                [*enter, "umount", "-l", str(path)],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        return time.monotonic()
 
     def stop(self, timeout: float = 60) -> int | None:
         """The daemon's own shutdown (SIGTERM passed on by the init), then the host ends."""

@@ -353,6 +353,7 @@ class Daemon:
             on_log_bytes=self._log_written,
             on_exit=self._continuous_exited,
             lock_check=self.lock_check,
+            data_device=os.stat(layout.data_jobs_root).st_dev,
         )
         self._context = context
         self.supervisor = Supervisor(context)

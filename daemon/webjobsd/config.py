@@ -75,6 +75,17 @@ class DaemonConfig:
     restart_backoff_reset_s: float = field(
         default=120.0, metadata={"doc": "uptime after which the restart delay resets"}
     )
+    singleton_check_s: float = field(
+        default=10.0,
+        metadata={"doc": "a singleton job's holder checks its lock this often (fencing)"},
+    )
+    singleton_fence_s: float = field(
+        default=45.0,
+        metadata={
+            "doc": "a holder whose lock check has not succeeded for this long stops the job; "
+            "set to less than the storage's lock lease minus the job's stop time"
+        },
+    )
     log_max_bytes: int = field(
         default=10 * 1024 * 1024, metadata={"doc": "job_log.txt rotates past this size"}
     )
@@ -201,6 +212,8 @@ _FIELD_TYPES: dict[str, type] = {
     "reconcile_tick_s": float,
     "restart_backoff_initial_s": float,
     "restart_backoff_reset_s": float,
+    "singleton_check_s": float,
+    "singleton_fence_s": float,
     "log_max_bytes": int,
     "log_generations": int,
     "run_log_cap_bytes": int,
@@ -302,6 +315,8 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
         "max_connections",
         "header_timeout_s",
         "keepalive_timeout_s",
+        "singleton_check_s",
+        "singleton_fence_s",
     )
     for name in positive:
         if getattr(config, name) <= 0:
@@ -315,6 +330,10 @@ def _validate_ranges(config: DaemonConfig, source: str) -> None:
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: key {name!r} must not be negative")
+    if config.singleton_fence_s <= config.singleton_check_s:
+        raise ConfigError(
+            f"{source}: key 'singleton_fence_s' must be greater than 'singleton_check_s'"
+        )
     if (config.tls_certificate is None) != (config.tls_key is None):
         raise ConfigError(f"{source}: keys 'tls_certificate' and 'tls_key' go together")
     if config.log_generations < 1:

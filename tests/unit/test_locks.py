@@ -280,3 +280,34 @@ def test_release_unlocks_even_if_the_descriptor_was_duplicated(lock_path: Path) 
     finally:
         lock.release()
         os.close(duplicate)
+
+
+def test_a_dup_for_a_checker_keeps_the_lock_until_release(lock_path: Path) -> None:
+    """`duplicate()` (the lock guard's descriptor): closing it never lets the lock go, and
+    `release` lets it go even while the dup is still open."""
+    lock = FileLock(lock_path)
+    assert lock.try_acquire({"who": "me"})
+    first = lock.duplicate()
+    os.close(first)
+    assert not free_for_another_process(lock_path)
+    second = lock.duplicate()
+    try:
+        lock.release()
+        assert free_for_another_process(lock_path)
+    finally:
+        os.close(second)
+    with pytest.raises(RuntimeError):
+        lock.duplicate()
+
+
+def test_a_lock_on_another_file_system_than_expected_is_refused(lock_path: Path) -> None:
+    """A lost mount shows the local folder under it: a lock there would be nobody else's."""
+    lock_path.parent.mkdir(parents=True)
+    here = os.stat(lock_path.parent).st_dev
+    with pytest.raises(OSError, match="on another file system"):
+        FileLock(lock_path, device=here + 1).try_acquire({"who": "me"})
+    # Nothing is left held, and the expected file system takes it.
+    assert free_for_another_process(lock_path)
+    with FileLock(lock_path, device=here) as lock:
+        assert lock.try_acquire({"who": "me"})
+        assert not free_for_another_process(lock_path)

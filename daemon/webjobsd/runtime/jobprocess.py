@@ -403,6 +403,31 @@ class StartedProcesses:
         return reached
 
 
+def stop_tree_blocking(
+    identity: ProcessIdentity, wait_s: float, shutdown_file: Path | None = None
+) -> bool:
+    """The stop ladder without the event loop: shutdown file, SIGTERM, wait, SIGKILL. Returns
+    True if the tree ended within `wait_s` without SIGKILL.
+
+    For a caller that must not depend on the loop (fencing, `runtime.lockguard`): a loop blocked
+    on a hung share must not delay the kill. Only /proc and signals are used (and the shutdown
+    file, under the local temp folder). Reaping stays the owner's: the leader, once dead, is a
+    zombie that `proctree` does not count.
+    """
+    if shutdown_file is not None:
+        write_shutdown_file(shutdown_file)
+    proctree.signal_members(identity, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while proctree.find_members(identity):
+        if time.monotonic() >= deadline:
+            for _ in range(_KILL_ROUNDS):
+                if not proctree.signal_members(identity, signal.SIGKILL):
+                    break
+            return False
+        time.sleep(_TREE_POLL_S)
+    return True
+
+
 def write_shutdown_file(path: Path) -> None:
     """Kudu's shutdown notification: the file appears, its content is the current UTC time."""
     try:

@@ -58,6 +58,10 @@ _REPLACED_RETRIES = 3
 _MAX_OWNER_BYTES = 64 * 1024
 
 
+class ForeignFileSystem(OSError):
+    """The lock file is not on the file system it must be on (see `FileLock`)."""
+
+
 class FileLock:
     """One exclusive, non-blocking, advisory lock on `path`.
 
@@ -72,8 +76,13 @@ class FileLock:
     worse than holding it too long).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, device: int | None = None) -> None:
+        """`device`: the file system (st_dev) the lock must be on, or `try_acquire` raises
+        `ForeignFileSystem`. A lost mount of shared storage shows the local folder under it,
+        where any writer's `mkdir -p` makes the lock's folders again, and a lock taken on a
+        file there is a lock nobody else can see."""
         self.path = Path(path)
+        self._device = device
         self._fd: int | None = None
 
     def __repr__(self) -> str:
@@ -88,7 +97,8 @@ class FileLock:
 
         Creates missing parent folders. Returns True only once the owner info is on disk; if
         writing it fails, the lock is released and the error raised. Raises RuntimeError if this
-        object already holds the lock, TypeError/ValueError if `owner_info` is not JSON-able.
+        object already holds the lock, TypeError/ValueError if `owner_info` is not JSON-able,
+        `ForeignFileSystem` if the file is not on `device`.
         """
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FileLock")
@@ -117,6 +127,12 @@ class FileLock:
         else:
             return False
         try:
+            device = self._device if self._device is None else os.fstat(fd).st_dev
+            if device != self._device:
+                raise ForeignFileSystem(
+                    f"{self.path} is on another file system (device {device}) than expected "
+                    f"({self._device}): is the shared storage mounted?"
+                )
             _write_owner(fd, data)
         except BaseException:
             os.close(fd)
@@ -129,6 +145,14 @@ class FileLock:
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not held by this FileLock")
         _write_owner(self._fd, _encode(owner_info))
+
+    def duplicate(self) -> int:
+        """A new descriptor (close-on-exec) of the held lock's open file description, for a
+        checker in another thread (`lockguard`). Closing it never releases the lock while this
+        object holds it; `release` unlocks the description explicitly, whoever still has a dup."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is not held by this FileLock")
+        return os.dup(self._fd)
 
     def release(self) -> None:
         """Unlock and close; idempotent. The file and its (now stale) owner info stay."""

@@ -25,6 +25,26 @@ reason, says it once in the job log, and waits with no timer: only a new target 
 Restart policy (Part A #10): after an exit the delay starts at `restart_backoff_initial_s` and
 doubles up to `WEBJOBS_RESTART_TIME` (read at the moment of the exit); it resets once a process has
 stayed up for `restart_backoff_reset_s`.
+
+Singleton fencing (`runtime.lockguard`): while a unit holds its singleton lock, a guard checks
+it from the guards' two threads (the daemon's, never the loop's). When the guard fences (the lock
+is lost, or could not be checked for `singleton_fence_s`), everything that must happen before
+another host may run the job happens off the event loop, because the loop writes the job log and
+the status to the share and stops with it when the share hangs:
+* the guard thread that fenced logs the error, tells the loop, and starts a thread that walks
+  the stop ladder on the process it found running (`jobprocess.stop_tree_blocking`: shutdown
+  file in the local temp folder, SIGTERM, SIGKILL after `stopping_wait_time`; /proc and signals
+  only);
+* the loop marks the job stopped, reaps the process and drains its pipes, and releases the lock
+  in a thread of its own (an unlock or close on a hung share blocks; not the default executor,
+  which a few hung calls would fill), with a fresh `FileLock` for the next try. A process spawned
+  while the guard looked (the thread did not see it) is stopped by the loop's own ladder, before
+  the lock is let go;
+* then the unit tries the lock again like any other instance (InactiveInstance while another
+  holds it). A lock is taken only on the file system the site's data was on when the daemon
+  started (`SupervisorContext.data_device`): a lost mount shows the local folder under it,
+  where the daemon's own log and status writes make the folders again, and a lock nobody else
+  can see would run the job twice.
 """
 
 from __future__ import annotations
@@ -35,6 +55,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,7 +78,9 @@ from webjobsd.runtime.jobprocess import (
     StartedProcesses,
     exit_description,
     free_loopback_port,
+    stop_tree_blocking,
 )
+from webjobsd.runtime.lockguard import Fence, Guard, LockGuards
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
@@ -137,6 +160,10 @@ class SupervisorContext:
     writes: OrderedWrites = field(default_factory=OrderedWrites)
     # The start-up check of the site's file locks (records.lockcheck); None: not checked.
     lock_check: LockCheck | None = None
+    # st_dev of the site's data/jobs at start: singleton locks are taken there only (fencing).
+    data_device: int | None = None
+    # The held singleton locks' checks (fencing, runtime.lockguard).
+    lock_guards: LockGuards = field(default_factory=LockGuards)
 
     def singleton_refusal(self) -> str | None:
         """Why singleton jobs may not start here, or None when they may: the site's locks do
@@ -165,6 +192,23 @@ class SupervisorContext:
         prepare_job_data_folder(data_dir / JOB_DATA_FOLDER, self.run_as)
         if self.run_as is not None and working_root is not None:
             self.run_as.hand_over(working_root, recursive=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """What a fencing thread needs to stop the unit's process without the loop."""
+
+    process: JobProcess
+    shutdown_file: Path
+    wait_s: float
+
+
+def _release_in_thread(lock: FileLock, job: str) -> None:
+    try:
+        lock.release()
+    except OSError as error:
+        # The descriptor is closed whatever the unlock said: the kernel drops the lock with it.
+        log.warning("cannot release the singleton lock", job=job, error=str(error))
 
 
 class _HandOverFailed(Exception):
@@ -213,12 +257,22 @@ class ContinuousUnit:
         self._workcopy = WorkingCopy(
             target.spec.job_dir, context.layout.working_copies_dir(self.key)
         )
-        self._singleton = FileLock(context.layout.singleton_lock_path(self.key))
+        self._singleton = FileLock(
+            context.layout.singleton_lock_path(self.key), device=context.data_device
+        )
         self._singleton_setting: bool | None = None
         # Refused for want of working locks (`_hold_singleton_if_needed`): said once, not per
         # wake; and whether running one without them was said.
         self._refused: str | None = None
         self._unlocked_said = False
+        # Fencing (see the module docstring): the guard of the held lock, the fence once the
+        # loop has heard of it, the process the guard's thread stops itself (set by that thread
+        # before it tells the loop), and what that thread reads to find the running process.
+        self._guard: Guard | None = None
+        self._fence: Fence | None = None
+        self._fence_covers: JobProcess | None = None
+        self._running: _Running | None = None
+        self._lock_problem: str | None = None
         self._slot = f"{self.key.kind.value}.{self.key.name}"
         self._forced = False
         self._stopped_by_us = False
@@ -328,7 +382,7 @@ class ContinuousUnit:
             self._end_exited()
             if self._ending:
                 await asyncio.gather(*self._ending, return_exceptions=True)
-            self._singleton.release()
+            self._release_singleton(note=False)
             self._flush_status()
             self._starts.flush()
             self._log.close()
@@ -404,8 +458,10 @@ class ContinuousUnit:
         self._singleton_setting = wanted
         if not wanted:
             self._refused = None
+        if not wanted or self._fenced():
             self._release_singleton()
-            return True
+            if not wanted:
+                return True
         if self._singleton.held:
             return True
         if not self._singleton_allowed():
@@ -413,7 +469,29 @@ class ContinuousUnit:
             await self._wait_changed()
             return False
         previous_owner = FileLock.read_owner(self._singleton.path)
-        if self._singleton.try_acquire(self._singleton_owner_info(None)):
+        try:
+            acquired = self._singleton.try_acquire(self._singleton_owner_info(None))
+            if acquired:
+                self._start_guard()
+        except OSError as error:
+            # The share is gone or failing (EIO, a lost mount): not this unit's end.
+            self._singleton.release()
+            problem = f"Cannot take the singleton lock: {error}"
+            if problem != self._lock_problem:
+                self._lock_problem = problem
+                log.error(
+                    "cannot take the singleton lock",
+                    job=str(self.key),
+                    lock=str(self._singleton.path),
+                    error=str(error),
+                )
+            self._transition(
+                ContinuousStatus.INACTIVE_INSTANCE, "cannot take the lock", reason=problem
+            )
+            await self._wait_changed(SINGLETON_RETRY_S)
+            return False
+        self._lock_problem = None
+        if acquired:
             self._log.system(LogLevel.INFO, "WebJob singleton lock is acquired")
             await self._end_previous_holder_leftovers(previous_owner)
             return True
@@ -450,6 +528,60 @@ class ContinuousUnit:
         if self._refused is not None:
             self._changed.set()
 
+    def _start_guard(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self._context.config
+        self._guard = self._context.lock_guards.watch(
+            self._singleton.duplicate(),
+            self._singleton.path,
+            check_s=config.singleton_check_s,
+            fence_s=config.singleton_fence_s,
+            on_fence=lambda guard: self._fence_from_thread(loop, guard),
+        )
+
+    def _fenced(self) -> bool:
+        """The held lock was fenced, whether or not the loop has heard of it yet."""
+        guard = self._guard
+        return self._fence is not None or (guard is not None and guard.fence is not None)
+
+    def _fence_from_thread(self, loop: asyncio.AbstractEventLoop, guard: Guard) -> None:
+        """In a guard thread: say it, tell the loop, stop the running process."""
+        fence = guard.fence
+        if fence is None or self._guard is not guard:
+            return  # that hold ended meanwhile: its process (if any) was stopped by the loop
+        running = self._running
+        # Before the loop hears of it: the loop stops by itself only what this thread does not.
+        self._fence_covers = running.process if running is not None else None
+        log.error(fence.event, job=str(self.key), lock=str(guard.path), reason=fence.detail)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is ending
+            loop.call_soon_threadsafe(self._notice_fence, guard, fence)
+        if running is not None:
+            # A thread per fence (rare): the guards' threads serve every other lock meanwhile.
+            threading.Thread(
+                target=self._stop_fenced_tree,
+                args=(running,),
+                name=f"fence-stop-{self._slot}",
+                daemon=True,
+            ).start()
+
+    def _stop_fenced_tree(self, running: _Running) -> None:
+        """In a thread of its own: the ladder, without the loop (see the module docstring)."""
+        graceful = stop_tree_blocking(
+            running.process.identity, running.wait_s, running.shutdown_file
+        )
+        log.warning(
+            "job stopped: its singleton lock was fenced",
+            job=str(self.key),
+            pid=running.process.pid,
+            graceful=graceful,
+        )
+
+    def _notice_fence(self, guard: Guard, fence: Fence) -> None:
+        if self._guard is not guard:
+            return  # that hold ended meanwhile
+        self._fence = fence
+        self._changed.set()
+
     def _singleton_owner_info(self, identity: ProcessIdentity | None) -> dict[str, Any]:
         return {
             "OperationName": "Acquiring continuous WebJob singleton lock",
@@ -477,10 +609,35 @@ class ContinuousUnit:
                 LogLevel.WARN, f"Ended {killed} process(es) left by the previous lock holder"
             )
 
-    def _release_singleton(self) -> None:
+    def _release_singleton(self, *, note: bool = True) -> None:
+        """Let the lock go (its process is gone). After a fence, without waiting for the share."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.stop()
+        fence, self._fence = self._fence, None
+        self._fence_covers = None
+        if fence is None and guard is not None:
+            fence = guard.fence  # decided in the guard's thread, not yet heard of here
+        if fence is not None:
+            lock = self._singleton
+            self._singleton = FileLock(lock.path, device=self._context.data_device)
+            threading.Thread(
+                target=_release_in_thread,
+                args=(lock, str(self.key)),
+                name=f"lock-release-{self._slot}",
+                daemon=True,
+            ).start()
+            if note:
+                self._log.system(
+                    LogLevel.WARN,
+                    f"WebJob singleton lock is lost ({fence.detail}): the job was stopped so "
+                    "that another instance may run it",
+                )
+            return
         if self._singleton.held:
             self._singleton.release()
-            self._log.system(LogLevel.INFO, "WebJob singleton lock is released")
+            if note:
+                self._log.system(LogLevel.INFO, "WebJob singleton lock is released")
 
     async def _run_once(self, target: Target) -> None:
         """One launch: prepare, spawn, supervise. From here to the spawn is the restart's
@@ -525,6 +682,8 @@ class ContinuousUnit:
         root = await self._prepare_root(spec)
         if root is None or self._target is not target:
             return None
+        if self._fenced():
+            return None  # the loop lets the lock go and tries again
         shutdown_file = self._shutdown_file()
         self.port = free_loopback_port()
         launch = JobLaunch(
@@ -562,6 +721,9 @@ class ContinuousUnit:
             self._starts.ended("failed to start")
             log.warning("cannot start job process", job=str(self.key), error=repr(error))
             return None, shutdown_file
+        self._running = _Running(
+            self.process, shutdown_file, spec.settings.stopping_wait_s(self.key.kind)
+        )
         self._context.started.add(self.process)
         self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
@@ -665,6 +827,12 @@ class ContinuousUnit:
                 changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
                 await asyncio.wait({exited, changed}, return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
+                if self._fence is not None:
+                    # Even when it exited already: the fence's SIGTERM may be why.
+                    self._changed.clear()
+                    self._stopped_by_us = True
+                    await self._stop_fenced(process, target, shutdown_file)
+                    break
                 if exited.done():
                     break
                 self._changed.clear()
@@ -688,6 +856,7 @@ class ContinuousUnit:
         code = process.returncode
         uptime = time.monotonic() - process.started_monotonic
         self.process = None
+        self._running = None
         # The end goes on record before anything that may raise.
         if code is None or self._stopped_by_us:
             self._starts.ended("stopped", code)
@@ -721,6 +890,22 @@ class ContinuousUnit:
                     error=repr(error),
                 )
             await self._wait_changed(STOP_RETRY_S)
+
+    async def _stop_fenced(self, process: JobProcess, old: Target, shutdown_file: Path) -> None:
+        """The guard's thread walks the ladder on the process it saw (the kill must not wait for
+        the loop, see the module docstring): the loop waits for the end and reaps. A process
+        that thread did not see (spawned meanwhile) gets the loop's own ladder."""
+        if self._fence_covers is not process:
+            await self._stop_until_gone(process, old, shutdown_file)
+            return
+        self._transition(ContinuousStatus.STOPPING, "singleton lock fenced")
+        wait_s = old.spec.settings.stopping_wait_s(self.key.kind)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(process.wait_exit()), wait_s + FORCED_STOP_BOUND_S
+            )
+        await self._close_process(process)
+        self._transition(ContinuousStatus.STOPPED, "singleton lock fenced")
 
     async def _stop(
         self, process: JobProcess, old: Target, new: Target, shutdown_file: Path
