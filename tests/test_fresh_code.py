@@ -496,7 +496,8 @@ async def run_odd_job(site: Site, job_dir: Path) -> None:
         log = site.job_log("odd")
         assert "Skipped 'pipe': a FIFO is not a job file" in log
         assert "Skipped 'sock': a socket is not a job file" in log
-        assert site.status("odd") == "Running"
+        # The status file follows the spawn by up to LAUNCH_STATUS_DELAY_S.
+        await wait_for(lambda: site.status("odd") == "Running", what="status Running")
         for version in ("2", "3"):  # two more looks at the folder, each restarting the job
             (job_dir / "version.txt").write_text(version)
             await wait_for(

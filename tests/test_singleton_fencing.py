@@ -117,7 +117,8 @@ async def test_the_fenced_job_is_stopped_while_the_event_loop_is_blocked(site: S
             what="the job running again",
         )
         assert len(again) == 1
-        assert site.status("solo") == "Running"
+        # The status file follows the spawn by up to LAUNCH_STATUS_DELAY_S.
+        await wait_for(lambda: site.status("solo") == "Running", what="status Running")
 
 
 async def test_a_slow_stop_of_one_fenced_job_does_not_hold_up_another(site: Site) -> None:

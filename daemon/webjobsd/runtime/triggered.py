@@ -534,11 +534,13 @@ class TriggeredJobs:
                 if release is not None:
                     release.release()
 
+        # The line first: a client that reads the output once the status says the run ended
+        # finds the whole of it.
+        output.system(LogLevel.INFO, f"Status changed to {status.value}")
         try:
             await asyncio.to_thread(write)
         except OSError as error:
             log.error("cannot write run status", job=record.job_name, error=str(error))
-        output.system(LogLevel.INFO, f"Status changed to {status.value}")
         return updated
 
     def _write_status(
