@@ -1,8 +1,9 @@
 """Three isolated hosts on one shared site (tests/multihost.py), in each watch mode.
 
-One scenario per watch mode runs everything once (starting hosts costs seconds, and the chaos
-part runs for a minute) and records what it saw; each test then asserts one behaviour on that
-record. The hosts are gone before any test body runs, so the leak check of conftest.py holds.
+One scenario per watch mode (inotify here, poll in test_multihost_poll.py) runs everything once
+(starting hosts costs seconds, and the chaos part runs for a minute) and records what it saw;
+each test then asserts one behaviour on that record. The hosts are gone before any test body
+runs, so the leak check of conftest.py holds.
 
 The scenario, 3 hosts (h1, h2, h3), jobs `everyhost` (continuous), `solo` (continuous,
 singleton), `tick` (triggered, `*/2 * * * * *`), `manual` (triggered, runs 3 s):
@@ -339,12 +340,22 @@ def _report(observed: Observed) -> None:
     print(f"[{observed.mode}] deployment picked up after its end: {observed.pickup_s}")
 
 
-@pytest.fixture(scope="module", params=list(WATCH_MODES))
-def observed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Observed:
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
-    return _run_scenario(tmp_path_factory.mktemp(f"hosts-{request.param}"), request.param)
+def observed_in(mode: str) -> Any:
+    """The module's scenario in watch mode `mode`, run once for all its tests."""
+
+    @pytest.fixture(scope="module")
+    def observed(tmp_path_factory: pytest.TempPathFactory) -> Observed:
+        reason = namespaces_unavailable()
+        if reason:
+            pytest.skip(reason)
+        return _run_scenario(tmp_path_factory.mktemp(f"hosts-{mode}"), mode)
+
+    return observed
+
+
+# Poll mode: tests/test_multihost_poll.py (a file of its own, so that the two scenarios of a
+# minute and more each can run on different workers).
+observed = observed_in("inotify")
 
 
 def test_a_singleton_runs_on_exactly_one_host_and_moves_within_5_s(observed: Observed) -> None:
