@@ -4,8 +4,9 @@ Each host is a set of Linux namespaces made with `unshare`: its own PID namespac
 tests/hostinit.py; its own UTS namespace, whose host name is the host's name (and so the daemon's
 instance id); its own mount namespace, with a private tmpfs on /tmp. The shared folders (the site,
 the test's own files) are bound back into it at their own paths, as an NFS mount would show the
-same folder on every host. The network namespace is shared: each daemon listens on its own
-loopback port, which stands for the load balancer's view of the host.
+same folder on every host (and so is whatever of this Python and this checkout lives under
+/tmp: a fresh clone there must still run). The network namespace is shared: each daemon
+listens on its own loopback port, which stands for the load balancer's view of the host.
 
 `Host.kill()` is a power cut: SIGKILL to the namespace's init, whereupon the kernel kills every
 process of the host at once; nothing of the daemon's shutdown runs, and the file locks its
@@ -69,6 +70,32 @@ def namespaces_unavailable() -> str | None:
     return None
 
 
+def code_folders(shared: Sequence[Path]) -> list[Path]:
+    """What the host must still see of this Python and this checkout once its /tmp is its own:
+    those of them that live under /tmp (a CI's fresh clone, an editable install of it, a venv),
+    outermost folders only, besides `shared` (bound already)."""
+    import webjobsd
+
+    wanted = [
+        REPO_ROOT,
+        Path(webjobsd.__file__).resolve().parents[1],
+        Path(sys.prefix),
+        Path(sys.base_prefix),
+        *(Path(entry) for entry in sys.path if entry),
+    ]
+    tmp = Path("/tmp")
+    under_tmp = {
+        path.resolve()
+        for path in wanted
+        if path.resolve().is_relative_to(tmp) and path.resolve() != tmp and path.is_dir()
+    }
+    outermost: list[Path] = [path.resolve() for path in shared]
+    for path in sorted(under_tmp, key=lambda path: len(path.parts)):
+        if not any(path.is_relative_to(kept) for kept in outermost):
+            outermost.append(path)
+    return outermost[len(shared) :]
+
+
 def free_port() -> int:
     from webjobsd.runtime.jobprocess import free_loopback_port
 
@@ -117,7 +144,7 @@ class Host:
                     sys.executable,
                     str(HOST_INIT),
                     self.name,
-                    *(str(path) for path in self.shared),
+                    *(str(path) for path in [*self.shared, *code_folders(self.shared)]),
                     "--",
                     *command,
                 ],
