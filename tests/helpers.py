@@ -67,6 +67,19 @@ def wait_for_sync(
         time.sleep(interval)
 
 
+def json_log_records(text: str) -> list[dict[str, Any]]:
+    """The records of a daemon log written with `log_format: json` (other lines skipped)."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 FAST_CONFIG: dict[str, Any] = {
     "debounce_s": 0.3,
     "debounce_cap_s": 10.0,

@@ -337,6 +337,11 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     host.kill()
 
+    def print_logs(self, tail: int = 4000) -> None:
+        """For a failing test's output: the end of every host's daemon log."""
+        for host in self.hosts:
+            print(f"--- host {host.name} log (tail)\n{host.log()[-tail:]}")
+
     def sampler(self) -> JobSampler:
         return JobSampler({host.pid_namespace: host.name for host in self.hosts if host.alive})
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import DaemonProcess, Site, leaders, wait_for_sync
+from tests.helpers import DaemonProcess, Site, json_log_records, leaders, wait_for_sync
 
 # No libc headers and -nostdlib: Debian's gcc only recommends libc6-dev; getenv and pause are
 # found in the libc already loaded into the process.
@@ -110,15 +110,7 @@ def mount_point_of(path: Path) -> str:
 
 
 def records(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            found.append(record)
-    return found
+    return json_log_records(daemon.log())
 
 
 def events(daemon: DaemonProcess, prefix: str) -> list[dict[str, Any]]:

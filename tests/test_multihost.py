@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FAST_CONFIG, Site
+from tests.helpers import FAST_CONFIG, Site, wait_for_sync
 from tests.multihost import Cluster, Host, namespaces_unavailable
 
 HOSTS = ("h1", "h2", "h3")
@@ -125,17 +125,6 @@ def _site_files(changes: dict[tuple[str, str], dict[str, str]]) -> dict[str, str
     return files
 
 
-def _wait(condition: Any, what: str, timeout: float = 30.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-
-
 def _starts(site: Site, name: str) -> dict[str, list[str]]:
     folder = site.data_dir("continuous", name) / "job-data"
     result = {}
@@ -198,18 +187,24 @@ def _chaos(cluster: Cluster, observed: Observed) -> None:
 def _runs_and_histories(cluster: Cluster, observed: Observed) -> None:
     h1, h2 = cluster.host("h1"), cluster.host("h2")
     observed.run_answers["h1"], _ = h1.request("POST", "/api/triggeredwebjobs/manual/run")
-    _wait(
+    wait_for_sync(
         lambda: (
-            h2.get("/api/triggeredwebjobs/manual").get("latest_run", {}).get("status") == "Running"
+            (h2.get("/api/triggeredwebjobs/manual").get("latest_run") or {}).get("status")
+            == "Running"
         ),
-        "manual running, as h2 sees it",
+        timeout=30,
+        interval=0.05,
+        what="manual running, as h2 sees it",
     )
     observed.run_answers["h2"], _ = h2.request("POST", "/api/triggeredwebjobs/manual/run")
-    _wait(
+    wait_for_sync(
         lambda: (
-            h1.get("/api/triggeredwebjobs/manual").get("latest_run", {}).get("status") == "Success"
+            (h1.get("/api/triggeredwebjobs/manual").get("latest_run") or {}).get("status")
+            == "Success"
         ),
-        "manual finished",
+        timeout=30,
+        interval=0.05,
+        what="manual finished",
     )
     for name in ("manual", "tick"):
         # `tick` keeps running: read while no run is in flight, the same moment on every host.
@@ -234,16 +229,23 @@ def _deployment(cluster: Cluster, site: Site, observed: Observed) -> None:
     changed = _zip(_site_files({("continuous", "everyhost"): {"code.txt": "v2"}}))
     status, _ = h1.request("POST", "/api/zipdeploy?isAsync=true", changed)
     observed.deploy_answers["h1"] = status
-    _wait(lambda: _deployment_lock_held(site), "the deployment running on h1")
+    wait_for_sync(
+        lambda: _deployment_lock_held(site),
+        timeout=30,
+        interval=0.05,
+        what="the deployment running on h1",
+    )
     second = _zip(_site_files({("continuous", "everyhost"): {"code.txt": "v3"}}))
     observed.deploy_answers["h2"], _ = h2.request("POST", "/api/zipdeploy", second)
     gate.write_text("go")
-    observed.deploy_status = _wait(
+    observed.deploy_status = wait_for_sync(
         # 202 while it runs, 200 once it ended (Kudu's answers).
         lambda: (
             (latest := h1.request("GET", "/api/deployments/latest")[1]).get("complete") and latest
         ),
-        "the deployment complete",
+        timeout=30,
+        interval=0.05,
+        what="the deployment complete",
     )
     ended = time.monotonic()
     pending = set(HOSTS)
@@ -269,9 +271,11 @@ def _dead_host_entry(cluster: Cluster, observed: Observed) -> None:
             if host.alive
         }
 
-    observed.details_before_kill = _wait(
+    observed.details_before_kill = wait_for_sync(
         lambda: (d := details()) and all(d[h].count(" - Running") == 3 for h in d) and d,
-        "every host listed as Running by every host",
+        timeout=30,
+        interval=0.05,
+        what="every host listed as Running by every host",
     )
     killed_at = cluster.host("h3").kill()
     while time.monotonic() < killed_at + DEAD_ENTRY_BOUND_S + 1:
@@ -295,30 +299,38 @@ def _run_scenario(shared: Path, mode: str) -> Observed:
     try:
         cluster.start()
         sampler = cluster.sampler()
-        _wait(
+        wait_for_sync(
             lambda: (
                 (s := sampler.sample(["solo", "everyhost"]))
                 and len(s["solo"]) == 1
                 and sorted(s["everyhost"]) == list(HOSTS)
             ),
-            "jobs running on every host",
+            timeout=30,
+            interval=0.05,
+            what="jobs running on every host",
         )
-        _wait(lambda: _history(cluster.host("h1"), "tick"), "a first scheduled run")
+        wait_for_sync(
+            lambda: _history(cluster.host("h1"), "tick"),
+            timeout=30,
+            interval=0.05,
+            what="a first scheduled run",
+        )
         _chaos(cluster, observed)
         for host in cluster.hosts:
             host.wait_ready()
         sampler.refresh(cluster.hosts)
-        _wait(
+        wait_for_sync(
             lambda: sorted(sampler.sample(["everyhost"])["everyhost"]) == list(HOSTS),
-            "everyhost on every host again",
+            timeout=30,
+            interval=0.05,
+            what="everyhost on every host again",
         )
         observed.tick_runs = cluster.host("h1").get("/api/triggeredwebjobs/tick/history")["runs"]
         _runs_and_histories(cluster, observed)
         _deployment(cluster, site, observed)
         _dead_host_entry(cluster, observed)
     except BaseException:
-        for host in cluster.hosts:
-            print(f"--- host {host.name} log (tail)\n{host.log()[-4000:]}")
+        cluster.print_logs()
         raise
     finally:
         cluster.close()

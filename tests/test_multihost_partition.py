@@ -10,12 +10,11 @@ processes are sampled from /proc every 50 ms until the job has run elsewhere for
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from tests.helpers import FAST_CONFIG, Site
+from tests.helpers import FAST_CONFIG, Site, json_log_records, wait_for_sync
 from tests.multihost import Cluster, Host, namespaces_unavailable
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,25 +32,8 @@ AFTER_S = 3.0
 LOOP_JOB = "#!/bin/sh\nwhile true; do sleep 1; done\n"
 
 
-def _wait(condition, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(SAMPLE_S)
-    return value
-
-
 def _log_records(host: Host) -> list[dict[str, object]]:
-    records = []
-    for line in host.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return json_log_records(host.log())
 
 
 def test_a_partitioned_holder_stops_its_singleton_before_another_host_runs_it(
@@ -78,9 +60,11 @@ def test_a_partitioned_holder_stops_its_singleton_before_another_host_runs_it(
     try:
         cluster.start()
         sampler = cluster.sampler()
-        first = _wait(
+        first = wait_for_sync(
             lambda: (found := sampler.sample(["solo"])["solo"]) and len(found) == 1 and found,
-            "solo running on one host",
+            timeout=30,
+            interval=SAMPLE_S,
+            what="solo running on one host",
         )
         holder = cluster.host(first[0])
         samples: list[tuple[float, list[str]]] = []
@@ -134,8 +118,7 @@ def test_a_partitioned_holder_stops_its_singleton_before_another_host_runs_it(
         assert view["status"] == "InactiveInstance", view
         assert "Cannot take the singleton lock" in view["error"], view
     except BaseException:
-        for host in cluster.hosts:
-            print(f"--- host {host.name} log (tail)\n{host.log()[-4000:]}")
+        cluster.print_logs()
         raise
     finally:
         cluster.close()

@@ -7,13 +7,20 @@ The multi-host partition is in tests/test_multihost_partition.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import psutil
 
-from tests.helpers import DaemonProcess, Site, leaders, running_daemon, wait_for, wait_for_sync
+from tests.helpers import (
+    DaemonProcess,
+    Site,
+    json_log_records,
+    leaders,
+    running_daemon,
+    wait_for,
+    wait_for_sync,
+)
 from webjobsd.runtime.locks import FileLock
 
 LOOP = {
@@ -31,15 +38,11 @@ def _alive(pid: int) -> bool:
 
 
 def _error_lines(daemon: DaemonProcess, event: str) -> list[dict[str, object]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and str(record.get("event", "")).startswith(event):
-            found.append(record)
-    return found
+    return [
+        record
+        for record in json_log_records(daemon.log())
+        if str(record.get("event", "")).startswith(event)
+    ]
 
 
 def test_a_holder_whose_lock_file_is_replaced_stops_the_job_and_takes_the_new_lock(

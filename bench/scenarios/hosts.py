@@ -29,6 +29,7 @@ from typing import Any
 
 from tests.multihost import Cluster, namespaces_unavailable
 
+from bench.common import wait_until
 from bench.harness import Harness
 from bench.report import Result, Target
 
@@ -68,15 +69,6 @@ def _timestamp(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _wait(condition: Any, what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"bench hosts: no {what} within {timeout} s")
-        time.sleep(SAMPLE_S)
-    return value
-
-
 class HostsBench:
     def __init__(self, h: Harness, mode: str, folder: Path) -> None:
         self.h = h
@@ -104,21 +96,27 @@ class HostsBench:
         if status != 200:
             raise RuntimeError(f"bench hosts: the first deployment answered {status}: {body}")
         sampler = self.cluster.sampler()
-        _wait(
+        wait_until(
             lambda: (
                 (s := sampler.sample(["solo", "everyhost"]))["solo"]
                 and sorted(s["everyhost"]) == list(HOSTS)
             ),
+            60,
             "jobs running on every host",
+            SAMPLE_S,
         )
 
     def failover(self) -> float:
         sampler = self.cluster.sampler()
-        holder = _wait(lambda: sampler.sample(["solo"])["solo"], "singleton holder")[0]
+        holder = wait_until(
+            lambda: sampler.sample(["solo"])["solo"], 60, "singleton holder", SAMPLE_S
+        )[0]
         victim = self.cluster.host(holder)
         killed_at = victim.kill()
         sampler.refresh(self.cluster.hosts)
-        moved = _wait(lambda: sampler.sample(["solo"])["solo"], "singleton on another host", 30)
+        moved = wait_until(
+            lambda: sampler.sample(["solo"])["solo"], 30, "singleton on another host", SAMPLE_S
+        )
         took = time.monotonic() - killed_at
         if moved == [holder]:
             raise RuntimeError(f"bench hosts: the singleton came back on its dead host {holder}")
@@ -147,7 +145,7 @@ class HostsBench:
             }
             return times if len(times) == 2 else None
 
-        times = _wait(stamped, f"deployment {code} on h2 and h3", 60)
+        times = wait_until(stamped, 60, f"deployment {code} on h2 and h3", SAMPLE_S)
         return [times[host] - ended for host in ("h2", "h3")]
 
     def close(self) -> None:
