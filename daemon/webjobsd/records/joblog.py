@@ -37,6 +37,10 @@ Decisions:
   file; the next write reopens it and, once writing works again, starts with a SYS WARN line
   giving the number of lines dropped since the last such notice. A line cut short by a partial
   write is counted as dropped and terminated before the notice, so the file stays line-based.
+* **Descriptors are budgeted.** With an `OpenLogBudget` (records.openlogs) the writer holds its
+  file open only while it is among the most recently written of the daemon's logs; the budget
+  closes the oldest (`release_idle`) and the next write reopens it, the same path as a log
+  rotated by another instance. Without one the file stays open until `close`.
 * **Never through a link, never blocking.** The log is opened through `records.safeopen`
   (`O_NOFOLLOW | O_NONBLOCK` relative to its folder, regular single-link files only), and the
   per-write check is an `lstat`: a link, hard link, FIFO or socket found at the log's name is
@@ -74,6 +78,7 @@ from pathlib import Path
 from typing import Final
 
 from webjobsd.records import safeopen
+from webjobsd.records.openlogs import OpenLogBudget
 
 __all__ = [
     "DEFAULT_GENERATIONS",
@@ -252,6 +257,7 @@ class JobLogWriter:
         opener: Opener = _open_append,
         create_folder: bool = True,
         on_written: Callable[[int], None] | None = None,
+        open_logs: OpenLogBudget | None = None,
     ) -> None:
         if max_bytes < 1 or generations < 0 or (cap_bytes is not None and cap_bytes < 0):
             raise ValueError("max_bytes must be >= 1, generations and cap_bytes >= 0")
@@ -268,6 +274,9 @@ class JobLogWriter:
         self._create_folder = create_folder
         # Told how many bytes reached the file (metrics); never given lines that did not.
         self._on_written = on_written
+        # Shared by the writers of one daemon: a log written rarely is closed when another needs
+        # the descriptor (records.openlogs), and reopened by its next write.
+        self._open_logs = open_logs
         self._lock = threading.Lock()
         self._file: RawIOBase | None = None
         self._identity: tuple[int, int] | None = None
@@ -329,6 +338,17 @@ class JobLogWriter:
         with self._lock:
             self._closed = True
             self._drop_file()
+
+    def release_idle(self) -> bool:
+        """Close the file unless a write holds the writer this instant (`OpenLogBudget`); the
+        next write reopens it. True when nothing is left open."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._drop_file()
+            return True
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> JobLogWriter:
         return self
@@ -456,6 +476,8 @@ class JobLogWriter:
         except FileNotFoundError:
             st = None
         if st is not None and self._file is not None and self._identity == (st.st_dev, st.st_ino):
+            if self._open_logs is not None:
+                self._open_logs.used(self)
             return st.st_size
         self._drop_file()
         if self._create_folder:
@@ -468,6 +490,8 @@ class JobLogWriter:
             self._file = self._opener(self.path)
         fst = os.fstat(self._file.fileno())
         self._identity = (fst.st_dev, fst.st_ino)
+        if self._open_logs is not None:
+            self._open_logs.opened(self)
         return fst.st_size
 
     def _rotate(self) -> None:
@@ -487,6 +511,8 @@ class JobLogWriter:
     def _drop_file(self) -> None:
         file, self._file, self._identity = self._file, None, None
         if file is not None:
+            if self._open_logs is not None:
+                self._open_logs.dropped(self)
             try:
                 file.close()
             except OSError:

@@ -69,6 +69,7 @@ from webjobsd.config import AppSettings, DaemonConfig
 from webjobsd.model import ContinuousStatus, JobKey, JobSpec
 from webjobsd.records.joblog import JobLogWriter, LogLevel
 from webjobsd.records.lockcheck import LockCheck
+from webjobsd.records.openlogs import OpenLogBudget
 from webjobsd.records.starts import StartHistory, starts_path
 from webjobsd.records.status import write_continuous_status
 from webjobsd.runtime import pipereader, proctree
@@ -164,6 +165,9 @@ class SupervisorContext:
     data_device: int | None = None
     # The held singleton locks' checks (fencing, runtime.lockguard).
     lock_guards: LockGuards = field(default_factory=LockGuards)
+    # The job logs held open at once (records.openlogs): a job's log is the one descriptor per
+    # running job that can be given back, and 5000 jobs need it given back.
+    open_logs: OpenLogBudget = field(default_factory=OpenLogBudget)
 
     def singleton_refusal(self) -> str | None:
         """Why singleton jobs may not start here, or None when they may: the site's locks do
@@ -249,6 +253,7 @@ class ContinuousUnit:
             max_bytes=context.config.log_max_bytes,
             generations=context.config.log_generations,
             on_written=context.log_counter(self.key.name),
+            open_logs=context.open_logs,
         )
         self._starts = StartHistory(
             starts_path(context.layout.data_dir(self.key), context.layout.instance_id)

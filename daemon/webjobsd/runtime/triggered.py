@@ -257,6 +257,7 @@ class TriggeredJobs:
             cap_bytes=self._context.config.run_log_cap_bytes,
             create_folder=False,
             on_written=self._context.log_counter(name),
+            open_logs=self._context.open_logs,
         )
         process: JobProcess | None = None
         slot = f"triggered.{name}"
