@@ -66,8 +66,8 @@ class LoopBatch(Generic[T, R]):
             state.busy = True
             # Not at once: the other tasks of this turn (a wave) join the same batch.
             loop.call_soon(self._begin, loop, state)
-        # Shielded: a cancelled requester must not cancel the future the batch will resolve.
-        return await asyncio.shield(future)
+        # A cancelled requester cancels its own future only: `_end` skips it.
+        return await future
 
     def _begin(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
         batch, state.pending = state.pending, []
