@@ -13,11 +13,12 @@ members are then:
 * every process whose `/proc/PID/environ` carries the token entry, wherever it lives: this
   catches descendants that called `setsid` (or were double-forked) and left the group.
 
-Must not: spawn processes, keep state between calls, decide policy (when to escalate from SIGTERM
-to SIGKILL is the supervisor's ladder), or run on the event loop. Every plain public function here
-does blocking I/O proportional to the number of processes on the host. Callers on the loop use the
+Must not: spawn processes, keep state between calls (beyond the requests waiting for the next
+scan, and a count of scans), decide policy (when to escalate from SIGTERM to SIGKILL is the
+supervisor's ladder), or read /proc on the event loop. Every plain public function here does
+blocking I/O proportional to the number of processes on the host. Callers on the loop use the
 `a`-prefixed coroutines (`asignal_members`, `afind_members`, `akill_members`) instead of wrapping
-those in `asyncio.to_thread`: they share one host scan per wave (below).
+those in `asyncio.to_thread`: they share one host scan per wave (below), read in a thread.
 
 Scans shared per wave: a job's stop needs several fresh looks at /proc (signal, "is it gone yet?",
 the final kill), and jobs stop in waves (a shutdown, a deployment). The coroutines hand their
