@@ -6,11 +6,14 @@
 3. A descendant that cannot be traced (its own session, without the token) and keeps stdout open
    delays the end by the drain deadline only; what was printed before is all there.
 4. A descendant that a first scan cannot see (as between fork and exec) is ended by the next.
-5. The allocator thresholds are set on glibc.
+5. Fifty jobs stopped together (shutdown file, SIGTERM, wait, final kill) cost a handful of host
+   scans in all, not a few per job; each job got its shutdown file and ended gracefully.
+6. The allocator thresholds are set on glibc.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -24,7 +27,7 @@ import psutil
 
 from tests.helpers import wait_for
 from webjobsd.malloc import tune_malloc
-from webjobsd.runtime import pipesize
+from webjobsd.runtime import pipesize, proctree
 from webjobsd.runtime.jobprocess import JobProcess
 from webjobsd.runtime.pipesize import ENLARGE_AFTER_BYTES, PIPE_BYTES, PipeBudget
 from webjobsd.runtime.proctree import TOKEN_VARIABLE
@@ -155,6 +158,41 @@ async def test_a_descendant_missed_by_the_first_scan_is_ended_by_the_next(
         if hidden is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hidden, signal.SIGKILL)
+
+
+async def test_a_wave_of_stops_costs_a_few_host_scans_not_some_per_job(tmp_path: Path) -> None:
+    jobs = 50
+    # Each job traps SIGTERM, ends its child and exits 0 (the bench's shutdown job); it says
+    # "ready" once the trap is set, so the stop finds it running.
+    script = "trap 'kill $child; exit 0' TERM; sleep 60 & child=$!; echo ready > \"$1\"; wait"
+    processes: list[JobProcess] = []
+    try:
+        for number in range(jobs):
+            argv = ["bash", "-c", script, "job", str(tmp_path / f"ready-{number}")]
+            processes.append((await spawn(tmp_path, argv))[0])
+        await wait_for(
+            lambda: all((tmp_path / f"ready-{n}").exists() for n in range(jobs)),
+            timeout=30,
+            what="every job ready",
+        )
+        before = proctree.host_scans_taken()
+        graceful = await asyncio.gather(
+            *(
+                process.stop(10, tmp_path / f"shutdown-{n}" / "shutdown")
+                for n, process in enumerate(processes)
+            )
+        )
+        scans = proctree.host_scans_taken() - before
+    finally:
+        for process in processes:
+            await process.close()
+    assert all(graceful)
+    assert all((tmp_path / f"shutdown-{n}" / "shutdown").exists() for n in range(jobs))
+    left = await asyncio.gather(*(proctree.afind_members(p.identity) for p in processes))
+    assert not any(left), left
+    # Per job the ladder takes at least three looks at /proc (SIGTERM, "gone?", the final
+    # kill): one scan per look shared by the whole wave is a handful; one per job, 150 or more.
+    assert scans <= 12, scans
 
 
 def test_malloc_is_tuned_on_glibc() -> None:

@@ -7,6 +7,7 @@ not by the code under test) and the test's own child is reaped, so a failing tes
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -377,3 +378,30 @@ def test_concurrent_callers_share_scans_and_each_sees_the_whole_tree(
 
     assert all(result == {job.pid, *recorded.values()} for result in results)
     assert scans < callers / 2, scans
+
+
+async def test_the_loop_operations_find_and_end_the_whole_tree_on_shared_scans(
+    spawn: Spawner,
+) -> None:
+    """`afind_members`/`asignal_members`/`akill_members` keep the rules of the blocking ones
+    (escapees found, group trusted through its token carriers once the leader is gone), and
+    many callers at once share one scan."""
+    job = spawn(TREE)
+    recorded = job.recorded(5)
+    identity = job.identity()
+    tree = {job.pid, *recorded.values()}
+
+    before = proctree.host_scans_taken()
+    looks = await asyncio.gather(*(proctree.afind_members(identity) for _ in range(20)))
+    assert proctree.host_scans_taken() - before == 1
+    assert all(set(look) == tree for look in looks)
+
+    # The leader dies and is reaped: the group is trusted through the carriers still in it.
+    job.kill_leader_and_reap()
+    assert set(await proctree.afind_members(identity)) == tree - {job.pid}
+
+    assert await proctree.akill_members(identity)
+    entry = f"{TOKEN_VARIABLE}={job.token}"
+    wait_until(partial(no_carriers, entry), "every token carrier to die")
+    assert await proctree.afind_members(identity) == ()
+    assert await proctree.asignal_members(identity, signal.SIGKILL) == 0

@@ -13,10 +13,21 @@ members are then:
 * every process whose `/proc/PID/environ` carries the token entry, wherever it lives: this
   catches descendants that called `setsid` (or were double-forked) and left the group.
 
-Must not: spawn processes, keep state between calls, decide policy (when to escalate from SIGTERM
-to SIGKILL is the supervisor's ladder), or run on the event loop. Every public function here does
-blocking I/O proportional to the number of processes on the host: callers on the loop wrap them
-in `asyncio.to_thread(...)`.
+Must not: spawn processes, keep state between calls (beyond the requests waiting for the next
+scan, and a count of scans), decide policy (when to escalate from SIGTERM to SIGKILL is the
+supervisor's ladder), or read /proc on the event loop. Every plain public function here does
+blocking I/O proportional to the number of processes on the host. Callers on the loop use the
+`a`-prefixed coroutines (`asignal_members`, `afind_members`, `akill_members`) instead of wrapping
+those in `asyncio.to_thread`: they share one host scan per wave (below), read in a thread.
+
+Scans shared per wave: a job's stop needs several fresh looks at /proc (signal, "is it gone yet?",
+the final kill), and jobs stop in waves (a shutdown, a deployment). The coroutines hand their
+requests to a `loopbatch.LoopBatch`: every request of a loop turn, and every request made while a
+scan runs, is served by *one* scan in *one* thread, which then also does the per-job work (the
+leader check, the group pass when some job's group is trusted, the signals). A wave of N jobs
+costs O(1) host scans. The alternative kept for threads, `_SharedScans` (a single flight among
+threads), is bounded by the executor: N stops become 4N thread tasks queued on a handful of
+threads, and each scan serves only the few threads waiting on it, about N / threads scans a wave.
 
 Limits worth knowing: a scan is a snapshot — a job that forks during it can add processes, so a
 caller that must end a job repeats `signal_members` until `find_members` is empty (`killpg`
@@ -38,6 +49,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from webjobsd.runtime.loopbatch import LoopBatch, Outcome
 
 if TYPE_CHECKING:
     import psutil
@@ -213,6 +226,75 @@ def _signal_scanned(identity: ProcessIdentity, scan: _JobScan, sig: int) -> int:
     return count
 
 
+# --- from the event loop: one host scan per wave --------------------------------------------------
+
+# Rounds of `akill_members`: a scan is a snapshot, a member may fork between it and the signal.
+KILL_ROUNDS = 10
+
+
+async def asignal_members(identity: ProcessIdentity, sig: int) -> int:
+    """`signal_members` from the event loop, on the wave's shared scan (it began after the call)."""
+    return (await _WAVES.submit(_TreeRequest(identity, sig))).signalled
+
+
+async def afind_members(identity: ProcessIdentity) -> tuple[int, ...]:
+    """The pids (sorted) `find_members` would return, on the wave's shared scan. For "is anything
+    left?" and reports only: to act on a member, use `asignal_members`, which checks the pid
+    still denotes the scanned process."""
+    return (await _WAVES.submit(_TreeRequest(identity, None))).members
+
+
+async def akill_members(identity: ProcessIdentity, rounds: int = KILL_ROUNDS) -> bool:
+    """SIGKILL every member, in rounds until a fresh scan finds none (at most `rounds`, each on
+    its wave's scan); True when a scan found none left."""
+    for _ in range(rounds):
+        # The scan that finds nothing to signal is the "none left" check: no separate look.
+        if not await asignal_members(identity, signal.SIGKILL):
+            return True
+    return False
+
+
+def host_scans_taken() -> int:
+    """How many host scans this process has made (all callers): what a wave costs, observable."""
+    with _SCAN_COUNT_LOCK:
+        return _scan_count
+
+
+@dataclass(frozen=True, slots=True)
+class _TreeRequest:
+    identity: ProcessIdentity
+    sig: int | None  # None: look only
+
+
+@dataclass(frozen=True, slots=True)
+class _TreeAnswer:
+    members: tuple[int, ...]  # pids the scan found, sorted
+    signalled: int  # processes targeted by the signal (0 when looking only)
+
+
+def _serve_wave(requests: Sequence[_TreeRequest]) -> list[Outcome[_TreeAnswer]]:
+    """One host scan for every request of the batch, in the batch's thread: the per-job work
+    (the leader's stat, the group pass if any group is trusted, the signals) runs here too."""
+    scan = _HostScan()
+    answers: list[Outcome[_TreeAnswer]] = []
+    jobs: dict[ProcessIdentity, _JobScan] = {}
+    for request in requests:
+        try:
+            job = jobs.get(request.identity)
+            if job is None:
+                job = jobs[request.identity] = _scan_job(request.identity, scan)
+            signalled = (
+                0 if request.sig is None else _signal_scanned(request.identity, job, request.sig)
+            )
+            answers.append(_TreeAnswer(tuple(sorted(s.pid for s in job.members)), signalled))
+        except Exception as error:  # this job's failure (EMFILE, say) is its caller's, alone
+            answers.append(error)
+    return answers
+
+
+_WAVES: LoopBatch[_TreeRequest, _TreeAnswer] = LoopBatch(_serve_wave, "proctree scan")
+
+
 def find_processes_with_marker(marker: bytes) -> list[int]:
     """Pids (sorted) of live processes whose environ holds the entry `marker` exactly.
 
@@ -268,6 +350,10 @@ class _JobScan:
         return self.group + self.escaped
 
 
+_SCAN_COUNT_LOCK = threading.Lock()
+_scan_count = 0
+
+
 class _HostScan:
     """One look at every process of the host, shared by every job that asks at about the same time.
 
@@ -277,6 +363,9 @@ class _HostScan:
     """
 
     def __init__(self) -> None:
+        global _scan_count
+        with _SCAN_COUNT_LOCK:
+            _scan_count += 1
         self._own_pid = os.getpid()
         self.carriers: dict[bytes, list[_Stat]] = {}
         for pid in _pids():

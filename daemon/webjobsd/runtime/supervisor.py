@@ -608,7 +608,7 @@ class ContinuousUnit:
             identity = ProcessIdentity.from_json(raw)
         except (KeyError, TypeError, ValueError):
             return
-        killed = await asyncio.to_thread(proctree.signal_members, identity, signal.SIGKILL)
+        killed = await proctree.asignal_members(identity, signal.SIGKILL)
         if killed:
             self._log.system(
                 LogLevel.WARN, f"Ended {killed} process(es) left by the previous lock holder"
@@ -1112,11 +1112,11 @@ class Supervisor(ContinuousRuntime):
     def _end_started(self, when: str) -> None:
         """SIGKILL whatever the units started and have not seen end, now, on the loop's thread.
 
-        Not through `asyncio.to_thread` like the units' own stops: with a hundred jobs stopping
-        on a busy host the few default threads are queued seconds deep with the units' scans,
-        the forced bound runs out, and a kill cancelled while still queued is never sent — the
-        daemon exited leaving the job behind. Blocking the loop for one or a few scans of /proc
-        at that point delays nothing that matters more.
+        Not through a thread like the units' own stops: a thread may be busy or queued (a scan
+        stuck on a slow host, the executor full), the forced bound runs out, and a kill
+        cancelled while still queued is never sent — the daemon exited leaving the job behind.
+        Blocking the loop for one or a few scans of /proc at that point delays nothing that
+        matters more.
         """
         if not self._context.started.unfinished():
             return
