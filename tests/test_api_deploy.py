@@ -175,9 +175,25 @@ async def test_concurrent_uploads_of_one_job_all_succeed_and_one_wins(site: Site
 
         statuses = await asyncio.gather(*(upload(v) for v in range(8)))
         assert statuses == [200] * 8
-        await wait_for(lambda: len(leaders(site, "busy")) == 1, what="one process")
+        # The folder holds the winner; restarts for versions that lost may still be under way
+        # (each applied upload is a change), so wait for the winner's own process.
+        winner = (site.job_dir("continuous", "busy") / "run.sh").read_bytes()
+
+        def winner_alone() -> bool:
+            running = leaders(site, "busy")
+            return len(running) == 1 and _runs_file(running[0], "run.sh") == winner
+
+        await wait_for(winner_alone, what="the winning version's process alone")
         await wait_for(lambda: site.status("busy") == "Running", what="Running")
-        assert len(leaders(site, "busy")) == 1
+        assert winner_alone()
+
+
+def _runs_file(pid: int, name: str) -> bytes | None:
+    """The file `name` in the folder process `pid` runs from (its working copy)."""
+    try:
+        return (Path(f"/proc/{pid}/cwd") / name).read_bytes()
+    except OSError:
+        return None
 
 
 
