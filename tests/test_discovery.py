@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,50 @@ async def test_the_periodic_rescan_finds_what_no_event_announced(tmp_path: Path)
         (job / "run.sh").write_text("echo\n")
         await wait_for(lambda: changed, timeout=5, what="rescan")
         assert changed[0] == {JobKey(JobKind.CONTINUOUS, "late")}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_rescans_in_inotify_mode_read_unchanged_folders_in_full_only_now_and_then(
+    tmp_path: Path,
+) -> None:
+    """A rescan repairs missed events: a folder whose entries are as the last look saw them is
+    not read again (no script chosen, no PATH asked) but by one rescan in FULL_RESCAN_EVERY."""
+    root = tmp_path / "jobs"
+    job = root / "continuous" / "idle"
+    job.mkdir(parents=True)
+    (job / "run.sh").write_text("echo\n")
+    # A file whose ctime is within the stamp's racy window (2 s) is always read in full.
+    quiet_from = time.monotonic() + 2.5
+    asked: list[str] = []
+
+    def which(name: str) -> str | None:
+        asked.append(name)
+        return f"/usr/bin/{name}"
+
+    changed: list[set[JobKey]] = []
+    service = DiscoveryService(
+        Catalog(root, settle_s=0.0, which=which),
+        debouncer=Debouncer(0.01, 1.0),
+        rescan_s=0.05,
+        on_changed=changed.append,
+    )
+    task = asyncio.create_task(service.run(), name="discovery-under-test")
+    try:
+        await wait_for(lambda: time.monotonic() > quiet_from, timeout=10, what="quiet files")
+        asked_before, rescans_before = len(asked), service.rescans
+        await wait_for(
+            lambda: service.rescans >= rescans_before + 40, timeout=30, what="40 rescans"
+        )
+        # Full reads every 0.5 s, rescans every 0.05 s: a full read each time would ask PATH
+        # at every rescan.
+        assert asked_before >= 1
+        assert len(asked) - asked_before <= (service.rescans - rescans_before) // 2
+        # A change is still found by a quick rescan.
+        (job / "run.sh").write_text("echo changed\n")
+        seen = len(changed)
+        await wait_for(lambda: len(changed) > seen, timeout=10, what="the change found")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
