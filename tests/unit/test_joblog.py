@@ -663,3 +663,79 @@ async def test_capture_into_the_writer(tmp_path: Path) -> None:
     assert len(lines) == 1004
     assert lines[1002] == "[02/10/2017 16:10:43 > af2b06: INFO] \ufffd\ufffdbin"
     assert lines[1003] == "[02/10/2017 16:10:43 > af2b06: INFO] unterminated"
+
+
+# -- held host lines ------------------------------------------------------------------------
+
+
+class CountingFile(FileIO):
+    """A real append-mode file that counts the writes reaching it (one `write` or `writev`)."""
+
+    writes = 0
+
+    def write(self, data: ReadableBuffer) -> int:
+        CountingFile.writes += 1
+        return super().write(data)
+
+
+def counting_opener(path: Path) -> RawIOBase:
+    return CountingFile(path, "ab")
+
+
+def test_held_host_lines_go_out_in_order_with_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "job_log.txt"
+    writev_calls: list[int] = []
+    real_writev = joblog.os.writev
+
+    def counting_writev(fd: int, buffers: list[bytes]) -> int:
+        writev_calls.append(len(buffers))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(joblog.os, "writev", counting_writev)
+    CountingFile.writes = 0
+    with make_writer(log, opener=counting_opener) as writer:
+        assert writer.hold_system(LogLevel.INFO, "Status changed to Starting") is True
+        assert writer.hold_system(LogLevel.INFO, "Run script 'run.sh'") is False
+        assert not log.exists() or log.read_bytes() == b""  # nothing written yet
+        writer.console(LogLevel.INFO, b"first output")
+        assert CountingFile.writes + len(writev_calls) == 1  # one write for all three
+        assert writer.hold_system(LogLevel.WARN, "careful") is True
+        writer.flush_held()
+        writer.flush_held()  # nothing held: no write
+        assert CountingFile.writes + len(writev_calls) == 2
+        writer.hold_system(LogLevel.INFO, "Status changed to Stopped")
+    # Closing writes what is still held.
+    assert [line.split("] ", 1)[1] for line in read_lines(log)] == [
+        "Status changed to Starting",
+        "Run script 'run.sh'",
+        "first output",
+        "careful",
+        "Status changed to Stopped",
+    ]
+    assert " SYS INFO]" in read_lines(log)[0] and " SYS WARN]" in read_lines(log)[3]
+
+
+def test_held_lines_keep_the_time_they_were_said(tmp_path: Path) -> None:
+    log = tmp_path / "job_log.txt"
+    clock = FakeClock()
+    with make_writer(log, clock=clock) as writer:
+        writer.hold_system(LogLevel.INFO, "said first")
+        clock.now = T0 + timedelta(seconds=5)
+        writer.system(LogLevel.INFO, "said later")
+    first, later = read_lines(log)
+    assert first.startswith("[02/10/2017 16:10:43 ") and first.endswith("said first")
+    assert later.startswith("[02/10/2017 16:10:48 ") and later.endswith("said later")
+
+
+def test_held_lines_are_not_counted_against_a_runs_output_cap_but_fill_it(tmp_path: Path) -> None:
+    log = tmp_path / "output_log.txt"
+    line = b"x" * 60
+    with make_writer(log, cap_bytes=200) as writer:
+        writer.hold_system(LogLevel.INFO, "Status changed to Running")
+        writer.console_lines(LogLevel.INFO, [line] * 5)
+    lines = read_lines(log)
+    assert lines[0].endswith("Status changed to Running")  # SYS lines are always written
+    assert "Reached maximum allowed output size" in lines[-1]
+    assert log.stat().st_size <= 200 + len(lines[-1]) + 1

@@ -281,6 +281,8 @@ class JobLogWriter:
         self._file: RawIOBase | None = None
         self._identity: tuple[int, int] | None = None
         self._closed = False
+        # Host lines held for one write with whatever comes next (`hold_system`).
+        self._held: list[bytes] = []
         # The per-second prefix cache: formatting a timestamp costs more than a whole batch.
         self._stamp_second: datetime | None = None
         self._prefixes: dict[tuple[bool, LogLevel], bytes] = {}
@@ -300,6 +302,28 @@ class JobLogWriter:
         lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
         with self._lock:
             self._append([_render(self._prefix(level, system=True), lines)], console=False)
+
+    def hold_system(self, level: LogLevel, message: str) -> bool:
+        """`system`, but the line waits for the next write of this writer (any kind, or
+        `flush_held`) and goes out with it, in order, as one write. Returns True when nothing
+        was held before: the caller then arranges one `flush_held` (its loop's next turn).
+
+        For an owner that says several things in a row (a start: the singleton setting, the
+        status, the script, the status again): one `stat` and one `write` instead of one each.
+        The line keeps the time it was said."""
+        lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
+        with self._lock:
+            if self._closed:
+                return False
+            first = not self._held
+            self._held.append(_render(self._prefix(level, system=True), lines))
+            return first
+
+    def flush_held(self) -> None:
+        """Write the held host lines now (nothing when none are held)."""
+        with self._lock:
+            if self._held:
+                self._append([], console=False)
 
     def console(self, level: LogLevel, message: bytes | str) -> None:
         """One line of the job's output; control characters inside it become U+FFFD."""
@@ -323,10 +347,14 @@ class JobLogWriter:
     def open_now(self) -> None:
         """Open the file (and make its folder) now, from a worker thread when a job starts, so
         that the event loop's first lines are plain writes: at 1000 jobs starting together the
-        first write's mkdir and open were a quarter of the loop's time. A failure is left to the
-        first write, which reports it as any write does."""
+        first write's mkdir and open were a quarter of the loop's time. Lines held so far
+        (`hold_system`) are written with it. A failure is left to the first write, which
+        reports it as any write does."""
         with self._lock:
             if self._closed:
+                return
+            if self._held:
+                self._append([], console=False)
                 return
             try:
                 self._current_size()
@@ -334,8 +362,10 @@ class JobLogWriter:
                 self._drop_file()
 
     def close(self) -> None:
-        """Close the file; every later write is ignored."""
+        """Close the file (after the held lines); every later write is ignored."""
         with self._lock:
+            if self._held:
+                self._append([], console=False)
             self._closed = True
             self._drop_file()
 
@@ -385,21 +415,29 @@ class JobLogWriter:
     # -- writing ----------------------------------------------------------------------------
 
     def _append(self, pieces: list[Buffer], *, console: bool) -> None:
+        if self._closed:
+            return
+        # Held host lines go first: they were said before whatever is written now.
+        held, self._held = self._held, []
+        held_length = sum(map(len, held))
         length = sum(map(len, pieces))
-        if self._closed or not length:
+        if not length and not held_length:
             return
         try:
             size = self._current_size()
             if self.cap_bytes is not None:
                 if console:
-                    capped = self._apply_cap(b"".join(pieces), size)
+                    capped = self._apply_cap(b"".join(pieces), size + held_length)
                     pieces, length = [capped], len(capped)
-            elif size > 0 and size + length > self.max_bytes:
+            elif size > 0 and size + held_length + length > self.max_bytes:
                 self._rotate()
                 self._current_size()
         except OSError as exc:
-            self._lost(b"".join(pieces), exc)
+            self._lost(b"".join([*held, *pieces]), exc)
             return
+        if held_length:
+            pieces = [*held, *pieces] if length else list(held)
+            length += held_length
         if length:
             notice = self._drop_notice()
             self._write([notice, *pieces] if notice else pieces, len(notice))
