@@ -12,7 +12,7 @@ from typing import Any
 from tests.helpers import Site, leaders, running_daemon, wait_for
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
-from webjobsd.discovery.watcher import Debouncer
+from webjobsd.discovery.watcher import QUEUED_EVENTS_PER_JOB, Debouncer, queue_shortfall
 from webjobsd.model import JobKey, JobKind
 from webjobsd.runtime.reconciler import Reconciler
 from webjobsd.runtime.scheduler import Scheduler
@@ -207,3 +207,13 @@ async def test_the_loops_end_when_cancelled_just_as_they_are_woken(site: Site) -
                     task.cancel()
                     await asyncio.wait({task}, timeout=5)
                 assert done, f"{name} went on after a cancellation {turns} turns after a wake-up"
+
+
+def test_the_inotify_queue_is_judged_against_the_job_folders() -> None:
+    # The kernel's default (16384) holds 2048 job folders of the kind the bench uses, not 5000.
+    assert queue_shortfall(2000, limit=16384) is None
+    assert queue_shortfall(5000, limit=16384) == 5000 * QUEUED_EVENTS_PER_JOB
+    assert queue_shortfall(5000, limit=262144) is None
+    # Read from /proc when not given: this kernel's value, whatever it is, gives an answer.
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    assert queue_shortfall(limit) == limit * QUEUED_EVENTS_PER_JOB

@@ -33,7 +33,7 @@ from webjobsd.deploy.records import DeploymentStore
 from webjobsd.deploy.staging import clean_after_kill
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
-from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path
+from webjobsd.discovery.watcher import Debouncer, JobsWatcher, hint_for_path, queue_shortfall
 from webjobsd.http.auth import Credentials, basic_auth_middleware, load_credentials
 from webjobsd.http.context import ApiContext
 from webjobsd.http.hooks import add_hook_routes
@@ -411,6 +411,8 @@ class Daemon:
             self.discovery.watcher = self.watcher
             self.watcher.start()
         self.discovery.initial_scan()
+        if self.watcher is not None:
+            self._check_inotify_queue(len(catalog.targets(None)))
         self._mark_vanished_jobs_stopped(catalog)
         await asyncio.to_thread(self._remove_stale_working_copies, catalog)
         self.reconciler.reconcile_once()
@@ -744,6 +746,16 @@ class Daemon:
                 if JobKey(JobKind.CONTINUOUS, folder.name) not in catalog.specs:
                     shutil.rmtree(folder, ignore_errors=True)
                     log.info("removed the shutdown folder of a deleted job", folder=str(folder))
+
+    def _check_inotify_queue(self, job_folders: int) -> None:
+        needed = queue_shortfall(job_folders)
+        if needed is not None:
+            log.warning(
+                "the inotify event queue is too small for this many job folders; raise"
+                " fs.inotify.max_queued_events (systemd/webjobsd.sysctl)",
+                job_folders=job_folders,
+                needed=needed,
+            )
 
     def _mark_vanished_jobs_stopped(self, catalog: Catalog) -> None:
         """This instance's status of a job that is gone must not keep saying Running."""

@@ -407,6 +407,27 @@ class JobsWatcher:
             stop_observer(observer)
 
 
+# A pass over the jobs tree queues an open and a close event per folder it lists and per file it
+# reads; a job folder of one file, four. Twice that leaves room for the watch library's own walk
+# after an overflow, which queues as many again (systemd/webjobsd.sysctl).
+QUEUED_EVENTS_PER_JOB = 8
+_MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def queue_shortfall(job_folders: int, limit: int | None = None) -> int | None:
+    """The inotify queue size `job_folders` need, when the kernel's (`limit`, read from /proc
+    when None) is smaller; None when it is enough or cannot be read. An overflowing queue
+    loses events and, worse, sends the watch library into a walk of the whole tree that can
+    overflow it again, over and over (measured at 5000 jobs: a core busy for good)."""
+    if limit is None:
+        try:
+            limit = int(_MAX_QUEUED_EVENTS.read_text())
+        except (OSError, ValueError):
+            return None
+    needed = job_folders * QUEUED_EVENTS_PER_JOB
+    return needed if needed > limit else None
+
+
 def _new_observer() -> BaseObserver:
     # Full events: an unmatched move is a move, not a create (see the module docstring).
     observer = InotifyObserver(generate_full_events=True)
