@@ -412,7 +412,8 @@ class Daemon:
             self.watcher.start()
         self.discovery.initial_scan()
         if self.watcher is not None:
-            self._check_inotify_queue(len(catalog.targets(None)))
+            # The jobs the scan found, from its result: no second listing of the tree.
+            self._check_inotify_queue(len(catalog.specs) + len(catalog.errors))
         self._mark_vanished_jobs_stopped(catalog)
         await asyncio.to_thread(self._remove_stale_working_copies, catalog)
         self.reconciler.reconcile_once()

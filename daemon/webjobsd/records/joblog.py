@@ -299,9 +299,8 @@ class JobLogWriter:
 
     def system(self, level: LogLevel, message: str) -> None:
         """A host line (`SYS` tag); a multi-line message becomes one line per line."""
-        lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
         with self._lock:
-            self._append([_render(self._prefix(level, system=True), lines)], console=False)
+            self._append([self._system_line(level, message)], console=False)
 
     def hold_system(self, level: LogLevel, message: str) -> bool:
         """`system`, but the line waits for the next write of this writer (any kind, or
@@ -311,19 +310,17 @@ class JobLogWriter:
         For an owner that says several things in a row (a start: the singleton setting, the
         status, the script, the status again): one `stat` and one `write` instead of one each.
         The line keeps the time it was said."""
-        lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
         with self._lock:
             if self._closed:
                 return False
             first = not self._held
-            self._held.append(_render(self._prefix(level, system=True), lines))
+            self._held.append(self._system_line(level, message))
             return first
 
     def flush_held(self) -> None:
         """Write the held host lines now (nothing when none are held)."""
         with self._lock:
-            if self._held:
-                self._append([], console=False)
+            self._write_held()
 
     def console(self, level: LogLevel, message: bytes | str) -> None:
         """One line of the job's output; control characters inside it become U+FFFD."""
@@ -353,8 +350,7 @@ class JobLogWriter:
         with self._lock:
             if self._closed:
                 return
-            if self._held:
-                self._append([], console=False)
+            if self._write_held():
                 return
             try:
                 self._current_size()
@@ -364,8 +360,7 @@ class JobLogWriter:
     def close(self) -> None:
         """Close the file (after the held lines); every later write is ignored."""
         with self._lock:
-            if self._held:
-                self._append([], console=False)
+            self._write_held()
             self._closed = True
             self._drop_file()
 
@@ -387,6 +382,11 @@ class JobLogWriter:
         self.close()
 
     # -- formatting -------------------------------------------------------------------------
+
+    def _system_line(self, level: LogLevel, message: str) -> bytes:
+        """A host message rendered as SYS lines, one per line of the message."""
+        lines = [part.removesuffix("\r").encode(errors="replace") for part in message.split("\n")]
+        return _render(self._prefix(level, system=True), lines)
 
     def _prefix(self, level: LogLevel, *, system: bool) -> bytes:
         now = self._clock()
@@ -414,6 +414,13 @@ class JobLogWriter:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def _write_held(self) -> bool:
+        """Write the held host lines (with the lock held); False when none were held."""
+        if not self._held:
+            return False
+        self._append([], console=False)
+        return True
+
     def _append(self, pieces: list[Buffer], *, console: bool) -> None:
         if self._closed:
             return
@@ -436,7 +443,7 @@ class JobLogWriter:
             self._lost(b"".join([*held, *pieces]), exc)
             return
         if held_length:
-            pieces = [*held, *pieces] if length else list(held)
+            pieces = [*held, *pieces]
             length += held_length
         if length:
             notice = self._drop_notice()
