@@ -21,6 +21,7 @@ from tests.helpers import (
     wait_for,
     wait_for_sync,
 )
+from webjobsd.records.starts import read_start_history
 from webjobsd.runtime.locks import FileLock
 
 LOOP = {
@@ -109,6 +110,14 @@ async def test_the_fenced_job_is_stopped_while_the_event_loop_is_blocked(site: S
     site.write_job("continuous", "solo", LOOP)
     async with running_daemon(site, singleton_check_s=CHECK_S, singleton_fence_s=5.0):
         first = await wait_for(lambda: leaders(site, "solo"), what="the job running")
+        # The process exists from the fork; the daemon knows it once the spawn has returned on
+        # its loop, and its start history then names the pid: only from then can a guard's
+        # thread stop it (a fence before that is the loop's to act on).
+        data_dir = site.data_dir("continuous", "solo")
+        await wait_for(
+            lambda: any(item.start.pid == first[0] for item in read_start_history(data_dir)),
+            what="the spawn registered",
+        )
         lock_path = site.data_dir("continuous", "solo") / "singleton.job.lock"
         replacement = lock_path.with_name("singleton.job.lock.new")
         replacement.write_text("{}")
