@@ -68,7 +68,6 @@ from webjobsd.discovery.jobsettings import JobSettingsError, load_job_settings
 from webjobsd.discovery.scripts import (
     RESOURCE_ERRNOS,
     Which,
-    find_script_dir,
     select_command,
 )
 from webjobsd.model import (
@@ -177,7 +176,6 @@ def observe_job(
         window = None if hash_while_settling else (now - settle_s, now + _FUTURE_TOLERANCE_S)
         scan = scan_folder(job_dir, cache, window if settle_s > 0 else None)
         command = select_command(job_dir, which=which)
-        script_dir = find_script_dir(job_dir)
     except OSError as error:
         with contextlib.suppress(OSError):
             if _is_gone(job_dir):  # removed while we looked
@@ -190,6 +188,8 @@ def observe_job(
         return Observation(
             key, present=True, settling=settling, error=NO_RUNNABLE_SCRIPT, stamp=stamp
         )
+    # The folder the command was chosen in, not a second look (one listing less to read).
+    script_dir = job_dir / command.script_dir if command.script_dir else job_dir
     settings_path = script_dir / "settings.job"
     settings: JobSettings | None = None
     warnings: tuple[str, ...] = ()

@@ -92,6 +92,18 @@ def find_script_dir(job_dir: Path) -> Path:
         current = current / entries[0].name
 
 
+def _script_listing(job_dir: Path) -> tuple[Path, list[os.DirEntry[str]]]:
+    """`find_script_dir` and that folder's entries, from one listing of each folder: every
+    listing inside the watched tree is two inotify events for the watcher to read."""
+    current = job_dir
+    while True:
+        with os.scandir(current) as scan:
+            entries = list(scan)
+        if len(entries) != 1 or not entries[0].is_dir(follow_symlinks=False):
+            return current, entries
+        current = current / entries[0].name
+
+
 # --- candidate files ------------------------------------------------------------------------
 
 
@@ -155,11 +167,10 @@ def _candidate(entry: os.DirEntry[str], job_root: Path) -> _Candidate | None:
     )
 
 
-def _candidates(script_dir: Path, job_dir: Path) -> list[_Candidate]:
+def _candidates(entries: list[os.DirEntry[str]], job_dir: Path) -> list[_Candidate]:
     job_root = job_dir.resolve()
-    with os.scandir(script_dir) as scan:
-        entries = sorted(scan, key=lambda entry: _listing_key(entry.name))
-    found = (_candidate(entry, job_root) for entry in entries)
+    ordered = sorted(entries, key=lambda entry: _listing_key(entry.name))
+    found = (_candidate(entry, job_root) for entry in ordered)
     return [candidate for candidate in found if candidate is not None]
 
 
@@ -272,8 +283,8 @@ def select_command(job_dir: Path, *, which: Which = shutil.which) -> ScriptComma
     OSError from listing the folders propagates (the job folder may have just been deleted);
     problems with a single file only skip that file.
     """
-    script_dir = find_script_dir(job_dir)
-    choice = _choose(_candidates(script_dir, job_dir), HOSTS, which)
+    script_dir, entries = _script_listing(job_dir)
+    choice = _choose(_candidates(entries, job_dir), HOSTS, which)
     if choice is None:
         return None
     return ScriptCommand(

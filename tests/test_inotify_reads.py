@@ -1,0 +1,86 @@
+"""What the daemon's own reads cost the watch: inotify reports them all, so fewer is cheaper.
+
+Every folder listed and every file read inside the watched tree is an `IN_OPEN` and an
+`IN_CLOSE_NOWRITE` the watcher's thread must read (see discovery/batchobserver.py). These tests
+count them with a real inotify watch and a real observer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from webjobsd.discovery.catalog import observe_job
+from webjobsd.discovery.scripts import select_command
+from webjobsd.model import JobKey, JobKind
+
+IN_CLOSE_NOWRITE = 0x10
+IN_OPEN = 0x20
+IN_ISDIR = 0x40000000
+_EVENT_HEADER = struct.Struct("iIII")
+
+
+@contextmanager
+def folder_opens(folder: Path) -> Iterator[Callable[[], int]]:
+    """Count the opens of `folder` itself while the block runs (a raw inotify watch on it).
+
+    Closes are watched too: the kernel merges an event into an identical one still unread, so
+    opens alone would count one for any number in a row."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(folder), IN_OPEN | IN_CLOSE_NOWRITE) >= 0
+
+        def count() -> int:
+            opens = 0
+            while True:
+                try:
+                    buffer = os.read(fd, 65536)
+                except BlockingIOError:
+                    return opens
+                offset = 0
+                while offset < len(buffer):
+                    _wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buffer, offset)
+                    offset += _EVENT_HEADER.size + length
+                    opens += bool(mask & IN_ISDIR and mask & IN_OPEN and length == 0)
+
+        yield count
+    finally:
+        os.close(fd)
+
+
+def test_one_look_at_a_job_lists_its_folder_twice_at_most(tmp_path: Path) -> None:
+    """The content walk and the script choice each list the folder once; the script folder and
+    the settings are taken from that choice, not from listings of their own."""
+    job = tmp_path / "continuous" / "lister"
+    job.mkdir(parents=True)
+    (job / "run.sh").write_text("echo hi\n")
+    (job / "settings.job").write_text("{}")
+    with folder_opens(job) as opens:
+        seen = observe_job(
+            job,
+            JobKey(JobKind.CONTINUOUS, "lister"),
+            settle_s=0.0,
+            now=time.time(),
+            which=lambda _: "/bin/bash",
+        )
+        assert seen.command is not None and seen.command.script_name == "run.sh"
+        assert opens() <= 2
+
+
+def test_the_script_choice_lists_each_folder_once(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    inner = job / "inner"
+    inner.mkdir(parents=True)
+    (inner / "run.sh").write_text("echo hi\n")
+    with folder_opens(job) as outer_opens, folder_opens(inner) as inner_opens:
+        command = select_command(job, which=lambda _: "/bin/bash")
+        assert command is not None and command.script_dir == "inner"
+        assert (outer_opens(), inner_opens()) == (1, 1)
