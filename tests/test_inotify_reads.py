@@ -11,11 +11,21 @@ import ctypes
 import ctypes.util
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify_c import InotifyEvent
+
+from tests.helpers import wait_for_sync
+from webjobsd.discovery.batchobserver import (
+    READ_PAUSE_S,
+    BatchingInotifyFD,
+    BatchingInotifyObserver,
+)
 from webjobsd.discovery.catalog import observe_job
 from webjobsd.discovery.scripts import select_command
 from webjobsd.model import JobKey, JobKind
@@ -84,3 +94,48 @@ def test_the_script_choice_lists_each_folder_once(tmp_path: Path) -> None:
         command = select_command(job, which=lambda _: "/bin/bash")
         assert command is not None and command.script_dir == "inner"
         assert (outer_opens(), inner_opens()) == (1, 1)
+
+
+class _CountingReader(BatchingInotifyFD):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def read_events(self, *, event_buffer_size: int = 65536) -> list[InotifyEvent]:
+        events = super().read_events(event_buffer_size=event_buffer_size)
+        self.reads += bool(events)
+        return events
+
+
+class _Collect(FileSystemEventHandler):
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self.lock = threading.Lock()
+
+    def on_opened(self, event: FileSystemEvent) -> None:
+        with self.lock:
+            self.opened.append(os.fsdecode(event.src_path))
+
+
+def test_the_watch_reads_a_stream_of_events_in_batches_and_loses_none(tmp_path: Path) -> None:
+    files = [tmp_path / f"f{index}" for index in range(500)]
+    for path in files:
+        path.write_bytes(b"x")
+    reader = _CountingReader()
+    observer = BatchingInotifyObserver(reader)
+    handler = _Collect()
+    observer.schedule(handler, os.fspath(tmp_path), recursive=True)
+    observer.start()
+    try:
+        started = time.monotonic()
+        for path in files:  # 1000 events: an open and a close each
+            path.read_bytes()
+        wait_for_sync(lambda: len(handler.opened) == len(files), what="every open delivered")
+        elapsed = time.monotonic() - started
+        assert handler.opened == [os.fspath(path) for path in files]
+        # One read per pause at most, however fast the events come. Read as they come (what
+        # watchdog's own reader does), this burst takes one read for every few events.
+        assert reader.reads <= elapsed / READ_PAUSE_S + 1, (reader.reads, elapsed)
+    finally:
+        observer.stop()
+        observer.join()

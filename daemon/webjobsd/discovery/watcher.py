@@ -64,8 +64,8 @@ from pathlib import Path
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyObserver
 
+from webjobsd.discovery.batchobserver import BatchingInotifyObserver
 from webjobsd.discovery.ignore import (
     IGNORED_DIRECTORIES,
     is_ignored_relative_path,
@@ -430,7 +430,7 @@ def queue_shortfall(job_folders: int, limit: int | None = None) -> int | None:
 
 def _new_observer() -> BaseObserver:
     # Full events: an unmatched move is a move, not a create (see the module docstring).
-    observer = InotifyObserver(generate_full_events=True)
+    observer = BatchingInotifyObserver()
     observer.daemon = True
     observer.start()
     return observer
