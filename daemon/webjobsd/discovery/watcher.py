@@ -1,9 +1,12 @@
 """The watchdog adapter: file events become hints, debounced, for the catalog.
 
 Events arrive on watchdog's thread and are handed to the event loop with `call_soon_threadsafe`;
-the only other thing done on that thread is dropping reads (see `CreatorOpens`). A path maps to
-a `JobKey` (`{kind}/{name}/...`); an event on the jobs root or a kind folder itself means "rescan
-everything" (key None).
+the only other thing done on that thread is dropping reads (see `CreatorOpens`). The observer's
+inotify reader takes the kernel's queue in batches (see batchobserver.py): the daemon's own reads
+inside the tree are events too, thousands of them in a scan.
+
+A path maps to a `JobKey` (`{kind}/{name}/...`); an event on the jobs root or a kind folder
+itself means "rescan everything" (key None).
 
 Watches: one recursive watch on the jobs root, re-made whenever the root's inode changes (the
 root replaced). The daemon never creates the jobs root (nor anything else inside wwwroot: `git
