@@ -5,7 +5,10 @@ again), in-process with the real daemon and the real watchdog."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,3 +76,47 @@ async def test_a_dead_watcher_thread_makes_the_daemon_unready_and_is_replaced(
             what="a new job found by events",
         )
         assert not observer.is_alive(), "the old observer was stopped"
+
+
+WATCHER_WITHOUT_DESCRIPTORS = """
+import asyncio, os, resource, sys
+from pathlib import Path
+from webjobsd.discovery.watcher import JobsWatcher
+
+root = Path(sys.argv[1])
+loop = asyncio.new_event_loop()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+fillers = []
+while True:
+    try:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+watcher = JobsWatcher(root, loop, lambda hint: None)
+watcher.start()
+assert watcher.dead_threads() == ["the observer, never made"], watcher.dead_threads()
+assert not watcher.is_alive()
+for fd in fillers:
+    os.close(fd)
+assert watcher.replace_observer() is None
+assert watcher.dead_threads() == [] and watcher.is_alive()
+watcher.stop()
+print("ok")
+"""
+
+
+def test_a_watcher_that_cannot_be_made_at_start_is_made_by_the_next_check(tmp_path: Path) -> None:
+    """Out of descriptors when the daemon makes its watcher (a flood of connections while it
+    starts): the start goes on, the watcher reads as dead, and the discovery service's check
+    (`replace_observer`) makes it once descriptors are free again."""
+    root = tmp_path / "jobs"
+    (root / "continuous").mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHER_WITHOUT_DESCRIPTORS, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    assert "cannot make the file watcher yet" in done.stdout + done.stderr

@@ -9,6 +9,7 @@ import ftplib
 import io
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -360,3 +361,43 @@ async def test_a_site_zip_dropped_in_deployments_drop_is_a_zipdeploy_with_a_reco
             "Dropped site.zip",
         ]
     assert starts(site, "sitejob") == 2
+
+
+WATCH_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from webjobsd.deploy.drops import _Handler, _Watches
+
+folder = Path(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+fillers = []
+while True:
+    try:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+watches = _Watches([folder], _Handler(lambda *event: None))
+assert watches.start() is False
+assert watches.sync() == set()
+for fd in fillers:
+    os.close(fd)
+assert watches.sync() == {folder}, "no watch once descriptors were free again"
+watches.stop()
+print("ok")
+"""
+
+
+def test_drop_folders_are_watched_once_descriptors_are_free_again(tmp_path: Path) -> None:
+    """Out of descriptors when the drop watch is made (a flood of connections while the daemon
+    starts): no crash of the daemon's start, and the next sweep makes the watch."""
+    folder = tmp_path / "drops"
+    folder.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", WATCH_WITHOUT_DESCRIPTORS, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    assert "cannot watch the drop folders yet" in done.stdout + done.stderr

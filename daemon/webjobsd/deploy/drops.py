@@ -211,12 +211,31 @@ class _Watches:
         self._handler = handler
         self._observer: BaseObserver | None = None
         self._watched: dict[Path, tuple[int, ObservedWatch]] = {}
+        # Asked to watch, but no observer could be made yet: `sync` tries again.
+        self._start_failed = False
 
-    def start(self) -> None:
-        observer = InotifyObserver(generate_full_events=True)
+    def start(self) -> bool:
+        """Make the observer. Out of descriptors or inotify instances (a flood of connections
+        while the daemon starts, say) is no reason to stop: the drop folders are swept every
+        rescan meanwhile, and each sweep tries again (False until then, said once)."""
+        try:
+            observer = InotifyObserver(generate_full_events=True)
+        except OSError as error:
+            if not self._start_failed:
+                log.warning(
+                    "cannot watch the drop folders yet; sweeping them at every rescan until a "
+                    "watch can be made",
+                    error=str(error),
+                )
+            self._start_failed = True
+            return False
         observer.daemon = True
         observer.start()
         self._observer = observer
+        if self._start_failed:
+            log.info("watching the drop folders")
+        self._start_failed = False
+        return True
 
     def wanted(self) -> dict[Path, int]:
         found: dict[Path, int] = {}
@@ -228,6 +247,8 @@ class _Watches:
 
     def sync(self) -> set[Path]:
         """Watch what is wanted now; return the drop folders newly watched (to sweep)."""
+        if self._observer is None and self._start_failed:
+            self.start()
         observer = self._observer
         if observer is None:
             return set()
@@ -255,6 +276,7 @@ class _Watches:
         return newly
 
     def stop(self) -> None:
+        self._start_failed = False
         observer, self._observer = self._observer, None
         self._watched.clear()
         if observer is not None:

@@ -243,6 +243,8 @@ class JobsWatcher:
         # While the root is missing: ((the ancestor watched, its inode), its watch).
         self._ancestor: tuple[tuple[Path, int], ObservedWatch] | None = None
         self._writes = OpenWrites()
+        # `start` could not make an observer (see `dead_threads`).
+        self._never_made = False
         self.events_seen = 0
         # Observers made to replace one whose thread died (see the module docstring).
         self.restarts = 0
@@ -294,7 +296,15 @@ class JobsWatcher:
         return jobs
 
     def start(self) -> None:
-        self._observer = _new_observer()
+        """Make the observer and the watch. Out of descriptors or inotify instances (a flood of
+        connections while the daemon starts, say) does not stop the start: the watcher is then
+        reported like one whose threads died, and the discovery service's check makes it."""
+        try:
+            self._observer = _new_observer()
+        except OSError as error:
+            log.warning("cannot make the file watcher yet; trying again", error=str(error))
+            self._never_made = True
+            return
         # Start-up scans everything right after this: no rescan to ask for.
         self.sync(announce=False)
 
@@ -306,6 +316,7 @@ class JobsWatcher:
         if self._stopped:
             return None
         new = _new_observer()
+        self._never_made = False
         old, self._observer = self._observer, new
         # The old watches and their open-for-write marks went with the old observer; a fresh
         # handler forgets the creates it saw (their opens will come, if at all, to the new one).
@@ -321,8 +332,10 @@ class JobsWatcher:
     def dead_threads(self) -> list[str]:
         """watchdog's threads of the current observer that ended without being asked to."""
         observer = self._observer
-        if observer is None or self._stopped:
+        if self._stopped:
             return []
+        if observer is None:
+            return ["the observer, never made"] if self._never_made else []
         return [_describe(thread) for thread in _threads_of(observer) if _died(thread)]
 
     def sync(self, *, announce: bool = True) -> None:
