@@ -356,11 +356,7 @@ class ContinuousUnit:
         if self._status_flush is not None:
             self._status_flush.cancel()
             self._status_flush = None
-        if not self._launching:
-            # During a launch the held lines go out from the copying thread (`open_now`) or
-            # after the spawn (`_end_launch`): a status written while the copy waits its turn
-            # among a thousand must not have the loop open the log for them.
-            self._log.flush_held()
+        self._log.flush_held()
         status = self.status
         if status is None or (status, self._reason) == self._status_written:
             return
