@@ -67,6 +67,37 @@ def wait_for_sync(
         time.sleep(interval)
 
 
+# Defines `use_up_descriptors()` for a child's script: the file limit lowered and every
+# descriptor taken (returned, for the script to close), so that the next one the code under
+# test asks for fails with EMFILE.
+_USE_UP_DESCRIPTORS = """
+import os, resource
+
+def use_up_descriptors():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    fillers = []
+    while True:
+        try:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            return fillers
+"""
+
+
+def run_short_of_descriptors(script: str, *args: str) -> str:
+    """Run `script` in a child Python that may call `use_up_descriptors()`; it must exit 0
+    with "ok" as its last output. Returns everything it printed (logs included)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _USE_UP_DESCRIPTORS + script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    return done.stdout + done.stderr
+
+
 def json_log_records(text: str) -> list[dict[str, Any]]:
     """The records of a daemon log written with `log_format: json` (other lines skipped)."""
     records = []

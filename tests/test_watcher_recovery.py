@@ -5,8 +5,6 @@ again), in-process with the real daemon and the real watchdog."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.helpers import Site, running_daemon, wait_for, wait_for_sync
+from tests.helpers import Site, run_short_of_descriptors, running_daemon, wait_for, wait_for_sync
 from webjobsd.model import JobKey, JobKind
 
 LOOP = {"run.sh": "exec sleep 600\n"}
@@ -79,19 +77,13 @@ async def test_a_dead_watcher_thread_makes_the_daemon_unready_and_is_replaced(
 
 
 WATCHER_WITHOUT_DESCRIPTORS = """
-import asyncio, os, resource, sys
+import asyncio, os, sys
 from pathlib import Path
 from webjobsd.discovery.watcher import JobsWatcher
 
 root = Path(sys.argv[1])
 loop = asyncio.new_event_loop()
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-fillers = []
-while True:
-    try:
-        fillers.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError:
-        break
+fillers = use_up_descriptors()
 watcher = JobsWatcher(root, loop, lambda hint: None)
 watcher.start()
 assert watcher.dead_threads() == ["the observer, never made"], watcher.dead_threads()
@@ -111,12 +103,6 @@ def test_a_watcher_that_cannot_be_made_at_start_is_made_by_the_next_check(tmp_pa
     (`replace_observer`) makes it once descriptors are free again."""
     root = tmp_path / "jobs"
     (root / "continuous").mkdir(parents=True)
-    done = subprocess.run(
-        [sys.executable, "-c", WATCHER_WITHOUT_DESCRIPTORS, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    assert "cannot make the file watcher yet" in run_short_of_descriptors(
+        WATCHER_WITHOUT_DESCRIPTORS, str(root)
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("ok"), done.stdout
-    assert "cannot make the file watcher yet" in done.stdout + done.stderr

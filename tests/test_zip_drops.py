@@ -9,7 +9,6 @@ import ftplib
 import io
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tests.helpers import Site, running_daemon, wait_for, wait_for_sync
+from tests.helpers import Site, run_short_of_descriptors, running_daemon, wait_for, wait_for_sync
 from tests.test_api_deploy import zip_of
 from tests.test_api_jobs import api, get_json
 from tests.test_drops import PASSWORD, USER, ftp_server, starts
@@ -364,18 +363,12 @@ async def test_a_site_zip_dropped_in_deployments_drop_is_a_zipdeploy_with_a_reco
 
 
 WATCH_WITHOUT_DESCRIPTORS = """
-import os, resource, sys
+import os, sys
 from pathlib import Path
 from webjobsd.deploy.drops import _Handler, _Watches
 
 folder = Path(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-fillers = []
-while True:
-    try:
-        fillers.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError:
-        break
+fillers = use_up_descriptors()
 watches = _Watches([folder], _Handler(lambda *event: None))
 assert watches.start() is False
 assert watches.sync() == set()
@@ -392,12 +385,6 @@ def test_drop_folders_are_watched_once_descriptors_are_free_again(tmp_path: Path
     starts): no crash of the daemon's start, and the next sweep makes the watch."""
     folder = tmp_path / "drops"
     folder.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", WATCH_WITHOUT_DESCRIPTORS, str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    assert "cannot watch the drop folders yet" in run_short_of_descriptors(
+        WATCH_WITHOUT_DESCRIPTORS, str(folder)
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("ok"), done.stdout
-    assert "cannot watch the drop folders yet" in done.stdout + done.stderr
