@@ -383,6 +383,20 @@ def leaders(site: Site, name: str, instance: str | None = None) -> list[int]:
     return result
 
 
+def kill_jobs(site: Site, *names: str) -> None:
+    """For a test's `finally` after its daemon was killed: SIGKILL the jobs' process groups and
+    wait until they are gone (a killed process stays visible while the kernel tears it down)."""
+    for name in names:
+        for pid in leaders(site, name):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+    wait_for_sync(
+        lambda: not any(job_pids(site, name) for name in names),
+        timeout=10,
+        what=f"the processes of {', '.join(names)} gone",
+    )
+
+
 @contextlib.contextmanager
 def site_for_job_user() -> Iterator[Site]:
     """A site that a job running as another user (`run_as_user`) can reach.

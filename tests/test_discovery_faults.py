@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import DaemonProcess, Site, leaders, wait_for, wait_for_sync
+from tests.helpers import DaemonProcess, Site, kill_jobs, leaders, wait_for, wait_for_sync
 from webjobsd.discovery.catalog import Catalog
 from webjobsd.discovery.service import DiscoveryService
 from webjobsd.discovery.watcher import Debouncer
@@ -117,9 +117,7 @@ def test_running_out_of_file_descriptors_keeps_every_job_and_duplicates_none(sit
         assert doomed_pids[0] not in leaders(site, "doomed")
     finally:
         daemon.kill_if_running()
-        for pid in leaders(site, "longrun") + leaders(site, "steady") + leaders(site, "doomed"):
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+        kill_jobs(site, "longrun", "steady", "doomed")
 
 
 def _removed_lines(daemon: DaemonProcess) -> str:
