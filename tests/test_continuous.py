@@ -48,6 +48,33 @@ async def test_dropped_folder_runs_within_debounce_plus_one_second(site: Site) -
     assert not job_pids(site, "hello")
 
 
+async def test_jobs_that_never_print_still_log_their_start_when_many_start_together(
+    site: Site,
+) -> None:
+    """1. 150 jobs that print nothing start together (their launches overlap on the loop)
+    2. each is Running  3. each job's log says how it was started and that it runs: the host's
+    lines do not wait for output the job never gives."""
+    names = [f"quiet{index:03}" for index in range(150)]
+    for name in names:
+        site.write_job("continuous", name, {"run.sh": "exec sleep 1000\n"})
+    async with running_daemon(site):
+        await wait_for(
+            lambda: all(site.status(name) == "Running" for name in names),
+            timeout=60,
+            what="all Running",
+        )
+
+        def unlogged() -> list[str]:
+            return [
+                name
+                for name in names
+                if "SYS INFO] Status changed to Running" not in site.job_log(name)
+                or "SYS INFO] Run script 'run.sh'" not in site.job_log(name)
+            ]
+
+        await wait_for(lambda: not unlogged(), timeout=10, what="start lines in every log")
+
+
 async def test_replaced_files_restart_the_job_with_new_code(site: Site) -> None:
     """1. job v1 running  2. files replaced with v2  3. v1 gone, v2 running, refresh logged."""
     site.write_job("continuous", "app", loop_job("1"))
