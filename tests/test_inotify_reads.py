@@ -25,6 +25,7 @@ from webjobsd.discovery.batchobserver import (
     READ_PAUSE_S,
     BatchingInotifyFD,
     BatchingInotifyObserver,
+    is_folder_read,
 )
 from webjobsd.discovery.catalog import observe_job
 from webjobsd.discovery.scripts import select_command
@@ -100,17 +101,26 @@ class _CountingReader(BatchingInotifyFD):
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self.masks: list[int] = []
 
     def read_events(self, *, event_buffer_size: int = 65536) -> list[InotifyEvent]:
         events = super().read_events(event_buffer_size=event_buffer_size)
         self.reads += bool(events)
+        self.masks.extend(event.mask for event in events)
         return events
 
 
 class _Collect(FileSystemEventHandler):
     def __init__(self) -> None:
         self.opened: list[str] = []
+        self.seen: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        with self.lock:
+            self.seen.append(
+                (event.event_type, os.fsdecode(event.src_path), os.fsdecode(event.dest_path))
+            )
 
     def on_opened(self, event: FileSystemEvent) -> None:
         with self.lock:
@@ -136,6 +146,47 @@ def test_the_watch_reads_a_stream_of_events_in_batches_and_loses_none(tmp_path: 
         # One read per pause at most, however fast the events come. Read as they come (what
         # watchdog's own reader does), this burst takes one read for every few events.
         assert reader.reads <= elapsed / READ_PAUSE_S + 1, (reader.reads, elapsed)
+    finally:
+        observer.stop()
+        observer.join()
+
+
+def test_the_reads_of_folders_are_dropped_as_read_and_nothing_else(tmp_path: Path) -> None:
+    """Listing a watched folder makes events watchdog never turns into anything; the reader drops
+    them as it reads them. Files opened and closed, folders made, moved in and removed, and
+    files removed still arrive."""
+    watched = tmp_path / "jobs"
+    listed = watched / "listed"
+    listed.mkdir(parents=True)
+    (listed / "run.sh").write_text("echo\n")
+    outside = tmp_path / "staged"
+    outside.mkdir()
+    reader = _CountingReader()
+    observer = BatchingInotifyObserver(reader)
+    handler = _Collect()
+    observer.schedule(handler, os.fspath(watched), recursive=True)
+    observer.start()
+    try:
+        for _ in range(50):
+            os.listdir(watched)
+            os.listdir(listed)
+        (listed / "run.sh").read_text()
+        (watched / "made").mkdir()
+        outside.rename(watched / "moved")
+        (watched / "made").rmdir()
+        (listed / "run.sh").unlink()
+        expected = {
+            ("opened", os.fspath(listed / "run.sh"), ""),
+            ("closed_no_write", os.fspath(listed / "run.sh"), ""),
+            ("created", os.fspath(watched / "made"), ""),
+            ("moved", "", os.fspath(watched / "moved")),
+            ("deleted", os.fspath(watched / "made"), ""),
+            ("deleted", os.fspath(listed / "run.sh"), ""),
+        }
+        wait_for_sync(lambda: expected <= set(handler.seen), what=f"all of {expected}")
+        assert reader.masks, "nothing was read"
+        assert not [hex(mask) for mask in reader.masks if is_folder_read(mask)]
+        assert any(mask & IN_ISDIR for mask in reader.masks)  # the folders' own changes
     finally:
         observer.stop()
         observer.join()

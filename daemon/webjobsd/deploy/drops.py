@@ -29,7 +29,9 @@ Decisions:
   jobs; watchdog's threads: one per watch and the observer's). A folder that does not exist
   yet is waited for by a watch on its nearest existing ancestor, which follows it down as
   folders appear (as the discovery watcher does for the jobs root), and the folder is swept for
-  zips once watched. The daemon creates none of the three:
+  zips once watched. The observer is of the discovery watcher's kind
+  (`discovery/batchobserver.py`): every job folder the daemon lists is an open and a close on
+  a kind folder's watch, and it drops those as it reads them, in batches. The daemon creates none of the three:
   nothing inside wwwroot (`git clone` needs it absent or empty), and no drop folder among the
   deployment records (whoever drops makes it, `mkdir -p site/deployments/drop`). A sweep every
   rescan period catches what an event missed (a queue overflow). Discovery is not asked for
@@ -81,12 +83,12 @@ from typing import Final
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyObserver
 
 from webjobsd.deploy.jobpackage import deploy_job_package
 from webjobsd.deploy.lock import deployment_in_progress
 from webjobsd.deploy.pipeline import Deployments, DeployRequest
 from webjobsd.deploy.records import DeployStatus
+from webjobsd.discovery.batchobserver import BatchingInotifyObserver
 from webjobsd.discovery.openwrites import OPEN_WRITE_CAP_S, files_written_under
 from webjobsd.discovery.watcher import nearest_existing
 from webjobsd.limits import UploadLimits
@@ -219,7 +221,7 @@ class _Watches:
         while the daemon starts, say) is no reason to stop: the drop folders are swept every
         rescan meanwhile, and each sweep tries again (False until then, said once)."""
         try:
-            observer = InotifyObserver(generate_full_events=True)
+            observer = BatchingInotifyObserver()
         except OSError as error:
             if not self._start_failed:
                 log.warning(
