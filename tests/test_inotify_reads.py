@@ -127,16 +127,26 @@ class _Collect(FileSystemEventHandler):
             self.opened.append(os.fsdecode(event.src_path))
 
 
+@contextmanager
+def watching(folder: Path) -> Iterator[tuple[_CountingReader, _Collect]]:
+    """A real batching observer on `folder` (recursive), with a reader that records its reads."""
+    reader = _CountingReader()
+    observer = BatchingInotifyObserver(reader)
+    handler = _Collect()
+    observer.schedule(handler, os.fspath(folder), recursive=True)
+    observer.start()
+    try:
+        yield reader, handler
+    finally:
+        observer.stop()
+        observer.join()
+
+
 def test_the_watch_reads_a_stream_of_events_in_batches_and_loses_none(tmp_path: Path) -> None:
     files = [tmp_path / f"f{index}" for index in range(500)]
     for path in files:
         path.write_bytes(b"x")
-    reader = _CountingReader()
-    observer = BatchingInotifyObserver(reader)
-    handler = _Collect()
-    observer.schedule(handler, os.fspath(tmp_path), recursive=True)
-    observer.start()
-    try:
+    with watching(tmp_path) as (reader, handler):
         started = time.monotonic()
         for path in files:  # 1000 events: an open and a close each
             path.read_bytes()
@@ -146,9 +156,6 @@ def test_the_watch_reads_a_stream_of_events_in_batches_and_loses_none(tmp_path: 
         # One read per pause at most, however fast the events come. Read as they come (what
         # watchdog's own reader does), this burst takes one read for every few events.
         assert reader.reads <= elapsed / READ_PAUSE_S + 1, (reader.reads, elapsed)
-    finally:
-        observer.stop()
-        observer.join()
 
 
 def test_the_reads_of_folders_are_dropped_as_read_and_nothing_else(tmp_path: Path) -> None:
@@ -161,12 +168,7 @@ def test_the_reads_of_folders_are_dropped_as_read_and_nothing_else(tmp_path: Pat
     (listed / "run.sh").write_text("echo\n")
     outside = tmp_path / "staged"
     outside.mkdir()
-    reader = _CountingReader()
-    observer = BatchingInotifyObserver(reader)
-    handler = _Collect()
-    observer.schedule(handler, os.fspath(watched), recursive=True)
-    observer.start()
-    try:
+    with watching(watched) as (reader, handler):
         for _ in range(50):
             os.listdir(watched)
             os.listdir(listed)
@@ -187,6 +189,3 @@ def test_the_reads_of_folders_are_dropped_as_read_and_nothing_else(tmp_path: Pat
         assert reader.masks, "nothing was read"
         assert not [hex(mask) for mask in reader.masks if is_folder_read(mask)]
         assert any(mask & IN_ISDIR for mask in reader.masks)  # the folders' own changes
-    finally:
-        observer.stop()
-        observer.join()
