@@ -31,13 +31,13 @@ Decisions:
   folders appear (as the discovery watcher does for the jobs root), and the folder is swept for
   zips once watched. The observer is of the discovery watcher's kind
   (`discovery/batchobserver.py`): every job folder the daemon lists is an open and a close on
-  a kind folder's watch, and it drops those as it reads them, in batches. The daemon creates none of the three:
-  nothing inside wwwroot (`git clone` needs it absent or empty), and no drop folder among the
-  deployment records (whoever drops makes it, `mkdir -p site/deployments/drop`). A sweep every
-  rescan period catches what an event missed (a queue overflow). Discovery is not asked for
-  anything and does not know of drops: data flows one way, the drop service writes a job folder
-  (renamed into place in whole) and discovery sees it as any other arrival, starting or
-  restarting the job once.
+  a kind folder's watch, and it drops those as it reads them, in batches. The daemon creates
+  none of the three: nothing inside wwwroot (`git clone` needs it absent or empty), and no drop
+  folder among the deployment records (whoever drops makes it, `mkdir -p
+  site/deployments/drop`). A sweep every rescan period catches what an event missed (a queue
+  overflow). Discovery is not asked for anything and does not know of drops: data flows one
+  way, the drop service writes a job folder (renamed into place in whole) and discovery sees
+  it as any other arrival, starting or restarting the job once.
 * **Poll mode (`watch: poll`): no watch, a sweep every `poll_interval_s`.** On shared storage
   (NFS, CephFS, EFS) another host's writes make no inotify event, so no observer is started
   (no inotify instance, no watchdog thread) and the sweep, every poll interval instead of every
