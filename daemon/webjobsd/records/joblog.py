@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Final
 
 from webjobsd.records import safeopen
+from webjobsd.records.controls import CONTROLS_BUT_LF, has_control_but_lf
 from webjobsd.records.openlogs import OpenLogBudget
 
 __all__ = [
@@ -99,7 +100,7 @@ DEFAULT_MAX_LINE_BYTES: Final = 1024 * 1024
 
 # What becomes U+FFFD: every C0 control but TAB, DEL, and the C1 controls (U+0080-U+009F,
 # two bytes in UTF-8). LF is a control too, except as the separator of a joined batch.
-_C0_BUT_LF: Final = bytes([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F])
+_C0_BUT_LF: Final = CONTROLS_BUT_LF
 _C0: Final = _C0_BUT_LF + b"\n"
 _C1: Final = re.compile(rb"\xc2[\x80-\x9f]")
 _C1_LEAD: Final = b"\xc2"
@@ -171,7 +172,7 @@ def _render_block(prefix: bytes, block: bytes) -> list[Buffer]:
     if not block:
         return []
     # The block's own LFs are its separators: no other C0 control may be in it.
-    if len(block.translate(None, _C0_BUT_LF)) == len(block) and _is_text(block):
+    if not has_control_but_lf(block) and _is_text(block):
         # Replacing every LF leaves one prefix too many after the last one; the memoryview
         # drops it, and the first prefix goes out as a piece of its own: no further copy.
         body = block.replace(b"\n", b"\n" + prefix)
