@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 
 from webjobsd.records import controls
@@ -44,3 +45,10 @@ def test_a_large_clean_block_and_one_control_at_its_very_end() -> None:
 def test_a_bytearray_takes_the_plain_check() -> None:
     assert has_control_but_lf(bytearray(b"a\x00b"))
     assert not has_control_but_lf(bytearray(b"a\tb\n"))
+
+
+def test_the_sets_asked_cover_every_control_but_nul() -> None:
+    asked = b"".join(controls.REJECT_SETS)
+    assert sorted(asked) == sorted(CONTROLS_BUT_LF.replace(b"\x00", b""))
+    if platform.machine() == "x86_64":  # glibc's SSE4.2 strcspn takes sets of 16 at most
+        assert all(0 < len(reject) <= 16 for reject in controls.REJECT_SETS)
