@@ -17,8 +17,9 @@ against the quiet period and the drop latencies the daemon aims for (tens of mil
 It also drops the reads of folders (`IN_OPEN`, `IN_CLOSE_NOWRITE`, `IN_ACCESS` with `IN_ISDIR`)
 as soon as they are parsed. watchdog turns none of them into an event, but only at the end of
 their way: each went through the watch group, the move grouper's queue and the emitter's thread
-first. They are half of what the daemon's own reads make, and at 5000 jobs a rescan, which
-lists every job folder, made 20,000 of them (about 1.1 s of CPU every rescan, for nothing).
+first. They are half of what the daemon's own reads make: at 5000 jobs a rescan, which lists
+every job folder, made 20,000 of them, and dropping them took the rescan from about 1.1 s of
+CPU to 0.4 s.
 Everything else (files, creations, moves, deletions, `IN_IGNORED`, an overflow) passes as
 read; parsing and dispatch stay watchdog's.
 
