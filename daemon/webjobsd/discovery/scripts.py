@@ -41,7 +41,6 @@ Differences from Kudu, decided here:
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import shutil
 import stat
@@ -82,19 +81,13 @@ def find_script_dir(job_dir: Path) -> Path:
     Returns `job_dir` itself when there is nothing to descend into. An OSError from listing
     `job_dir` (missing, not a directory, no permission) propagates.
     """
-    current = job_dir
-    while True:
-        with os.scandir(current) as scan:
-            # Two entries are enough to know this is not a lone sub-folder.
-            entries = list(itertools.islice(scan, 2))
-        if len(entries) != 1 or not entries[0].is_dir(follow_symlinks=False):
-            return current
-        current = current / entries[0].name
+    return _script_listing(job_dir)[0]
 
 
 def _script_listing(job_dir: Path) -> tuple[Path, list[os.DirEntry[str]]]:
-    """`find_script_dir` and that folder's entries, from one listing of each folder: every
-    listing inside the watched tree is two inotify events for the watcher to read."""
+    """`find_script_dir` and that folder's entries, from one listing of each folder: the
+    command's choice needs the entries anyway, and every listing inside the watched tree is two
+    inotify events for the watcher to read."""
     current = job_dir
     while True:
         with os.scandir(current) as scan:
