@@ -19,9 +19,8 @@ as soon as they are parsed. watchdog turns none of them into an event, but only 
 their way: each went through the watch group, the move grouper's queue and the emitter's thread
 first. They are half of what the daemon's own reads make: at 5000 jobs a rescan, which lists
 every job folder, made 20,000 of them, and dropping them took the rescan from about 1.1 s of
-CPU to 0.4 s.
-Everything else (files, creations, moves, deletions, `IN_IGNORED`, an overflow) passes as
-read; parsing and dispatch stay watchdog's.
+CPU to 0.4 s. Everything else (files, creations, moves, deletions, `IN_IGNORED`, an overflow)
+passes as read; parsing and dispatch stay watchdog's.
 
 `BatchingInotifyObserver` is watchdog's `InotifyObserver` with that reader: its constructor
 makes the reader itself and offers no way to pass another.
