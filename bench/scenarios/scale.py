@@ -127,7 +127,6 @@ def scale(h: Harness) -> list[Result]:
             h.close(system)
 
     def sample(name: str, _index: int) -> list[float]:
-        began = time.time()
         try:
             system = h.open(name, _sleepers(count), start_timeout=START_TIMEOUT_S)
         except Exception as error:  # a peer that cannot: said in the notes
@@ -136,7 +135,7 @@ def scale(h: Harness) -> list[Result]:
             h.close_all()
             return []
         try:
-            start[name].append(time.time() - began)
+            start[name].append(system.start_seconds())
             pid = system.manager_pid
             settled[name].append(settle(pid))
             cpu_before, clock = cpu_seconds(pid), time.monotonic()

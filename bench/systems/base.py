@@ -58,6 +58,10 @@ class System(abc.ABC):
         self.marker = self.root.name  # unique; put in every job's environment
         self.stamps_path = self.root / "stamps"
         self.stamps = Stamps(self.stamps_path)
+        # When the manager was started with its jobs already configured (set by `start`, just
+        # before the process that starts them is spawned): the start figures count from here,
+        # not from the harness writing the jobs' files, which differs between systems.
+        self.started_at: float | None = None
         self._closed = False
 
     # -- what scenarios call -------------------------------------------------------------------
@@ -109,6 +113,14 @@ class System(abc.ABC):
         names = [job.name for job in jobs if job.kind is Kind.CONTINUOUS]
         if names:
             self.stamps.wait_all_started(names, timeout)
+
+    def start_seconds(self) -> float:
+        """From the manager's start to the last first instruction of the jobs it was started
+        with (call after `wait_started`): the jobs' own stamps, not when the harness saw them."""
+        first = self.stamps.first_by_name()
+        if self.started_at is None or not first:
+            raise BenchError(f"{self.name} was not started with jobs")
+        return max(stamp.at for stamp in first.values()) - self.started_at
 
     # -- clean-up ------------------------------------------------------------------------------
 

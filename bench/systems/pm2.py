@@ -120,11 +120,15 @@ class Pm2(System):
     def start(self, jobs: Sequence[Job]) -> None:
         for folder in (self.home, self.logs, self.scripts):
             folder.mkdir(parents=True, exist_ok=True)
+        # The apps' scripts are written first, as the other systems' files are before their
+        # manager starts: `started_at` is then the start of PM2's daemon.
+        apps = [self.app(job) for job in jobs]
+        self.started_at = time.time()
         self.client = Pm2Client(self.env(), self.root / "client.log")
         self.client.wait_reply(60)
         self._god_pid = int((self.home / "pm2.pid").read_text())
-        if jobs:
-            self.client.call("start", apps=[self.app(job) for job in jobs])
+        if apps:
+            self.client.call("start", apps=apps)
 
     def add(self, jobs: Sequence[Job]) -> float:
         assert self.client is not None

@@ -102,6 +102,7 @@ class Supervisord(System):
         conf = self.root / "supervisord.conf"
         conf.write_text(MAIN_CONF.format(port=self.port, root=self.root))
         argv = [str(self.tools.supervisord), "-n", "-c", str(conf)]
+        self.started_at = time.time()
         self.process = spawn(argv, self.log, dict(os.environ), self.root)
         wait_until(self._ready, 60, "supervisord to answer", interval=0.02)
 

@@ -100,6 +100,7 @@ class Webjobsd(System):
         daemon_path = str(self.tools.repo / "daemon")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [daemon_path, env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "webjobsd", "serve", "--config", str(config_path)]
+        self.started_at = time.time()
         self.process = spawn([*argv, "--no-auth"], self.log, env, self.root)
         # Ready comes after the first scan and reconcile: thousands of jobs (scenario scale) take
         # longer than 60 s on a loaded 2-core machine.
