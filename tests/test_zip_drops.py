@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import io
+import os
 import shutil
 import subprocess
 import time
@@ -208,6 +209,57 @@ async def test_an_ftp_upload_of_a_zip_that_stalls_is_deployed_only_once_complete
         await wait_for(lambda: not (wwwroot / "App_Data/jobs/continuous/ftpjob.zip").exists())
     assert "from the partial upload" not in site.job_log("ftpjob")
     assert starts(site, "ftpjob") == 1
+
+
+async def test_a_drop_folder_made_later_is_watched_and_folders_renamed_in_leave_watches_alone(
+    site: Site,
+) -> None:
+    """1. `site/deployments/drop` and both kind folders are missing at start: made later, a
+    zip copied into each deploys (the watches follow the folders down from their nearest
+    existing ancestor)  2. twenty job folders renamed into the continuous folder: the drop
+    watches are not made again for each (the folder's own timestamp changing with every entry
+    says nothing about which folders to watch)."""
+    drop_dir = site.root / "site" / "deployments" / "drop"
+    kind_dir = site.jobs / "continuous"
+    sources = site.root.parent / "sources"
+    staged = site.root.parent / "staged"
+    sources.mkdir()
+    staged.mkdir()
+    job = "App_Data/jobs/continuous/sitejob/run.sh"
+    (sources / "site.zip").write_bytes(zip_of({"index.html": "<p>hi</p>", job: looping("s1")}))
+    (sources / "k.zip").write_bytes(zip_of({"run.sh": looping("k from a later folder")}))
+    (sources / "t.zip").write_bytes(zip_of({"run.sh": "echo t\n"}))
+    (sources / "last.zip").write_bytes(zip_of({"run.sh": looping("last one")}))
+    names = [f"moved{i}" for i in range(20)]
+    for name in names:
+        (staged / name).mkdir()
+        (staged / name / "run.sh").write_text(looping(name))
+        (staged / name / "run.sh").chmod(0o755)
+    assert not drop_dir.exists() and not site.jobs.exists()
+    async with running_daemon(site) as daemon:
+        drops = drops_of(daemon)
+        await asyncio.to_thread(drop_dir.mkdir, parents=True)
+        await asyncio.to_thread(cp, sources / "site.zip", drop_dir / "site.zip")
+        await wait_for(lambda: "s1" in site.job_log("sitejob"), timeout=20, what="site zip")
+        await asyncio.to_thread(cp, sources / "k.zip", kind_dir / "k.zip")
+        await wait_for(
+            lambda: "k from a later folder" in site.job_log("k"), timeout=20, what="k.zip"
+        )
+        triggered = site.jobs / "triggered"
+        await asyncio.to_thread(triggered.mkdir)
+        await asyncio.to_thread(cp, sources / "t.zip", triggered / "t.zip")
+        await wait_for(lambda: (triggered / "t" / "run.sh").exists(), timeout=20, what="t.zip")
+        # Both kind folders and the drop folder exist: no ancestor is watched any more.
+        before = drops.resyncs
+        for name in names:
+            await asyncio.to_thread(os.rename, staged / name, kind_dir / name)
+        # Events reach the drop service in order: once a zip dropped after the renames is
+        # deployed, the renames' events have all been handled.
+        await asyncio.to_thread(cp, sources / "last.zip", kind_dir / "last.zip")
+        await wait_for(lambda: "last one" in site.job_log("last"), timeout=20, what="last.zip")
+        for name in names:
+            await wait_for(lambda name=name: name in site.job_log(name), what=f"{name} running")
+        assert drops.resyncs == before
 
 
 async def test_a_zip_put_through_the_vfs_api_deploys_a_triggered_job(site: Site) -> None:

@@ -320,6 +320,7 @@ class DropService:
         self._watches = _Watches([*self._kind_dirs, self._drop_dir], _Handler(self._from_thread))
         self.deployed = 0  # drops deployed (jobs and sites)
         self.looked = 0  # looks at a dropped file (whether its writer is done, and so on)
+        self.resyncs = 0  # events that had the watched folders looked at again
         self._in_pass = False
         self._closing = False
 
@@ -359,6 +360,11 @@ class DropService:
 
     def _event(self, kind: str, src: str, dest: str, is_directory: bool) -> None:
         now = self._clock()
+        if kind == "modified" and is_directory and Path(src) in self._watches.folders:
+            # A drop folder's own timestamp, changed by every entry added or removed (a job
+            # folder renamed in): which folders to watch is the same. An ancestor watched in
+            # place of a missing folder is another matter: its change may be that folder made.
+            return
         watched = set(self._watches.folders)
         for path_text in (src, dest):
             if not path_text:
@@ -399,6 +405,7 @@ class DropService:
     def _resync(self) -> None:
         if self._closing:
             return
+        self.resyncs += 1
         for folder in self._watches.sync():
             self._sweep_folder(folder)
 
