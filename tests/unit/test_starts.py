@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from webjobsd.records.starts import (
     read_start_history,
     starts_path,
 )
+from webjobsd.runtime.writes import OrderedWrites
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -55,6 +57,36 @@ def test_a_start_and_its_end_are_written_and_read_back(tmp_path: Path) -> None:
         ]
     }
     assert [entry.unexpected_end for entry in history.entries] == [True, False]
+
+
+async def test_writes_handed_to_the_records_thread_land_in_order_with_the_state_asked(
+    tmp_path: Path,
+) -> None:
+    """Through `OrderedWrites` (as the supervisor does): each write carries the history as it
+    was when asked, the thread writes them in that order, and the file ends at the latest."""
+    path = starts_path(tmp_path, "inst1")
+    writes = OrderedWrites()
+    seen: list[list[int]] = []
+
+    def submit(write: Callable[..., None], *args: object) -> None:
+        def write_and_look(*inner: object) -> None:
+            write(*inner)
+            seen.append([entry["pid"] for entry in json.loads(path.read_text())["starts"]])
+
+        writes.submit(write_and_look, *args)
+
+    history = StartHistory(path, clock=Clock(), submit=submit)
+    for pid in range(1, 6):
+        history.started(pid)
+        history.save()  # what the loop's next turn does
+        history.ended("exited", 1)
+    history.flush()  # the unit's last word: the end still waiting for its delay
+    await writes.close()
+    assert seen == [list(range(1, pid + 1)) for pid in range(1, 6)] + [[1, 2, 3, 4, 5]]
+    final = json.loads(path.read_text())["starts"]
+    assert [(entry["pid"], entry["ended"]) for entry in final] == [
+        (pid, "exited") for pid in range(1, 6)
+    ]
 
 
 def test_an_end_without_an_open_start_changes_nothing(tmp_path: Path) -> None:

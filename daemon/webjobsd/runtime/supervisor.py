@@ -258,7 +258,8 @@ class ContinuousUnit:
             open_logs=context.open_logs,
         )
         self._starts = StartHistory(
-            starts_path(context.layout.data_dir(self.key), context.layout.instance_id)
+            starts_path(context.layout.data_dir(self.key), context.layout.instance_id),
+            submit=context.writes.submit,
         )
         self._backoff = RestartBackoff()
         self._workcopy = WorkingCopy(
