@@ -334,3 +334,23 @@ def test_a_stop_that_gets_no_thread_still_leaves_no_job_behind(site: Site) -> No
         daemon.kill_if_running()
         for pid in job_pids(site, "sleeper"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_heap_is_given_back_once_the_starts_are_quiet(site: Site) -> None:
+    """`serve` on glibc: after its jobs started, and once more after a restart, the daemon
+    hands its free heap back (runtime.heaprelease)."""
+    for name in ("a", "b", "c"):
+        site.write_job("continuous", name, LOOP)
+    daemon = DaemonProcess(site, log_level="debug").start()
+    try:
+        wait_for_sync(lambda: "heap released" in daemon.log(), timeout=20, what="a release")
+        for name in ("a", "b", "c"):
+            assert leaders(site, name)
+        [pid] = leaders(site, "a")
+        os.kill(pid, signal.SIGKILL)
+        wait_for_sync(
+            lambda: daemon.log().count("heap released") == 2, timeout=20, what="after restart"
+        )
+        assert leaders(site, "a") and leaders(site, "a") != [pid]
+    finally:
+        assert daemon.stop() == 0

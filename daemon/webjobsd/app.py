@@ -43,7 +43,7 @@ from webjobsd.http.server import UNAUTHENTICATED_PATHS, HttpServer, build_app
 from webjobsd.http.tls import ServerTls, TlsError, load_server_tls
 from webjobsd.limits import UploadLimits
 from webjobsd.logs import configure_logging
-from webjobsd.malloc import tune_malloc
+from webjobsd.malloc import release_free_memory, tune_malloc
 from webjobsd.model import ContinuousStatus, JobKey, JobKind, JobSpec
 from webjobsd.notify import SystemdNotifier, heartbeat_is_recent, watchdog_loop
 from webjobsd.records.lockcheck import LockCheck, check_site_locks
@@ -52,6 +52,7 @@ from webjobsd.records.logtail import LogWakeups
 from webjobsd.records.runstore import RunRecord, RunStore
 from webjobsd.records.status import read_status_file, write_continuous_status
 from webjobsd.runtime.environment import owner_marker
+from webjobsd.runtime.heaprelease import QuietRelease
 from webjobsd.runtime.leftovers import end_leftovers
 from webjobsd.runtime.locks import FileLock
 from webjobsd.runtime.procrecords import ProcessRecords
@@ -95,9 +96,13 @@ class Daemon:
         config_path: Path | None = None,
         overrides: Mapping[str, Any] | None = None,
         auth_enabled: bool = True,
+        release_heap: bool = False,
     ) -> None:
+        """`release_heap`: give the heap's free memory back after waves of job starts
+        (`runtime.heaprelease`); `serve` asks for it where it tuned the allocator."""
         self.config = config
         self._auth_enabled = auth_enabled
+        self._heap_release = QuietRelease(release_free_memory) if release_heap else None
         self.credentials: Credentials | None = None
         self._environ = dict(environ)
         self._config_path = config_path
@@ -354,6 +359,7 @@ class Daemon:
             on_exit=self._continuous_exited,
             lock_check=self.lock_check,
             data_device=os.stat(layout.data_jobs_root).st_dev,
+            after_start=self._heap_release.poke if self._heap_release is not None else None,
         )
         self._context = context
         self.supervisor = Supervisor(context)
@@ -825,6 +831,8 @@ class Daemon:
                 deadline.cancel()
         if self.scheduler is not None:
             self.scheduler.close()
+        if self._heap_release is not None:
+            self._heap_release.close()
         if self._webhooks_task is not None:
             # After the runs: their events get a short grace, then are dropped (logged).
             await self.webhooks.drain()
@@ -844,13 +852,14 @@ def serve(
     auth_enabled: bool = True,
 ) -> int:
     configure_logging(config.log_format, config.log_level)
-    tune_malloc()
+    tuned = tune_malloc()
     daemon = Daemon(
         config,
         environ=environ,
         config_path=config_path,
         overrides=overrides,
         auth_enabled=auth_enabled,
+        release_heap=tuned,
     )
 
     async def main() -> int:

@@ -168,6 +168,8 @@ class SupervisorContext:
     # The job logs held open at once (records.openlogs): a job's log is the one descriptor per
     # running job that can be given back, and 5000 jobs need it given back.
     open_logs: OpenLogBudget = field(default_factory=OpenLogBudget)
+    # Called on the loop after every spawn, continuous or triggered (runtime.heaprelease).
+    after_start: Callable[[], None] | None = None
 
     def singleton_refusal(self) -> str | None:
         """Why singleton jobs may not start here, or None when they may: the site's locks do
@@ -754,6 +756,8 @@ class ContinuousUnit:
             self.process, shutdown_file, spec.settings.stopping_wait_s(self.key.kind)
         )
         self._context.started.add(self.process)
+        if self._context.after_start is not None:
+            self._context.after_start()
         self._starts.started(self.process.pid)
         self._remember_process(self.process.identity)
         return self.process, shutdown_file

@@ -312,6 +312,8 @@ class TriggeredJobs:
                 max_line_bytes=self._context.config.max_line_bytes,
                 run_as=self._context.run_as,
             )
+            if self._context.after_start is not None:
+                self._context.after_start()
             record = self._write_status(record, RunStatus.RUNNING)
             active.record = record
             with contextlib.suppress(OSError):
