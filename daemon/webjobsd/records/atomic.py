@@ -49,10 +49,13 @@ def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = True, mode: int
         os.close(folder_fd)
 
 
-def write_json_atomic(path: Path, value: Any, *, fsync: bool = True, mode: int = 0o644) -> None:
+def json_bytes(value: Any) -> bytes:
     """Compact JSON, like the files Kudu writes."""
-    data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-    write_bytes_atomic(path, data, fsync=fsync, mode=mode)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def write_json_atomic(path: Path, value: Any, *, fsync: bool = True, mode: int = 0o644) -> None:
+    write_bytes_atomic(path, json_bytes(value), fsync=fsync, mode=mode)
 
 
 @contextlib.contextmanager
