@@ -102,7 +102,8 @@ class Daemon:
         (`runtime.heaprelease`); `serve` asks for it where it tuned the allocator."""
         self.config = config
         self._auth_enabled = auth_enabled
-        self._heap_release = QuietRelease(release_free_memory) if release_heap else None
+        self._release_heap = release_heap
+        self._heap_release: QuietRelease | None = None
         self.credentials: Credentials | None = None
         self._environ = dict(environ)
         self._config_path = config_path
@@ -359,8 +360,10 @@ class Daemon:
             on_exit=self._continuous_exited,
             lock_check=self.lock_check,
             data_device=os.stat(layout.data_jobs_root).st_dev,
-            after_start=self._heap_release.poke if self._heap_release is not None else None,
         )
+        if self._release_heap:
+            self._heap_release = QuietRelease(release_free_memory, run_in=context.writes.submit)
+            context.after_start = self._heap_release.poke
         self._context = context
         self.supervisor = Supervisor(context)
         triggered = TriggeredJobs(
@@ -791,6 +794,8 @@ class Daemon:
 
     async def _stop(self) -> None:
         self._stopping = True
+        if self._heap_release is not None:
+            self._heap_release.close()
         self.notifier.stopping()
         started = time.monotonic()
         if self.triggered is not None:
@@ -831,8 +836,6 @@ class Daemon:
                 deadline.cancel()
         if self.scheduler is not None:
             self.scheduler.close()
-        if self._heap_release is not None:
-            self._heap_release.close()
         if self._webhooks_task is not None:
             # After the runs: their events get a short grace, then are dropped (logged).
             await self.webhooks.drain()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 from tests.helpers import wait_for
 
 from webjobsd.malloc import release_free_memory
 from webjobsd.runtime.heaprelease import QuietRelease
+from webjobsd.runtime.writes import OrderedWrites
 
 QUIET_S = 0.1
 
@@ -52,6 +54,28 @@ async def test_the_release_waits_for_the_pokes_to_stop_and_runs_once_in_a_thread
     quiet.poke()
     await wait_for(lambda: quiet.releases == 2, timeout=5, what="the second release")
     quiet.close()
+
+
+async def test_the_release_runs_behind_the_writes_queued_before_it() -> None:
+    """Given the records thread (as the daemon does), the release comes after the writes the
+    starts queued there, and so after what they free."""
+    writes = OrderedWrites()
+    order: list[str] = []
+
+    def release() -> bool:
+        order.append("release")
+        return True
+
+    def slow_write() -> None:
+        time.sleep(3 * QUIET_S)  # still writing when the quiet period ends
+        order.append("write")
+
+    quiet = QuietRelease(release, quiet_s=QUIET_S, run_in=writes.submit)
+    quiet.poke()
+    writes.submit(slow_write)
+    await wait_for(lambda: quiet.releases == 1, timeout=5, what="the release")
+    assert order == ["write", "release"]
+    await writes.close()
 
 
 async def test_a_closed_release_runs_no_more() -> None:

@@ -9,10 +9,14 @@ each), nothing measurable at 100.
 Decisions:
 * After starts, not on a timer: the daemon's idle CPU stays nil, and a job that floods its
   output keeps the buffers the capture reuses. `poke` after every spawn; the release runs once
-  no start has happened for `QUIET_S`. A crash-looping job pokes at every restart and so defers
-  the release, which is what it should do while the heap is busy anyway.
+  no start has happened for `QUIET_S`. Half a second is a hundred times the gap between two
+  spawns of a wave, so a wave is released once, at its end; a job restarting more slowly than
+  that costs a release (milliseconds, in a thread) per restart, which is little next to the
+  restart itself.
 * In a thread: `malloc_trim` walks the whole heap, a few milliseconds at 1000 jobs, and holds
-  the allocator's locks meanwhile; the loop keeps serving.
+  the allocator's locks meanwhile; the loop keeps serving. The daemon gives it the records
+  thread (`runtime.writes`), behind the status and start-history writes the wave queued
+  there: released before them, what they free would stay.
 * Poking costs a float store: the timer re-arms itself at its due time instead of being
   cancelled and made again at each of a thousand spawns.
 """
@@ -20,6 +24,8 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Final
 
@@ -27,18 +33,28 @@ import structlog
 
 log = structlog.get_logger("webjobsd.heap")
 
-QUIET_S: Final = 2.0
+QUIET_S: Final = 0.5
 
 
 class QuietRelease:
-    """Calls `release` in a thread once `poke` has not been called for `quiet_s` (loop only)."""
+    """Runs `release` off the loop once `poke` has not been called for `quiet_s` (loop only).
 
-    def __init__(self, release: Callable[[], bool], quiet_s: float = QUIET_S) -> None:
+    `run_in`: how to run it (the supervisor's records thread, so that it comes after the writes
+    the starts queued there, whose objects are freed by then); the loop's executor otherwise.
+    """
+
+    def __init__(
+        self,
+        release: Callable[[], bool],
+        quiet_s: float = QUIET_S,
+        run_in: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self._release = release
         self._quiet_s = quiet_s
+        self._run_in = run_in
         self._due: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._running: asyncio.Future[bool] | None = None
+        self._in_flight = False
         self.releases = 0  # releases run so far
 
     def poke(self) -> None:
@@ -53,25 +69,35 @@ class QuietRelease:
         due = self._due
         if due is None:
             return
-        if loop.time() < due:
-            self._timer = loop.call_at(due, self._fire)
-            return
-        if self._running is not None and not self._running.done():
-            self._timer = loop.call_at(loop.time() + self._quiet_s, self._fire)
+        if loop.time() < due or self._in_flight:
+            self._timer = loop.call_at(max(due, loop.time() + self._quiet_s), self._fire)
             return
         self._due = None
-        self._running = loop.run_in_executor(None, self._release)
-        self._running.add_done_callback(self._released)
+        self._in_flight = True
+        job = functools.partial(self._run_release, loop)
+        if self._run_in is None:
+            loop.run_in_executor(None, job)
+        else:
+            self._run_in(job)
 
-    def _released(self, done: asyncio.Future[bool]) -> None:
+    def _run_release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Off the loop."""
+        error: Exception | None = None
+        returned = False
+        try:
+            returned = self._release()
+        except Exception as raised:
+            error = raised
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            loop.call_soon_threadsafe(self._released, returned, error)
+
+    def _released(self, returned: bool, error: Exception | None) -> None:
+        self._in_flight = False
         self.releases += 1
-        if done.cancelled():
-            return
-        error = done.exception()
         if error is not None:
             log.warning("heap release failed", error=repr(error))
-            return
-        log.debug("heap released", returned=done.result())
+        else:
+            log.debug("heap released", returned=returned)
 
     def close(self) -> None:
         if self._timer is not None:
