@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import httpload, jobs
-from bench.common import cpu_seconds, rss_bytes
+from bench.common import cpu_seconds, rss_bytes, settle_quiet
 from bench.harness import Harness, JobsFor
 from bench.report import Result
 from bench.systems import System, Webjobsd
@@ -96,14 +96,7 @@ def inotify_queue_of_the_unit() -> Iterator[str]:
 
 def settle(pid: int) -> float:
     """Seconds until the manager settled (see SETTLED_CPU_PERCENT), from now."""
-    began = time.monotonic()
-    time.sleep(SETTLE_S)
-    while time.monotonic() - began < SETTLE_MAX_S:
-        before, clock = cpu_seconds(pid), time.monotonic()
-        time.sleep(1.0)
-        if 100.0 * (cpu_seconds(pid) - before) / (time.monotonic() - clock) < SETTLED_CPU_PERCENT:
-            break
-    return time.monotonic() - began
+    return settle_quiet(pid, SETTLE_S, SETTLE_MAX_S, SETTLED_CPU_PERCENT)
 
 
 def scale(h: Harness) -> list[Result]:
