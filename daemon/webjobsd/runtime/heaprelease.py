@@ -69,8 +69,11 @@ class QuietRelease:
         due = self._due
         if due is None:
             return
-        if loop.time() < due or self._in_flight:
-            self._timer = loop.call_at(max(due, loop.time() + self._quiet_s), self._fire)
+        if loop.time() < due:  # poked since this timer was set
+            self._timer = loop.call_at(due, self._fire)
+            return
+        if self._in_flight:  # the last release is still queued or running: look again later
+            self._timer = loop.call_at(loop.time() + self._quiet_s, self._fire)
             return
         self._due = None
         self._in_flight = True
