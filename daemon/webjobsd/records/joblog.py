@@ -318,6 +318,11 @@ class JobLogWriter:
             self._held.append(self._system_line(level, message))
             return first
 
+    def holding(self) -> bool:
+        """Whether host lines are held (`hold_system`) and not written yet."""
+        with self._lock:
+            return bool(self._held)
+
     def flush_held(self) -> None:
         """Write the held host lines now (nothing when none are held)."""
         with self._lock:

@@ -242,8 +242,6 @@ class ContinuousUnit:
         self._status_flush: asyncio.Handle | None = None
         # Between the start of a launch and its spawn, status writes wait (see `_launch`).
         self._launching = False
-        # A status written during the launch left the held lines for its end (`_flush_status`).
-        self._held_after_launch = False
         self.restarts = 0
         self.process: JobProcess | None = None
         # A process that exited on its own and whose leftovers are still to be ended (after the
@@ -361,13 +359,10 @@ class ContinuousUnit:
         if self._status_flush is not None:
             self._status_flush.cancel()
             self._status_flush = None
-        if self._launching:
-            # The held lines go out from the copying thread (`open_now`) or after the spawn
-            # (`_end_launch`): a status written while the copy waits its turn among a thousand
-            # must not have the loop open the log for them.
-            self._held_after_launch = True
-        else:
-            self._held_after_launch = False
+        if not self._launching:
+            # During a launch the held lines go out from the copying thread (`open_now`) or
+            # after the spawn (`_end_launch`): a status written while the copy waits its turn
+            # among a thousand must not have the loop open the log for them.
             self._log.flush_held()
         status = self.status
         if status is None or (status, self._reason) == self._status_written:
@@ -692,9 +687,10 @@ class ContinuousUnit:
         """The spawn happened (or the launch waits or gave up): what was held goes out now."""
         self._launching = False
         self._reschedule_status_flush()
-        if self._held_after_launch:
-            # Lines said after that status are held behind the unwritten ones, so no `_say`
-            # arranged a flush for them: a job that never prints would never show them.
+        if self._log.holding():
+            # A status written during the launch left them (`_flush_status`), and lines said
+            # after it were held behind them, so no `_say` arranged a flush: a job that never
+            # prints would never show them. (A flush still pending makes this nothing.)
             self._schedule_status_flush()
         self._end_exited()
 
