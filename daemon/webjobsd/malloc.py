@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Final
 
 import structlog
@@ -39,17 +40,26 @@ MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
 TRIM_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
 
 
-def tune_malloc() -> bool:
-    """Set the thresholds on glibc; False (and nothing changed) anywhere else."""
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (which has `mallopt` and `malloc_trim`), else None."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - glibc has it, musl does not
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_malloc() -> bool:
+    """Set the thresholds on glibc; False (and nothing changed) anywhere else."""
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
@@ -62,13 +72,13 @@ def tune_malloc() -> bool:
 
 
 def release_free_memory() -> bool:
-    """glibc's `malloc_trim(0)`: free memory of every arena back to the kernel. False where
-    there is no such call (musl), or when there was nothing to give back. Blocking: it walks
-    the heap (a few milliseconds at 1000 jobs)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    """glibc's `malloc_trim(0)`: free memory of every arena back to the kernel. False anywhere
+    but glibc, or when there was nothing to give back. Blocking: it walks the heap (a few
+    milliseconds at 1000 jobs)."""
+    libc = _glibc()
+    if libc is None:
         return False
+    trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return bool(trim(0))
