@@ -155,15 +155,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def settle_quiet(pid: int, minimum_s: float, maximum_s: float, cpu_percent: float) -> float:
+# A manager counts as settled (done starting its jobs) once a 1 s window of its CPU shows less
+# than this share of a core.
+SETTLED_CPU_PERCENT = 10.0
+
+
+def settle_quiet(pid: int, minimum_s: float, maximum_s: float) -> float:
     """Seconds until process `pid` is quiet, from now: at least `minimum_s`, then until a 1 s
-    window shows less than `cpu_percent` of a core, at most `maximum_s` in all."""
+    window shows less than SETTLED_CPU_PERCENT of a core, at most `maximum_s` in all."""
     began = time.monotonic()
     time.sleep(minimum_s)
     while time.monotonic() - began < maximum_s:
         before, clock = cpu_seconds(pid), time.monotonic()
         time.sleep(1.0)
-        if 100.0 * (cpu_seconds(pid) - before) / (time.monotonic() - clock) < cpu_percent:
+        used = 100.0 * (cpu_seconds(pid) - before) / (time.monotonic() - clock)
+        if used < SETTLED_CPU_PERCENT:
             break
     return time.monotonic() - began
 

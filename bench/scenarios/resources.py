@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from bench import jobs
-from bench.common import cpu_seconds, rss_bytes, settle_quiet
+from bench.common import SETTLED_CPU_PERCENT, cpu_seconds, rss_bytes, settle_quiet
 from bench.harness import Harness, JobsFor
 from bench.report import Result, Target, at_most
 from bench.systems import System
@@ -15,7 +15,6 @@ RSS_TARGETS = {100: 45.0, 1000: 80.0}
 # RSS is read once the manager is done starting its jobs (status files and the like): at
 # least `settle_s` after the last job's first instruction, then until a 1 s window of its CPU
 # shows under SETTLED_CPU_PERCENT of a core (as scenario 11 does), at most SETTLE_MAX_S.
-SETTLED_CPU_PERCENT = 10.0
 SETTLE_MAX_S = 60.0
 
 
@@ -49,7 +48,7 @@ def _memory_at(h: Harness, count: int, rounds: int) -> list[Result]:
             if count:
                 startup.setdefault(name, []).append(system.start_seconds())
             pid = system.manager_pid
-            settle_quiet(pid, h.sizes.settle_s, SETTLE_MAX_S, SETTLED_CPU_PERCENT)
+            settle_quiet(pid, h.sizes.settle_s, SETTLE_MAX_S)
             return [rss_bytes(pid) / MB]
         finally:
             h.close(system)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import httpload, jobs
-from bench.common import cpu_seconds, rss_bytes, settle_quiet
+from bench.common import SETTLED_CPU_PERCENT, cpu_seconds, rss_bytes, settle_quiet
 from bench.harness import Harness, JobsFor
 from bench.report import Result
 from bench.systems import System, Webjobsd
@@ -41,7 +41,6 @@ LIST_PATH = "/api/webjobs"
 # then shows it.
 SETTLE_S = 5.0
 SETTLE_MAX_S = 180.0
-SETTLED_CPU_PERCENT = 10.0
 
 
 def _sleepers(count: int) -> JobsFor:
@@ -96,7 +95,7 @@ def inotify_queue_of_the_unit() -> Iterator[str]:
 
 def settle(pid: int) -> float:
     """Seconds until the manager settled (see SETTLED_CPU_PERCENT), from now."""
-    return settle_quiet(pid, SETTLE_S, SETTLE_MAX_S, SETTLED_CPU_PERCENT)
+    return settle_quiet(pid, SETTLE_S, SETTLE_MAX_S)
 
 
 def scale(h: Harness) -> list[Result]:
