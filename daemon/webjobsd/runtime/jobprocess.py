@@ -219,6 +219,12 @@ class JobProcess:
         exited = self._protocol.exited
         return exited.result() if exited.done() else None
 
+    @property
+    def leader_exit(self) -> asyncio.Future[int]:
+        """Completes with the exit code as the leader exits, before its output has ended
+        (`wait_exit`). For done callbacks only: never cancel it, await `wait_exit` instead."""
+        return self._protocol.exited
+
     @classmethod
     async def spawn(
         cls,

@@ -87,6 +87,7 @@ from webjobsd.runtime.procrecords import ProcessRecords
 from webjobsd.runtime.proctree import ProcessIdentity, new_token
 from webjobsd.runtime.reconciler import Actual, ContinuousRuntime
 from webjobsd.runtime.runas import RunAs, prepare_job_data_folder, reclaim_data_folder
+from webjobsd.runtime.wakeup import Wakeup
 from webjobsd.runtime.workcopy import FolderChanged, WorkingCopy, describe_error
 from webjobsd.runtime.writes import OrderedWrites
 from webjobsd.site import JOB_DATA_FOLDER, SiteLayout
@@ -234,7 +235,7 @@ class ContinuousUnit:
         self.key: JobKey = target.spec.key
         self._target = target
         self._context = context
-        self._changed = asyncio.Event()
+        self._changed = Wakeup()
         self.status: ContinuousStatus | None = None
         # Why the job is held in its status (shown as the job's `error`), None when it is not.
         self._reason: str | None = None
@@ -305,9 +306,7 @@ class ContinuousUnit:
 
     async def _wait_changed(self, timeout: float | None = None) -> bool:
         self._end_launch()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
+        if not await self._changed.wait(timeout=timeout):
             return False
         self._changed.clear()
         return True
@@ -852,19 +851,22 @@ class ContinuousUnit:
         return folder / new_token()[:12]
 
     async def _supervise(self, target: Target, process: JobProcess, shutdown_file: Path) -> None:
-        exited = asyncio.create_task(process.wait_exit(), name=f"wait-{self.key}")
+        # While the process runs the unit waits on its flag and the leader's exit, with no task
+        # of its own (`runtime.wakeup`); only from the exit to the output's end is there one.
+        output_end: asyncio.Task[int] | None = None
         try:
             while True:
-                changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
-                await asyncio.wait({exited, changed}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
+                await self._changed.wait(also=output_end or process.leader_exit)
                 if self._fence is not None:
                     # Even when it exited already: the fence's SIGTERM may be why.
                     self._changed.clear()
                     self._stopped_by_us = True
                     await self._stop_fenced(process, target, shutdown_file)
                     break
-                if exited.done():
+                if output_end is None and process.leader_exit.done():
+                    output_end = asyncio.create_task(process.wait_exit(), name=f"wait-{self.key}")
+                    continue
+                if output_end is not None and output_end.done():
                     break
                 self._changed.clear()
                 new = self._target
@@ -880,10 +882,10 @@ class ContinuousUnit:
                 await self._stop_until_gone(process, target, shutdown_file)
                 break
         finally:
-            if not exited.done():
-                exited.cancel()
+            if output_end is not None and not output_end.done():
+                output_end.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await exited
+                    await output_end
         code = process.returncode
         uptime = time.monotonic() - process.started_monotonic
         self.process = None
@@ -951,9 +953,7 @@ class ContinuousUnit:
         wait_s = old.spec.settings.stopping_wait_s(self.key.kind)
         stop = asyncio.create_task(process.stop(wait_s, shutdown_file), name=f"stop-{self.key}")
         while not stop.done():
-            changed = asyncio.create_task(self._changed.wait(), name=f"changed-{self.key}")
-            await asyncio.wait({stop, changed}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            await self._changed.wait(also=stop)
             self._changed.clear()
             if self._forced and not stop.done():
                 await process.kill()
