@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import os
 import re
 import threading
@@ -268,7 +269,9 @@ class JobLogWriter:
         self.instance_id = instance_id
         self.max_bytes = max_bytes
         self.cap_bytes = cap_bytes
-        self._rotated = _rotation_paths(path.parent, rotated_name, generations)
+        # Named at rotation only: a thousand idle jobs would each keep a list of paths.
+        self._rotated_name = rotated_name
+        self._generations = generations
         self._clock = clock
         self._opener = opener
         # A run's log must not bring back a run folder that retention or a person removed.
@@ -548,13 +551,14 @@ class JobLogWriter:
     def _rotate(self) -> None:
         """Shift the generations and move the log to the first one (best-effort)."""
         self._drop_file()  # our fd would follow the file to its rotated name
+        rotated = _rotation_paths(self.path.parent, self._rotated_name, self._generations)
         try:
-            if not self._rotated:
+            if not rotated:
                 self.path.unlink(missing_ok=True)
                 return
-            for older, newer in reversed(list(zip(self._rotated, self._rotated[1:], strict=False))):
+            for older, newer in reversed(list(itertools.pairwise(rotated))):
                 _replace_if_exists(older, newer)
-            self.path.replace(self._rotated[0])
+            self.path.replace(rotated[0])
         except OSError:
             # Rotation is housekeeping: when it fails the line still goes to the current log.
             pass
