@@ -168,27 +168,34 @@ def on_loop(callback: Callable[[int], None]) -> Callable[[int], None]:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return callback
-    loop_thread = threading.get_ident()
-    lock = threading.Lock()
-    pending = 0
+    return _OnLoop(callback, loop)
 
-    def deliver() -> None:
-        nonlocal pending
-        with lock:
-            count, pending = pending, 0
-        callback(count)
 
-    def count(n: int) -> None:
-        nonlocal pending
-        if threading.get_ident() == loop_thread:
-            callback(n)
+class _OnLoop:
+    # One per job log, for as long as the job is known: slots, not closures and their cells.
+    __slots__ = ("_callback", "_lock", "_loop", "_loop_thread", "_pending")
+
+    def __init__(self, callback: Callable[[int], None], loop: asyncio.AbstractEventLoop) -> None:
+        self._callback = callback
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def __call__(self, n: int) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._callback(n)
             return
-        with lock:
-            first, pending = pending == 0, pending + n
+        with self._lock:
+            first = self._pending == 0
+            self._pending += n
         if first:
             try:
-                loop.call_soon_threadsafe(deliver)
+                self._loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the loop is closed
                 pass
 
-    return count
+    def _deliver(self) -> None:
+        with self._lock:
+            count, self._pending = self._pending, 0
+        self._callback(count)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -189,7 +190,7 @@ class SupervisorContext:
         if counter is None:
             return None
         # Called from a pipe's reader thread too (`pipereader`): delivered on the loop.
-        return pipereader.on_loop(lambda count: counter(job_name, count))
+        return pipereader.on_loop(functools.partial(counter, job_name))
 
     def hand_over(self, working_root: Path | None, data_dir: Path) -> None:
         """Before a start (blocking: call in a thread): the data folder stays the daemon's,
@@ -231,6 +232,43 @@ def _format_seconds(value: float) -> str:
 
 
 class ContinuousUnit:
+    # A unit lives as long as its job, one per job: as slots its 32 fields take about 0.3 kB,
+    # against 1.6 kB for the dict an instance of more than 30 attributes gets.
+    __slots__ = (
+        "_backoff",
+        "_changed",
+        "_context",
+        "_copy_failures",
+        "_copy_problem",
+        "_ending",
+        "_exited",
+        "_fence",
+        "_fence_covers",
+        "_forced",
+        "_guard",
+        "_launching",
+        "_lock_problem",
+        "_log",
+        "_reason",
+        "_refused",
+        "_running",
+        "_singleton",
+        "_singleton_setting",
+        "_slot",
+        "_starts",
+        "_status_flush",
+        "_status_written",
+        "_stopped_by_us",
+        "_target",
+        "_unlocked_said",
+        "_workcopy",
+        "key",
+        "port",
+        "process",
+        "restarts",
+        "status",
+    )
+
     def __init__(self, target: Target, context: SupervisorContext) -> None:
         self.key: JobKey = target.spec.key
         self._target = target
