@@ -18,7 +18,8 @@ from pathlib import Path
 import webjobsd
 
 # Imported on first use only: the routes of http/lazy.py, what they alone need, the CLI client,
-# YAML (no config file is given here), psutil (stopping a job needs it, see runtime/proctree.py).
+# YAML (no config file is given here), psutil (stopping a job needs it, see runtime/proctree.py),
+# zoneinfo (only a WEBSITE_TIME_ZONE needs it, see runtime/cron.py).
 LAZY = (
     "webjobsd.http.files",
     "webjobsd.http.zipdeploy",
@@ -32,6 +33,7 @@ LAZY = (
     "zipfile",
     "yaml",
     "psutil",
+    "zoneinfo",
 )
 
 DRIVER = r"""

@@ -107,7 +107,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta, tzinfo
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
 
 __all__ = [
     "DAY_NAMES",
@@ -717,6 +720,10 @@ _WINDOWS_BY_FOLDED = {name.casefold(): iana for name, iana in _WINDOWS_ZONES.ite
 
 
 def _zone(key: str) -> ZoneInfo | None:
+    # Imported here: zoneinfo brings sysconfig (0.3 MB resident) into a daemon that, with no
+    # WEBSITE_TIME_ZONE, never needs it.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         return ZoneInfo(key)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -747,6 +754,8 @@ def resolve_timezone(name: str | None) -> tzinfo:
     if zone is not None:
         return zone
     # A miss is rare and costs one directory walk; worth it for `europe/berlin`.
+    from zoneinfo import ZoneInfo, available_timezones
+
     folded = name.casefold()
     for key in sorted(available_timezones()):
         if key.casefold() == folded:
