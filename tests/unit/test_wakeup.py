@@ -73,9 +73,7 @@ async def test_a_cancelled_wait_leaves_room_for_the_next() -> None:
     await _the_old_future_wakes_no_later_wait(wakeup, exited)
 
 
-async def _the_old_future_wakes_no_later_wait(
-    wakeup: Wakeup, old: asyncio.Future[int]
-) -> None:
+async def _the_old_future_wakes_no_later_wait(wakeup: Wakeup, old: asyncio.Future[int]) -> None:
     """The wait on `old` is over: its completion must not end a wait that did not ask for it."""
     later = asyncio.create_task(wakeup.wait())
     await asyncio.sleep(0)
