@@ -73,6 +73,30 @@ async def test_a_cancelled_wait_leaves_room_for_the_next() -> None:
     await _the_old_future_wakes_no_later_wait(wakeup, exited)
 
 
+async def test_a_future_done_in_the_turn_that_set_the_flag_wakes_no_later_wait() -> None:
+    """The future's callback is already queued when the wait ends: it must not wake the wait
+    the same task starts next, before that callback runs."""
+    loop = asyncio.get_running_loop()
+    wakeup = Wakeup()
+    exited: asyncio.Future[int] = loop.create_future()
+
+    async def unit() -> tuple[bool, bool]:
+        first = await wakeup.wait(also=exited)
+        wakeup.clear()
+        second = await wakeup.wait(timeout=60)
+        return first, second
+
+    waiting = asyncio.create_task(unit())
+    await asyncio.sleep(0)
+    wakeup.set()
+    exited.set_result(0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    wakeup.set()
+    assert await asyncio.wait_for(waiting, 5) == (True, True)
+
+
 async def _the_old_future_wakes_no_later_wait(wakeup: Wakeup, old: asyncio.Future[int]) -> None:
     """The wait on `old` is over: its completion must not end a wait that did not ask for it."""
     later = asyncio.create_task(wakeup.wait())

@@ -15,12 +15,16 @@ Decisions:
   cancelled or awaited, so a process's exit future can be passed as it is.
 * `wait(timeout=...)` uses a timer handle, not `asyncio.wait_for` (which wraps the wait in a
   task of its own).
+* The callback and the timer name the wait's own future, not "the current waiter": a future
+  completing in the turn that set the flag has its callback queued already, which removing it
+  cannot take back, and it must not end the next wait the same task starts.
 * Like `asyncio.Event`, `wait` does not clear the flag: the caller decides when it has seen it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 
@@ -56,9 +60,10 @@ class Wakeup:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_later(timeout, self._wake) if timeout is not None else None
+        timer = loop.call_later(timeout, _end, waiter) if timeout is not None else None
+        also_done = functools.partial(_end_when_done, waiter)
         if also is not None:
-            also.add_done_callback(self._also_done)
+            also.add_done_callback(also_done)
         try:
             await waiter
         finally:
@@ -66,13 +71,18 @@ class Wakeup:
             if timer is not None:
                 timer.cancel()
             if also is not None:
-                also.remove_done_callback(self._also_done)
+                also.remove_done_callback(also_done)
         return self._set
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _end(self._waiter)
 
-    def _also_done(self, _future: asyncio.Future[Any]) -> None:
-        self._wake()
+
+def _end(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _end_when_done(waiter: asyncio.Future[None], _future: asyncio.Future[Any]) -> None:
+    _end(waiter)
