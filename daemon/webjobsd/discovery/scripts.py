@@ -140,7 +140,7 @@ def _is_native(path: Path, mode: int, folded: str) -> bool:
         return False
 
 
-def _candidate(entry: os.DirEntry[str], job_root: Path) -> _Candidate | None:
+def _candidate(entry: os.DirEntry[str], job_dir: Path) -> _Candidate | None:
     """A top-level file that may be selected, or None when it must be skipped."""
     path = Path(entry.path)
     try:
@@ -149,7 +149,9 @@ def _candidate(entry: os.DirEntry[str], job_root: Path) -> _Candidate | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    if entry.is_symlink() and not _is_inside(path, job_root):
+    # The job folder's real path only for a link: resolving it walks every component of the
+    # path (an lstat each), which was a third of a start-up scan when done for every job.
+    if entry.is_symlink() and not _is_inside(path, job_dir.resolve()):
         return None
     folded = entry.name.casefold()
     return _Candidate(
@@ -161,9 +163,8 @@ def _candidate(entry: os.DirEntry[str], job_root: Path) -> _Candidate | None:
 
 
 def _candidates(entries: list[os.DirEntry[str]], job_dir: Path) -> list[_Candidate]:
-    job_root = job_dir.resolve()
     ordered = sorted(entries, key=lambda entry: _listing_key(entry.name))
-    found = (_candidate(entry, job_root) for entry in ordered)
+    found = (_candidate(entry, job_dir) for entry in ordered)
     return [candidate for candidate in found if candidate is not None]
 
 
