@@ -225,6 +225,11 @@ class JobProcess:
         (`wait_exit`). For done callbacks only: never cancel it, await `wait_exit` instead."""
         return self._protocol.exited
 
+    @property
+    def output_ended(self) -> bool:
+        """Both pipes reached EOF (or were closed by us): the output has ended."""
+        return all(done.done() for done in self._protocol.pipes_done.values())
+
     @classmethod
     async def spawn(
         cls,

@@ -902,6 +902,10 @@ class ContinuousUnit:
                     await self._stop_fenced(process, target, shutdown_file)
                     break
                 if output_end is None and process.leader_exit.done():
+                    if process.output_ended:
+                        # Usually so: the pipes' EOF is read in the same turn as the exit, or
+                        # before. No task, and two loop turns less on a restart's path.
+                        break
                     output_end = asyncio.create_task(process.wait_exit(), name=f"wait-{self.key}")
                     continue
                 if output_end is not None and output_end.done():
