@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.jobs import Job
-from bench.systems import ALL, Options, System, Tools
+from bench.systems import Options, System, Tools, system_class
 from bench.systems.base import DEFAULT_ROTATE_BYTES
 
 JobsFor = Callable[[System], Sequence[Job]]
@@ -126,7 +126,7 @@ class Harness:
         start_timeout: float = 120,
     ) -> System:
         """A started instance of system `name` with its jobs running."""
-        system = ALL[name](self.tools, options or self.options())
+        system = system_class(name)(self.tools, options or self.options())
         self._open.append(system)
         jobs = list(jobs_for(system)) if jobs_for else []
         system.start(jobs)
