@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bench import jobs
 from bench.harness import Harness, JobsFor
@@ -27,8 +27,10 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
-def _open_all(h: Harness, jobs_for: JobsFor | None = None) -> dict[str, System]:
-    return {name: h.open(name, jobs_for) for name in h.systems}
+def _open_all(
+    h: Harness, jobs_for: JobsFor | None = None, names: Sequence[str] | None = None
+) -> dict[str, System]:
+    return {name: h.open(name, jobs_for) for name in names or h.systems}
 
 
 def drop(h: Harness) -> list[Result]:
@@ -86,10 +88,7 @@ def restart(h: Harness) -> list[Result]:
     """2. A continuous process SIGKILLed -> its replacement's first instruction (delay 0); the
     floor (bench/floor_supervisor.py) measured alongside."""
     systems = [*h.systems, FLOOR]
-    opened = {
-        name: h.open(name, lambda system: [jobs.sleeper("victim", system.stamps_path)])
-        for name in systems
-    }
+    opened = _open_all(h, lambda system: [jobs.sleeper("victim", system.stamps_path)], systems)
 
     def sample(name: str, _index: int) -> list[float]:
         system = opened[name]
