@@ -150,7 +150,7 @@ def _candidate(entry: os.DirEntry[str], job_dir: Path) -> _Candidate | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     # The job folder's real path only for a link: resolving it walks every component of the
-    # path (an lstat each), which was a third of a start-up scan when done for every job.
+    # path (an lstat each), which was about a third of the look at a job when done for each.
     if entry.is_symlink() and not _is_inside(path, job_dir.resolve()):
         return None
     folded = entry.name.casefold()
